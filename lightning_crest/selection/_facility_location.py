@@ -1,0 +1,410 @@
+"""Weighted facility location: the greedy that picks CREST's mini-batch coresets.
+
+The objective of a set ``S`` of picks from a pool ``V`` is ``F(S) = sum_{i in V} max_{j in S} s_ij``, where the
+similarity ``s_ij`` decreases with ``||f_i - f_j||`` and is zero between points of different classes. ``F`` is
+monotone submodular, so the greedy that adds the pick of largest marginal gain is within ``1 - 1/e`` of the optimum.
+Each pick's weight is the size of its cluster: the number of pool points whose most similar pick it is.
+
+Two exact greedy implementations share the bookkeeping:
+
+* dense: one ``(n, n)`` similarity block per (pool, class), all blocks of all pools advanced together, one pick
+  per block and step. Marginal gains are recomputed in full at every step (naive greedy), which on small blocks
+  is cheaper than a lazy priority queue because it is a handful of batched tensor operations.
+* sparse (``knn=k``): each point is covered only by its ``k`` nearest neighbours; the greedy keeps every
+  candidate's gain up to date incrementally, touching only the points that the last pick covers better.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lightning_crest.selection.knn import KnnBackend, get_backend, knn_graph
+
+Similarity = Literal["distance", "exp"]
+Backend = Literal["auto", "torch", "faiss"]
+
+SIMILARITIES: tuple[str, ...] = ("distance", "exp")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
+
+# The dense path holds two (n, n) blocks per (pool, class); above this it asks for `knn` instead of swapping.
+MAX_DENSE_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Result of :func:`facility_location`.
+
+    Attributes:
+        indices: ``(budget,)`` or ``(P, budget)`` int64 positions into the pool, in pick order.
+        weights: Same shape, float: cluster sizes. They sum to the pool size ``r`` for every pool.
+        gains: Same shape, float: the marginal gain of each pick when it was made.
+    """
+
+    indices: Tensor
+    weights: Tensor
+    gains: Tensor
+
+
+def class_budgets(counts: Tensor, budget: int) -> Tensor:
+    """Split ``budget`` picks across classes in proportion to their sizes.
+
+    Largest-remainder rounding, computed in integers so that ties are exact: every class gets
+    ``floor(budget * n_c / r)`` and the remaining picks go to the largest remainders (lower class index first on a
+    tie). A class present in the pool that rounds to zero picks takes one from the class with the most picks, so
+    every pool point has a pick of its own class to be assigned to. A class never gets more picks than members:
+    its proportional share is at most its size because ``budget <= r``.
+
+    Args:
+        counts: ``(..., C)`` non-negative integer class sizes.
+        budget: Total number of picks, at least the number of non-empty classes and at most ``counts.sum(-1)``.
+
+    Returns:
+        ``(..., C)`` int64 budgets summing to ``budget`` along the last dimension.
+    """
+    counts = counts.long()
+    total = counts.sum(-1, keepdim=True)
+    if bool((total < budget).any()) or bool(((counts > 0).sum(-1) > budget).any()):
+        raise ValueError(
+            f"`budget`={budget} must lie between the number of classes present and the pool size; "
+            f"got pools of sizes {total.flatten().tolist()} with {(counts > 0).sum(-1).flatten().tolist()} classes."
+        )
+    base = budget * counts // total
+    remainder = budget * counts % total
+    leftover = budget - base.sum(-1, keepdim=True)
+    # Rank classes by remainder (stable sort keeps lower class indices first on ties).
+    order = torch.sort(remainder, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(counts.shape[-1]).expand_as(order).contiguous())
+    budgets = base + (rank < leftover).long()
+    starved = (counts > 0) & (budgets == 0)
+    if bool(starved.any()):
+        flat, flat_counts = budgets.view(-1, counts.shape[-1]), counts.reshape(-1, counts.shape[-1])
+        for row in torch.nonzero(starved.view(-1, counts.shape[-1]).any(-1)).flatten().tolist():
+            for cls in torch.nonzero((flat_counts[row] > 0) & (flat[row] == 0)).flatten().tolist():
+                flat[row, int(flat[row].argmax())] -= 1
+                flat[row, cls] = 1
+    return budgets
+
+
+def facility_location(
+    features: Tensor,
+    budget: int,
+    labels: Tensor | None = None,
+    similarity: Similarity = "distance",
+    knn: int | None = None,
+    backend: Backend = "auto",
+) -> Selection:
+    """Pick a weighted coreset by greedy facility location, within each class.
+
+    Args:
+        features: ``(r, d)`` pool, or ``(P, r, d)`` for ``P`` pools selected in one call. Any floating dtype
+            (float64 is kept, others are computed in float32), CPU or CUDA.
+        budget: Number of picks per pool, ``1 <= budget <= r``.
+        labels: ``(r,)`` or ``(P, r)`` integer classes. Picks are made within each class with budgets
+            proportional to the class sizes (:func:`class_budgets`). ``None`` treats the pool as one class.
+        similarity: ``"distance"``: ``s_ij = D - ||f_i - f_j||`` with ``D`` the largest distance within the class
+            (CRAIG and the CREST paper). ``"exp"``: ``s_ij = exp(-||f_i - f_j|| / d)`` (the CREST reference code).
+        knn: ``None`` for the exact dense similarity. An integer ``k`` keeps only each point's ``k`` nearest
+            neighbours (itself included) as the picks that can cover it, so no ``r x r`` matrix is built. With
+            ``"distance"``, ``D`` is then the bound ``2 max_i ||f_i - mean||`` of the class diameter (the exact one
+            needs all pairs): a point that no pick covers counts as farther than any real distance.
+        backend: kNN search for ``knn``: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and the
+            pool is large).
+
+    Returns:
+        A :class:`Selection`. Picks are in greedy order: by decreasing marginal gain, which is the order a greedy
+        over all classes with per-class budgets takes them.
+
+    Raises:
+        TypeError: If ``features`` is not floating point, ``labels`` not integer or ``budget`` not an ``int``.
+        ValueError: On wrong shapes, a ``budget`` outside ``[number of classes present, r]``, non-finite
+            features, an unknown ``similarity``/``backend`` or a dense problem too large for memory.
+        ImportError: If ``backend="faiss"`` and faiss is not installed.
+    """
+    _validate(features, budget, labels, similarity, knn, backend)
+    batched = features.ndim == 3
+    pools = features if batched else features.unsqueeze(0)
+    work_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    pools = pools.to(work_dtype)
+    if labels is None:
+        classes = torch.zeros(pools.shape[:2], dtype=torch.long, device=pools.device)
+    else:
+        classes = (labels if batched else labels.unsqueeze(0)).long()
+    if knn is None:
+        result = _dense_selection(pools, classes, budget, similarity)
+    else:
+        search = get_backend(backend, device=pools.device, pool_size=pools.shape[1])
+        parts = [_sparse_selection(pool, cls, budget, similarity, knn, search) for pool, cls in zip(pools, classes)]
+        result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
+    if batched:
+        return result
+    return Selection(result.indices[0], result.weights[0], result.gains[0])
+
+
+def facility_location_objective(
+    features: Tensor, indices: Tensor, labels: Tensor | None = None, similarity: Similarity = "distance"
+) -> float:
+    """Exact dense objective ``F(S)`` of one pool: a reference for tests and benchmarks, not a fast path.
+
+    Args:
+        features: ``(r, d)`` pool.
+        indices: ``(m,)`` picks.
+        labels: ``(r,)`` classes or ``None``.
+        similarity: As in :func:`facility_location`.
+
+    Returns:
+        The objective value, computed in float64.
+    """
+    features = features.double()
+    labels = torch.zeros(len(features), dtype=torch.long) if labels is None else labels.cpu().long()
+    picked = torch.zeros(len(features), dtype=torch.bool)
+    picked[indices.cpu()] = True
+    total = 0.0
+    for cls in labels.unique().tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        dist = torch.cdist(features[members], features[members])
+        sim = _similarity(dist, dist.amax(), similarity, features.shape[1])
+        in_class = picked[members]
+        if bool(in_class.any()):
+            total += float(sim[:, in_class].amax(dim=1).sum())
+    return total
+
+
+def _fields(selection: Selection) -> tuple[Tensor, Tensor, Tensor]:
+    return selection.indices, selection.weights, selection.gains
+
+
+def _similarity(dist: Tensor, diameter: Tensor | float, similarity: str, dim: int) -> Tensor:
+    if similarity == "distance":
+        return diameter - dist
+    return torch.exp(-dist / dim)
+
+
+def _dense_selection(pools: Tensor, classes: Tensor, budget: int, similarity: str) -> Selection:
+    """Greedy on one dense similarity block per (pool, class), all blocks advanced together."""
+    num_pools, r, dim = pools.shape
+    device = pools.device
+    num_classes = int(classes.max()) + 1
+    counts = torch.zeros(num_pools, num_classes, dtype=torch.long, device=device)
+    counts.scatter_add_(1, classes, torch.ones_like(classes))
+    budgets = class_budgets(counts.cpu(), budget).to(device)
+
+    # One block per (pool, class) that has picks; every non-empty class has at least one.
+    block_pool, block_class = torch.nonzero(budgets, as_tuple=True)
+    num_blocks = len(block_pool)
+    block_of = torch.full((num_pools, num_classes), -1, dtype=torch.long, device=device)
+    block_of[block_pool, block_class] = torch.arange(num_blocks, device=device)
+    size = int(counts.max())
+    if 2 * num_blocks * size * size * pools.element_size() > MAX_DENSE_BYTES:
+        raise ValueError(
+            f"The dense similarity for pools of shape {tuple(pools.shape)} needs "
+            f"{2 * num_blocks * size * size * pools.element_size() / 2**30:.1f} GiB; pass `knn` (for example "
+            f"knn=32) to use a sparse nearest-neighbour similarity instead."
+        )
+
+    # Lay every point into its block: members[block, slot] = position in its pool, -1 for padding.
+    sorted_classes, order = torch.sort(classes, dim=1, stable=True)
+    starts = counts.cumsum(1) - counts
+    slot = torch.arange(r, device=device).expand(num_pools, r) - starts.gather(1, sorted_classes)
+    members = torch.full((num_blocks, size), -1, dtype=torch.long, device=device)
+    members[block_of.gather(1, sorted_classes), slot] = order
+    valid = members >= 0
+    points = pools[block_pool.unsqueeze(1), members.clamp(min=0)] * valid.unsqueeze(2)
+
+    pair_valid = valid.unsqueeze(2) & valid.unsqueeze(1)
+    dist = torch.cdist(points, points).masked_fill_(~pair_valid, 0.0)
+    sim = _similarity(dist, dist.amax(dim=(1, 2), keepdim=True), similarity, dim).masked_fill_(~pair_valid, 0.0)
+    del dist
+
+    block_budgets = budgets[block_pool, block_class]
+    picks, gains = _dense_greedy(sim, valid, block_budgets)
+    weights = _cluster_sizes(sim, valid, picks, gains)
+
+    # Back to (pool, class, step) layout, then to pool positions in greedy order.
+    steps = picks.shape[1]
+    shape = (num_pools, num_classes, steps)
+    full_gains = torch.full(shape, -torch.inf, dtype=gains.dtype, device=device)
+    full_gains[block_pool, block_class] = gains
+    full_indices = torch.zeros(shape, dtype=torch.long, device=device)
+    full_indices[block_pool, block_class] = members.gather(1, picks)
+    full_weights = torch.zeros(shape, dtype=weights.dtype, device=device)
+    full_weights[block_pool, block_class] = weights
+    return _greedy_order(full_indices, full_weights, full_gains, budget)
+
+
+def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
+    """Naive exact greedy on ``(K, n, n)`` symmetric similarity blocks with per-block budgets.
+
+    Returns ``(K, max budget)`` picks (slots in the block) and gains, ``-inf`` where a block's budget is spent.
+    """
+    num_blocks, size, _ = sim.shape
+    steps = int(budgets.max())
+    rows = torch.arange(num_blocks, device=sim.device)
+    coverage = torch.zeros(num_blocks, size, dtype=sim.dtype, device=sim.device)
+    blocked = ~valid
+    scratch = torch.empty_like(sim)
+    picks = torch.zeros(num_blocks, steps, dtype=torch.long, device=sim.device)
+    gains = torch.full((num_blocks, steps), -torch.inf, dtype=sim.dtype, device=sim.device)
+    for step in range(steps):
+        # gain_j = sum_i max(s_ij - coverage_i, 0): computed directly, not as a difference of two large sums,
+        # so that the small late gains keep their precision.
+        torch.sub(sim, coverage.unsqueeze(2), out=scratch).clamp_(min=0)
+        gain = scratch.sum(dim=1).masked_fill_(blocked, -torch.inf)
+        best_gain, best = gain.max(dim=1)
+        active = budgets > step
+        picks[:, step] = best
+        gains[:, step] = best_gain.masked_fill(~active, -torch.inf)
+        blocked[rows, best] = True
+        covered = sim[rows, :, best]
+        coverage = torch.where(active.unsqueeze(1), torch.maximum(coverage, covered), coverage)
+    return picks, gains
+
+
+def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> Tensor:
+    """Number of valid points whose most similar pick (earliest on a tie) is each pick."""
+    size = sim.shape[1]
+    to_picks = sim.gather(2, picks.unsqueeze(1).expand(-1, size, -1))
+    to_picks.masked_fill_(torch.isinf(gains).unsqueeze(1), -torch.inf)
+    owner = to_picks.argmax(dim=2)
+    weights = torch.zeros(picks.shape, dtype=torch.float32, device=sim.device)
+    return weights.scatter_add_(1, owner, valid.float())
+
+
+def _greedy_order(indices: Tensor, weights: Tensor, gains: Tensor, budget: int) -> Selection:
+    """Merge per-class pick sequences ``(P, C, steps)`` into ``(P, budget)`` by decreasing gain.
+
+    Each class's gains are non-increasing (submodularity), so a stable sort of the step-major sequence keeps every
+    class's own order and yields the order of a greedy over all classes with per-class budgets.
+    """
+    num_pools = indices.shape[0]
+    flat_gains = gains.transpose(1, 2).reshape(num_pools, -1)
+    order = torch.sort(flat_gains, dim=1, descending=True, stable=True).indices[:, :budget]
+    return Selection(
+        indices=indices.transpose(1, 2).reshape(num_pools, -1).gather(1, order),
+        weights=weights.transpose(1, 2).reshape(num_pools, -1).gather(1, order),
+        gains=flat_gains.gather(1, order).float(),
+    )
+
+
+def _sparse_selection(
+    pool: Tensor, classes: Tensor, budget: int, similarity: str, knn: int, search: KnnBackend
+) -> Selection:
+    """Greedy on each class's k-nearest-neighbour graph of one pool ``(r, d)``."""
+    num_classes = int(classes.max()) + 1
+    counts = torch.bincount(classes.cpu(), minlength=num_classes)
+    budgets = class_budgets(counts, budget)
+    steps = int(budgets.max())
+    shape = (1, num_classes, steps)
+    indices = torch.zeros(shape, dtype=torch.long)
+    weights = torch.zeros(shape, dtype=torch.float32)
+    gains = torch.full(shape, -torch.inf, dtype=torch.float64)
+    for cls in torch.nonzero(budgets).flatten().tolist():
+        members = torch.nonzero(classes == cls).flatten()
+        points = pool[members]
+        k = min(knn, len(members))
+        dist, neighbours = knn_graph(points, k, search)
+        if similarity == "distance":
+            # With k = n the graph holds every pair and the exact diameter is free; otherwise bound it.
+            full_graph = k == len(members)
+            radius = (points - points.mean(0)).norm(dim=1).amax()
+            diameter = dist.amax() if full_graph else 2 * radius
+            sim = _similarity(dist.to(pool.dtype), diameter, similarity, pool.shape[1])
+        else:
+            sim = _similarity(dist.to(pool.dtype), 0.0, similarity, pool.shape[1])
+        picks, pick_gains = _sparse_greedy(sim, neighbours, int(budgets[cls]))
+        # The most similar pick of a point is its nearest pick, among its neighbours or not.
+        _, owner = search.search(points[picks], points, 1)
+        count = torch.bincount(owner.flatten().cpu(), minlength=len(picks))
+        n = len(picks)
+        indices[0, cls, :n] = members[picks].cpu()
+        weights[0, cls, :n] = count.float()
+        gains[0, cls, :n] = pick_gains.cpu()
+    result = _greedy_order(indices, weights, gains, budget)
+    return Selection(result.indices[0].to(pool.device), result.weights[0].to(pool.device), result.gains[0])
+
+
+def _sparse_greedy(sim: Tensor, neighbours: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """Exact greedy on a kNN similarity: row ``i`` lists the candidates ``neighbours[i]`` that can cover ``i``.
+
+    Gains are kept in float64 and updated incrementally: a pick changes the coverage of the rows that list it,
+    and only the candidates in those rows change gain.
+    """
+    size, k = neighbours.shape
+    device = sim.device
+    sim = sim.double()
+    flat = neighbours.reshape(-1)
+    gains = torch.zeros(size, dtype=torch.float64, device=device).index_add_(0, flat, sim.reshape(-1))
+    coverage = torch.zeros(size, dtype=torch.float64, device=device)
+    # Reverse adjacency: entries (row * k + slot) grouped by the candidate they name.
+    entries = torch.argsort(flat, stable=True)
+    bounds = torch.cat([flat.new_zeros(1), torch.bincount(flat, minlength=size).cumsum(0)]).tolist()
+    picks = torch.zeros(budget, dtype=torch.long, device=device)
+    pick_gains = torch.zeros(budget, dtype=torch.float64, device=device)
+    for step in range(budget):
+        best_gain, best = gains.max(dim=0)
+        picks[step], pick_gains[step] = best, best_gain
+        gains[best] = -torch.inf
+        j = int(best)
+        hits = entries[bounds[j] : bounds[j + 1]]
+        rows, values = hits // k, sim.reshape(-1)[hits]
+        better = values > coverage[rows]
+        rows, values = rows[better], values[better]
+        if len(rows) == 0:
+            continue
+        row_sim = sim[rows]
+        before = (row_sim - coverage[rows].unsqueeze(1)).clamp_(min=0)
+        after = (row_sim - values.unsqueeze(1)).clamp_(min=0)
+        gains.index_add_(0, neighbours[rows].reshape(-1), (after - before).reshape(-1))
+        coverage[rows] = values
+    return picks, pick_gains
+
+
+def _validate(
+    features: object, budget: object, labels: object, similarity: object, knn: object, backend: object
+) -> None:
+    if not isinstance(features, Tensor) or not features.is_floating_point():
+        kind = f"dtype {features.dtype}" if isinstance(features, Tensor) else type(features).__name__
+        raise TypeError(f"`features` must be a floating-point tensor of shape (r, d) or (P, r, d), got {kind}.")
+    if features.ndim not in (2, 3) or features.shape[-1] == 0 or features.shape[-2] == 0:
+        raise ValueError(f"`features` must have shape (r, d) or (P, r, d) with r, d >= 1, got {tuple(features.shape)}.")
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
+    r = features.shape[-2]
+    if not 1 <= budget <= r:
+        raise ValueError(f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}.")
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError("`features` contains NaN or inf values; coresets of non-finite features are meaningless.")
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+            kind = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+            raise TypeError(f"`labels` must be an integer tensor of classes, got {kind}.")
+        if labels.shape != features.shape[:-1]:
+            raise ValueError(
+                f"`labels` must have shape {tuple(features.shape[:-1])} to match `features` "
+                f"{tuple(features.shape)}, got {tuple(labels.shape)}."
+            )
+        if labels.device != features.device:
+            raise ValueError(f"`labels` is on {labels.device} but `features` on {features.device}; move one.")
+        if bool((labels < 0).any()):
+            raise ValueError(f"`labels` must be non-negative class indices, got a minimum of {int(labels.min())}.")
+        flat = labels.reshape(-1, r).long()
+        counts = torch.zeros(len(flat), int(flat.max()) + 1, device=flat.device).scatter_add_(
+            1, flat, torch.ones(flat.shape, device=flat.device)
+        )
+        present = int((counts > 0).sum(1).max())
+        if present > budget:
+            raise ValueError(
+                f"`budget`={budget} is smaller than the {present} classes present in a pool; every "
+                f"class needs at least one pick so that each point has a pick of its own class. Raise the budget."
+            )
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"`similarity` must be one of {SIMILARITIES}, got {similarity!r}.")
+    if knn is not None and (isinstance(knn, bool) or not isinstance(knn, int) or knn < 1):
+        raise ValueError(f"`knn` must be None (dense) or a positive int, got {knn!r}.")
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "faiss":
+        get_backend("faiss", device=features.device, pool_size=r)

@@ -1,0 +1,262 @@
+"""Facility location against brute force, apricot-select and its own invariants."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_crest.selection import class_budgets, facility_location, facility_location_objective
+from lightning_crest.selection._facility_location import _dense_greedy
+
+
+def _similarity_matrix(points: np.ndarray, similarity: str = "distance") -> np.ndarray:
+    dist = np.sqrt(((points[:, None, :] - points[None, :, :]) ** 2).sum(-1))
+    if similarity == "distance":
+        return dist.max() - dist
+    return np.exp(-dist / points.shape[1])
+
+
+def _objective(sim: np.ndarray, picks: list[int] | tuple[int, ...]) -> float:
+    return float(sim[:, list(picks)].max(axis=1).sum()) if len(picks) else 0.0
+
+
+def _reference_greedy(sim: np.ndarray, budget: int) -> list[int]:
+    """Textbook greedy: evaluate F(S + j) for every j, keep the first best."""
+    picks: list[int] = []
+    for _ in range(budget):
+        rest = [j for j in range(len(sim)) if j not in picks]
+        values = [_objective(sim, [*picks, j]) for j in rest]
+        picks.append(rest[int(np.argmax(values))])
+    return picks
+
+
+def _pool(n: int, d: int = 3, seed: int = 0, clusters: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if clusters:
+        centres = torch.randn(clusters, d, generator=gen, dtype=torch.float64) * 5
+        owner = torch.randint(0, clusters, (n,), generator=gen)
+        return centres[owner] + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("similarity", ["distance", "exp"])
+@pytest.mark.parametrize(("n", "budget", "seed"), [(6, 2, 0), (9, 3, 1), (12, 4, 2), (12, 6, 3), (5, 5, 4)])
+def test_matches_exhaustive_greedy_and_bound(n: int, budget: int, seed: int, similarity: str) -> None:
+    points = _pool(n, seed=seed)
+    sim = _similarity_matrix(points.numpy(), similarity)
+    selection = facility_location(points, budget, similarity=similarity)  # type: ignore[arg-type]
+
+    assert selection.indices.tolist() == _reference_greedy(sim, budget)
+    optimum = max(_objective(sim, s) for s in itertools.combinations(range(n), budget))
+    value = _objective(sim, selection.indices.tolist())
+    assert value >= (1 - 1 / math.e) * optimum - 1e-12
+    assert value == pytest.approx(facility_location_objective(points, selection.indices, similarity=similarity))
+    # Gains are the increments of the objective along the pick order.
+    prefix = [_objective(sim, selection.indices[: t + 1].tolist()) for t in range(budget)]
+    assert selection.gains.double().numpy() == pytest.approx(np.diff([0.0, *prefix]), rel=1e-6)
+
+
+def test_per_class_matches_exhaustive_greedy_within_each_class() -> None:
+    points = _pool(12, seed=5)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 0, 1, 0, 0])
+    selection = facility_location(points, 6, labels)
+    budgets = class_budgets(torch.bincount(labels), 6)
+    for cls in range(3):
+        members = torch.nonzero(labels == cls).flatten()
+        sim = _similarity_matrix(points[members].numpy())
+        expected = members[_reference_greedy(sim, int(budgets[cls]))].tolist()
+        chosen = [i for i in selection.indices.tolist() if labels[i] == cls]
+        assert chosen == expected
+
+
+def test_weights_are_cluster_sizes() -> None:
+    points = _pool(40, seed=6)
+    labels = torch.arange(40) % 3
+    selection = facility_location(points, 7, labels)
+    dist = torch.cdist(points, points)
+    expected = torch.zeros(7)
+    for i in range(40):
+        same = [t for t, j in enumerate(selection.indices.tolist()) if labels[j] == labels[i]]
+        nearest = min(same, key=lambda t: (float(dist[i, selection.indices[t]]), t))
+        expected[nearest] += 1
+    assert torch.equal(selection.weights, expected)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_invariants_per_class(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    r, num_classes, budget = 300, 7, 50
+    labels = torch.randint(0, num_classes, (r,), generator=gen)
+    labels[:3] = 6  # a small class
+    points = torch.randn(r, 4, generator=gen)
+    selection = facility_location(points, budget, labels)
+
+    assert selection.indices.shape == selection.weights.shape == selection.gains.shape == (budget,)
+    assert selection.indices.dtype == torch.int64
+    assert selection.indices.unique().numel() == budget
+    assert float(selection.weights.sum()) == r
+    assert bool((selection.weights >= 1).all())  # every pick covers at least itself
+    expected = class_budgets(torch.bincount(labels, minlength=num_classes), budget)
+    assert torch.equal(torch.bincount(labels[selection.indices], minlength=num_classes), expected)
+    per_class_weight = torch.zeros(num_classes).index_add_(0, labels[selection.indices], selection.weights)
+    assert torch.equal(per_class_weight, torch.bincount(labels, minlength=num_classes).float())
+    assert bool((selection.gains[:-1] >= selection.gains[1:]).all())
+
+
+def test_class_budgets_largest_remainder() -> None:
+    # 128 picks over 600 points: quotas 21.33.., 12.8, ..; floors sum to 124, 4 go to the largest remainders.
+    counts = torch.tensor([100, 60, 60, 60, 60, 60, 50, 50, 50, 50])
+    budgets = class_budgets(counts, 128)
+    assert int(budgets.sum()) == 128
+    quota = 128 * counts / 600
+    assert bool(((budgets - quota).abs() < 1).all())
+    # Batched rows are independent; ties go to the lower class index.
+    assert class_budgets(torch.tensor([[3, 3], [1, 5]]), 3).tolist() == [[2, 1], [1, 2]]
+    # A class that rounds to zero picks still gets one, taken from the largest class.
+    assert class_budgets(torch.tensor([97, 2, 1]), 3).tolist() == [1, 1, 1]
+    # A class never receives more picks than members, even with every point picked.
+    assert class_budgets(torch.tensor([1, 5, 9]), 15).tolist() == [1, 5, 9]
+
+
+def test_batched_pools_equal_separate_calls() -> None:
+    gen = torch.Generator().manual_seed(7)
+    pools = torch.randn(5, 120, 6, generator=gen)
+    labels = torch.randint(0, 4, (5, 120), generator=gen)
+    batched = facility_location(pools, 24, labels)
+    assert batched.indices.shape == (5, 24)
+    for p in range(5):
+        single = facility_location(pools[p], 24, labels[p])
+        assert torch.equal(batched.indices[p], single.indices)
+        assert torch.equal(batched.weights[p], single.weights)
+        assert torch.allclose(batched.gains[p], single.gains)
+
+
+# --- apricot-select as an independent oracle ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def apricot_selection() -> type:
+    """apricot's FacilityLocationSelection with its numba kernels compiled once, not on every fit."""
+    facility = pytest.importorskip("apricot.functions.facilityLocation")
+    for name in ("calculate_gains", "calculate_gains_sparse", "calculate_gains_sieve"):
+        kernel = getattr(facility, name)
+        if not hasattr(kernel, "cache_info"):
+            setattr(facility, name, functools.cache(kernel))
+    return facility.FacilityLocationSelection  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("optimizer", ["naive", "lazy"])
+@pytest.mark.parametrize("clusters", [0, 6])
+def test_matches_apricot(apricot_selection: type, optimizer: str, clusters: int) -> None:
+    points = _pool(200, d=5, seed=11, clusters=clusters)
+    sim = _similarity_matrix(points.numpy())
+    budget = 25
+    apricot = apricot_selection(budget, metric="precomputed", optimizer=optimizer).fit(sim)
+    ours = facility_location(points, budget)
+    assert _objective(sim, ours.indices.tolist()) == pytest.approx(_objective(sim, apricot.ranking), rel=1e-4)
+    # Gains match pick by pick (apricot's gains are relative to an empty set, like ours).
+    assert ours.gains.double().numpy() == pytest.approx(apricot.gains, rel=1e-4)
+
+
+def test_greedy_on_precomputed_similarity_matches_apricot(apricot_selection: type) -> None:
+    gen = torch.Generator().manual_seed(3)
+    raw = torch.rand(80, 80, generator=gen, dtype=torch.float64)
+    sim = (raw + raw.T) / 2
+    apricot = apricot_selection(10, metric="precomputed", optimizer="naive").fit(sim.numpy())
+    picks, gains = _dense_greedy(sim[None], torch.ones(1, 80, dtype=torch.bool), torch.tensor([10]))
+    assert picks[0].tolist() == apricot.ranking.tolist()
+    assert gains[0].numpy() == pytest.approx(apricot.gains, rel=1e-9)
+
+
+# --- kNN similarity -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("similarity", ["distance", "exp"])
+def test_knn_equal_to_pool_size_matches_dense(backend: str, similarity: str) -> None:
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(8)
+    points = torch.randn(150, 5, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (150,), generator=gen)
+    dense = facility_location(points, 20, labels, similarity=similarity)  # type: ignore[arg-type]
+    sparse = facility_location(points, 20, labels, similarity=similarity, knn=150, backend=backend)  # type: ignore[arg-type]
+    assert sorted(sparse.indices.tolist()) == sorted(dense.indices.tolist())
+    assert torch.equal(sparse.indices, dense.indices)
+    assert torch.equal(sparse.weights, dense.weights)
+    assert torch.allclose(sparse.gains, dense.gains, rtol=1e-4)
+
+
+def test_knn_greedy_matches_reference_on_sparse_similarity() -> None:
+    """The incremental sparse greedy equals a naive greedy on the same (zero-filled) kNN similarity."""
+    gen = torch.Generator().manual_seed(9)
+    points = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    k = 6
+    selection = facility_location(points, 8, knn=k, backend="torch")
+    dist = torch.cdist(points, points)
+    nearest = dist.argsort(dim=1)[:, :k]
+    bound = 2 * (points - points.mean(0)).norm(dim=1).max()
+    sim = torch.zeros(60, 60, dtype=torch.float64)
+    rows = torch.arange(60).unsqueeze(1)
+    sim[rows, nearest] = bound - dist[rows, nearest]  # row i: the candidates that can cover i
+    assert selection.indices.tolist() == _reference_greedy(sim.numpy(), 8)
+
+
+def test_knn_quality_close_to_dense() -> None:
+    gen = torch.Generator().manual_seed(10)
+    points = torch.randn(1500, 6, generator=gen)
+    dense = facility_location(points, 150)
+    sparse = facility_location(points, 150, knn=32, backend="torch")
+
+    def medoid_cost(indices: torch.Tensor) -> float:
+        return float(torch.cdist(points, points[indices]).min(dim=1).values.sum())
+
+    assert medoid_cost(sparse.indices) <= 1.05 * medoid_cost(dense.indices)
+    assert float(sparse.weights.sum()) == 1500
+
+
+# --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"features": torch.ones(5, 2, dtype=torch.long)}, TypeError, "floating-point"),
+        ({"features": torch.ones(5)}, ValueError, r"shape \(r, d\)"),
+        ({"budget": 0}, ValueError, r"\[1, r\]"),
+        ({"budget": 11}, ValueError, r"\[1, r\]"),
+        ({"budget": 2.0}, TypeError, "`budget` must be an int"),
+        ({"features": torch.full((10, 2), float("nan"))}, ValueError, "NaN or inf"),
+        ({"labels": torch.zeros(9, dtype=torch.long)}, ValueError, "`labels` must have shape"),
+        ({"labels": torch.zeros(10)}, TypeError, "integer"),
+        ({"labels": torch.arange(10) % 5, "budget": 4}, ValueError, "5 classes present"),
+        ({"similarity": "cosine"}, ValueError, "`similarity`"),
+        ({"knn": 0}, ValueError, "`knn`"),
+        ({"backend": "annoy"}, ValueError, "`backend`"),
+    ],
+)
+def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    args: dict[str, object] = {"features": torch.randn(10, 2), "budget": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        facility_location(**args)  # type: ignore[arg-type]
+
+
+def test_faiss_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_crest.selection import knn
+
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    with pytest.raises(ImportError, match=r"lightning-crest\[faiss\]"):
+        facility_location(torch.randn(10, 2), 3, knn=3, backend="faiss")
+
+
+def test_dense_too_large_asks_for_knn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_crest.selection import _facility_location as module
+
+    monkeypatch.setattr(module, "MAX_DENSE_BYTES", 1000)
+    with pytest.raises(ValueError, match="pass `knn`"):
+        facility_location(torch.randn(100, 2), 3)
