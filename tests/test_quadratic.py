@@ -1,0 +1,432 @@
+"""Tests for :mod:`lightning_crest.quadratic` (Hutchinson probes and the smoothed quadratic model)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_crest.quadratic import (
+    QuadraticModel,
+    hutchinson_diagonal,
+    rademacher_like,
+    relative_error,
+)
+
+EPS = 1e-4
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+# --------------------------------------------------------------------------- rademacher_like
+
+
+def test_rademacher_like_shapes_values_and_determinism() -> None:
+    refs = [torch.empty(3, 4), torch.empty(5, dtype=torch.float64), torch.empty(2, 1, 2)]
+    zs = rademacher_like(refs, _gen(1))
+    assert [z.shape for z in zs] == [r.shape for r in refs]
+    assert [z.dtype for z in zs] == [r.dtype for r in refs]
+    flat = torch.cat([z.reshape(-1).float() for z in zs])
+    assert set(flat.unique().tolist()) == {-1.0, 1.0}
+    again = rademacher_like(refs, _gen(1))
+    assert all(torch.equal(a, b) for a, b in zip(zs, again, strict=True))
+    other = rademacher_like(refs, _gen(2))
+    assert not all(torch.equal(a, b) for a, b in zip(zs, other, strict=True))
+    # Balanced: mean of 100k signs has standard error 1/sqrt(1e5) ~ 3.2e-3.
+    big = rademacher_like([torch.empty(100_000)], _gen(3))[0]
+    assert abs(big.mean().item()) < 0.02
+    assert rademacher_like([], _gen()) == []
+
+
+def test_rademacher_like_does_not_touch_global_rng() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    rademacher_like([torch.empty(10)], _gen())
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- hutchinson_diagonal
+
+
+def test_hutchinson_exact_for_diagonal_hessian() -> None:
+    a = torch.tensor([[1.0, 2.0, 3.0], [0.5, 4.0, 7.0]])
+    b = torch.tensor([0.3, -1.2, 2.5, 0.1])
+    w = torch.randn(2, 3, generator=_gen(), requires_grad=True)
+    v = torch.randn(4, generator=_gen(1), requires_grad=True)
+    linear = torch.randn(3, generator=_gen(2), requires_grad=True)  # gradient is a constant
+    unused = torch.randn(2, generator=_gen(3), requires_grad=True)  # loss does not depend on it
+    params = [w, v, linear, unused]
+    loss = 0.5 * (a * w**2).sum() + 0.5 * (b * v**2).sum() + (linear * 2.0).sum() + (w.sum() * 3.0)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    for seed in range(3):  # every probe is exact because z_i^2 = 1
+        est = hutchinson_diagonal(grads, params, _gen(seed), retain_graph=True)
+        torch.testing.assert_close(est[0], a, rtol=0, atol=0)
+        torch.testing.assert_close(est[1], b, rtol=0, atol=0)
+        assert torch.equal(est[2], torch.zeros(3))
+        assert torch.equal(est[3], torch.zeros(2))
+        assert all(e.dtype == torch.float32 and not e.requires_grad for e in est)
+
+
+def _probe_mean(
+    make_grads: Callable[[], tuple[Tensor, ...]], params: Sequence[Tensor], n: int, seed: int
+) -> tuple[Tensor, Tensor]:
+    """Mean and one single probe of ``n`` Hutchinson probes, flattened."""
+    grads = make_grads()
+    gen = _gen(seed)
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    first = None
+    for _ in range(n):
+        est = _flat(hutchinson_diagonal(grads, params, gen, retain_graph=True)).double()
+        first = est if first is None else first
+        total += est
+    assert first is not None
+    return total / n, first
+
+
+def test_hutchinson_mean_converges_for_full_symmetric_hessian() -> None:
+    m = torch.randn(6, 6, generator=_gen(5), dtype=torch.float64)
+    a = m + m.T + 6.0 * torch.eye(6, dtype=torch.float64)
+    w = torch.randn(6, generator=_gen(6), dtype=torch.float64, requires_grad=True)
+
+    def make_grads() -> tuple[Tensor, ...]:
+        return torch.autograd.grad(0.5 * w @ a @ w, [w], create_graph=True)
+
+    n = 4000
+    mean, single = _probe_mean(make_grads, [w], n, seed=7)
+    # Per entry, z_i (A z)_i = A_ii + sum_{j != i} A_ij z_i z_j; the products z_i z_j (j != i) are
+    # uncorrelated, zero-mean, unit-variance, so Var = sum_{j != i} A_ij^2 and the standard error of the
+    # mean is sqrt(Var / n). 5 standard errors: a false failure has probability < 1e-5 per entry.
+    diag = torch.diagonal(a)
+    se = ((a**2).sum(1) - diag**2).div(n).sqrt()
+    assert torch.all((mean - diag).abs() <= 5 * se), (mean, diag, se)
+    # The tolerance is meaningful: one probe is far off and the tolerance is much tighter than that.
+    assert (single - diag).abs().max() > 10 * se.max()
+
+
+def test_hutchinson_mean_matches_brute_force_hessian_of_tiny_mlp() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    init = _gen(9)
+    with torch.no_grad():  # deterministic init without reseeding the global RNG
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=init, dtype=torch.float64))
+    x = torch.randn(8, 3, generator=_gen(10), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=_gen(11))
+    names = [n for n, _ in net.named_parameters()]
+    params = [p for _, p in net.named_parameters()]
+    shapes = [p.shape for p in params]
+    numels = [p.numel() for p in params]
+
+    def loss_of_flat(flat: Tensor) -> Tensor:
+        chunks = [c.reshape(s) for c, s in zip(torch.split(flat, numels), shapes, strict=True)]
+        out = functional_call(net, dict(zip(names, chunks, strict=True)), (x,))
+        return nn.functional.cross_entropy(out, y)
+
+    flat0 = torch.cat([p.detach().reshape(-1) for p in params])
+    hess = torch.autograd.functional.hessian(loss_of_flat, flat0)
+    diag = torch.diagonal(hess)
+
+    def make_grads() -> tuple[Tensor, ...]:
+        loss = nn.functional.cross_entropy(net(x), y)
+        return torch.autograd.grad(loss, params, create_graph=True)
+
+    n = 500
+    mean, _ = _probe_mean(make_grads, params, n, seed=12)
+    # Same variance argument as for the quadratic: Var_i = sum_{j != i} H_ij^2. The small absolute term
+    # covers float32 rounding of the per-probe output.
+    se = ((hess**2).sum(1) - diag**2).div(n).sqrt()
+    assert torch.all((mean - diag).abs() <= 5 * se + 1e-6), (mean - diag).abs().max()
+    assert diag.abs().max() > 1e-2  # the target is not trivially zero
+
+
+def test_hutchinson_validates_inputs() -> None:
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="gradients"):
+        hutchinson_diagonal([], [w])
+    with pytest.raises(ValueError, match="shape"):
+        hutchinson_diagonal([torch.zeros(4)], [w])
+
+
+# --------------------------------------------------------------------------- relative_error
+
+
+def test_relative_error() -> None:
+    assert relative_error(1.1, 1.0) == pytest.approx(0.1)
+    assert relative_error(0.9, 1.0) == pytest.approx(0.1)
+    assert relative_error(-2.0, -1.0) == pytest.approx(1.0)
+    assert relative_error(0.0, 0.0) == 0.0
+    err = relative_error(1e-3, 0.0)  # guard: finite and huge instead of ZeroDivisionError
+    assert math.isfinite(err)
+    assert err > 1e6
+
+
+# --------------------------------------------------------------------------- QuadraticModel
+
+
+class _Quadratic:
+    """L(w) = c + b^T w + 1/2 sum_i a_i w_i^2 over two parameter tensors; diagonal Hessian ``a``."""
+
+    def __init__(self) -> None:
+        self.a = [torch.tensor([[1.0, 2.0], [0.5, 3.0]]), torch.tensor([4.0, 0.25, 1.5])]
+        self.b = [torch.tensor([[0.2, -0.1], [0.3, 0.0]]), torch.tensor([-0.5, 0.4, 0.1])]
+        self.c = 1.7
+
+    def loss(self, params: list[Tensor]) -> Tensor:
+        total = torch.tensor(self.c)
+        for p, a, b in zip(params, self.a, self.b, strict=True):
+            total = total + (b * p).sum() + 0.5 * (a * p**2).sum()
+        return total
+
+    def grad(self, params: list[Tensor]) -> list[Tensor]:
+        return [b + a * p.detach() for p, a, b in zip(params, self.a, self.b, strict=True)]
+
+    def params(self) -> list[Tensor]:
+        return [
+            torch.tensor([[0.5, -1.0], [2.0, 0.3]], requires_grad=True),
+            torch.tensor([1.0, -0.7, 0.2], requires_grad=True),
+        ]
+
+
+def _fitted(q: _Quadratic, params: list[Tensor], **kwargs: float) -> QuadraticModel:
+    model = QuadraticModel(**kwargs)
+    model.update(q.grad(params), q.a)
+    model.anchor(params, float(q.loss(params).detach()))
+    return model
+
+
+def _expected_prediction(q: _Quadratic, params: list[Tensor], w0: Tensor, eps: float) -> float:
+    # The model uses a + eps as curvature, so it overshoots the true loss by eps/2 * ||delta||^2.
+    d = _flat(params) - w0
+    return float(q.loss(params).detach()) + 0.5 * eps * float(d.double().square().sum())
+
+
+def test_predict_is_exact_on_a_quadratic() -> None:
+    q = _Quadratic()
+    params = q.params()
+    w0 = _flat(params)
+    model = _fitted(q, params)
+    assert model.predict(params) == pytest.approx(float(q.loss(params).detach()), rel=1e-6)
+    gen = _gen(20)
+    for scale in (0.01, 0.3, 1.0, 3.0):
+        moved = [(p + scale * torch.randn(p.shape, generator=gen)).detach() for p in params]
+        expected = _expected_prediction(q, moved, w0, EPS)
+        assert model.predict(moved) == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        # The eps offset is visible at large displacements, so accounting for it matters.
+        if scale == 3.0:
+            assert abs(expected - float(q.loss(moved).detach())) > 1e-4
+
+
+def test_single_update_is_bias_corrected_exactly() -> None:
+    g = [torch.tensor([0.5, -2.0]), torch.tensor([[3.0]])]
+    h = [torch.tensor([-1.5, 0.25]), torch.tensor([[4.0]])]
+    model = QuadraticModel()
+    model.update(g, h)
+    assert model.step == 1
+    assert torch.equal(model.gradient, _flat(g))
+    assert torch.equal(model.hessian, _flat(h).abs() + EPS)
+
+
+def test_ema_matches_independent_formula() -> None:
+    beta1, beta2 = 0.9, 0.999
+    g1, g2, g3 = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, 0.0, -1.0]), torch.tensor([0.2, 1, 4])
+    h1, h2, h3 = torch.tensor([2.0, -1.0, 0.1]), torch.tensor([0.5, 3.0, 0.3]), torch.tensor([1.0, 1, -2])
+    model = QuadraticModel(beta1, beta2)
+    m = torch.zeros(3, dtype=torch.float64)
+    v = torch.zeros(3, dtype=torch.float64)
+    for t, (g, h) in enumerate([(g1, h1), (g2, h2), (g3, h3)], start=1):
+        model.update([g], [h])
+        m = beta1 * m + (1 - beta1) * g.double()
+        v = beta2 * v + (1 - beta2) * h.double() ** 2
+        torch.testing.assert_close(model.gradient.double(), m / (1 - beta1**t), rtol=1e-6, atol=1e-7)
+        expected_h = (v / (1 - beta2**t)).sqrt() + EPS
+        torch.testing.assert_close(model.hessian.double(), expected_h, rtol=1e-6, atol=1e-7)
+    # Smoothing is real: the result differs from the last observation.
+    assert not torch.allclose(model.gradient, g3)
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        lambda ps: torch.optim.Adam(ps, lr=0.05, weight_decay=1e-2),
+    ],
+    ids=["sgd-momentum-wd", "adam-wd"],
+)
+def test_delta_is_real_parameter_change_under_optimizers(
+    make_opt: Callable[[list[Tensor]], torch.optim.Optimizer],
+) -> None:
+    q = _Quadratic()
+    params = q.params()
+    opt = make_opt(params)
+    for _ in range(3):  # build up optimizer state before the anchor
+        opt.zero_grad()
+        q.loss(params).backward()
+        opt.step()
+    model = _fitted(q, params)
+    w0 = _flat(params).clone()
+    for _ in range(5):
+        opt.zero_grad()
+        q.loss(params).backward()
+        opt.step()
+    d = model.delta(params)
+    assert torch.equal(d, _flat(params) - w0)
+    # Momentum / Adam / weight decay make the step differ from -lr * gradient, yet delta is still exact.
+    assert d.abs().max() > 1e-3
+    expected = _expected_prediction(q, params, w0, EPS)
+    assert model.predict(params) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_check_interval_follows_curvature_ratio() -> None:
+    # beta2 = 0 disables smoothing and eps = 0.25 keeps every value exact in float32.
+    model = QuadraticModel(beta1=0.0, beta2=0.0, eps=0.25)
+    w = [torch.zeros(4)]
+    model.update([torch.zeros(4)], [torch.full((4,), 3.75)])  # hessian = 4
+    model.anchor(w, 1.0)
+    ref = model.reference_norm
+    assert ref == pytest.approx(8.0)
+    assert model.check_interval(3.0) == 3
+    model.update([torch.zeros(4)], [torch.full((4,), 1.75)])  # curvature halves: hessian = 2
+    assert model.check_interval(3.0) == 6
+    assert model.check_interval(2.5) == 5
+    assert model.check_interval(0.1) == 1  # ceil(0.2)
+    model.anchor(w, 0.5)  # later anchors keep H_0
+    assert model.reference_norm == ref
+    model.update([torch.zeros(4)], [torch.full((4,), 7.75)])  # curvature doubles: hessian = 8
+    assert model.check_interval(3.0) == 2  # ceil(1.5)
+    assert model.check_interval(1.0) == 1  # ceil(0.5), never below 1
+    with pytest.raises(ValueError, match="h must be"):
+        model.check_interval(0.0)
+
+
+def test_check_interval_before_reference_raises() -> None:
+    model = QuadraticModel()
+    model.anchor([torch.zeros(2)], 1.0)  # anchor before any update records no reference
+    model.update([torch.zeros(2)], [torch.ones(2)])
+    with pytest.raises(RuntimeError, match="reference curvature"):
+        model.check_interval(1.0)
+    model.anchor([torch.zeros(2)], 1.0)
+    assert model.check_interval(1.0) == 1
+
+
+def test_state_dict_round_trip() -> None:
+    q = _Quadratic()
+    params = q.params()
+    model = QuadraticModel(beta1=0.8, beta2=0.99)
+    gen = _gen(30)
+    for _ in range(4):
+        noisy = [p + 0.1 * torch.randn(p.shape, generator=gen) for p in params]
+        model.update(q.grad(noisy), [a + 0.1 * torch.rand(a.shape, generator=gen) for a in q.a])
+    model.anchor(params, float(q.loss(params).detach()))
+    model.update(q.grad(params), q.a)
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    restored = QuadraticModel()
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+
+    moved = [(p + 0.2).detach() for p in params]
+    assert restored.predict(moved) == model.predict(moved)
+    assert restored.step == model.step == 5
+    assert torch.equal(restored.gradient, model.gradient)
+    assert torch.equal(restored.hessian, model.hessian)
+    assert restored.reference_norm == model.reference_norm
+    assert restored.check_interval(7.0) == model.check_interval(7.0)
+    assert (restored.beta1, restored.beta2) == (0.8, 0.99)
+    # The restored copy is independent of the original.
+    model.update(q.grad(moved), q.a)
+    assert restored.step == 5
+
+
+def test_state_dict_round_trip_empty_state() -> None:
+    buf = io.BytesIO()
+    torch.save(QuadraticModel(eps=1e-3).state_dict(), buf)
+    buf.seek(0)
+    restored = QuadraticModel()
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.step == 0
+    assert not restored.is_anchored
+    assert restored.eps == 1e-3
+    with pytest.raises(RuntimeError):
+        restored.predict([torch.zeros(2)])
+    restored.update([torch.ones(2)], [torch.ones(2)])
+    assert torch.equal(restored.gradient, torch.ones(2))
+
+
+def test_load_state_dict_rejects_malformed_state() -> None:
+    good = QuadraticModel().state_dict()
+    with pytest.raises(ValueError, match="missing"):
+        QuadraticModel().load_state_dict({"step": 0})
+    with pytest.raises(ValueError, match="step > 0"):
+        QuadraticModel().load_state_dict({**good, "step": 3})
+    with pytest.raises(ValueError, match="beta1"):
+        QuadraticModel().load_state_dict({**good, "beta1": 1.5})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"beta1": 1.0}, "beta1"),
+        ({"beta1": -0.1}, "beta1"),
+        ({"beta1": float("nan")}, "beta1"),
+        ({"beta2": 1.0}, "beta2"),
+        ({"eps": 0.0}, "eps"),
+        ({"eps": -1e-4}, "eps"),
+        ({"eps": float("inf")}, "eps"),
+    ],
+)
+def test_invalid_hyperparameters(kwargs: dict[str, float], name: str) -> None:
+    with pytest.raises(ValueError, match=name) as info:
+        QuadraticModel(**kwargs)
+    assert str(next(iter(kwargs.values()))) in str(info.value)
+
+
+def test_usage_errors() -> None:
+    model = QuadraticModel()
+    w = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="before anchor"):
+        model.predict(w)
+    with pytest.raises(RuntimeError, match="before anchor"):
+        model.delta(w)
+    with pytest.raises(RuntimeError, match="update"):
+        _ = model.gradient
+    with pytest.raises(RuntimeError, match="update"):
+        model.curvature_norm()
+    model.anchor(w, 1.0)
+    with pytest.raises(RuntimeError, match="update"):  # anchored but no statistics yet
+        model.predict(w)
+    model.update([torch.ones(3)], [torch.ones(3)])
+    assert model.predict(w) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same parameter list"):
+        model.update([torch.ones(4)], [torch.ones(4)])
+    with pytest.raises(ValueError, match="Hessian diagonal"):
+        QuadraticModel().update([torch.ones(3)], [torch.ones(2)])
+    with pytest.raises(ValueError, match="entries"):
+        model.predict([torch.zeros(5)])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_params_with_cpu_generator() -> None:
+    w = torch.randn(5, device="cuda", requires_grad=True)
+    a = torch.arange(1.0, 6.0, device="cuda")
+    grads = torch.autograd.grad(0.5 * (a * w**2).sum(), [w], create_graph=True)
+    est = hutchinson_diagonal(grads, [w], _gen())
+    assert est[0].device.type == "cuda"
+    torch.testing.assert_close(est[0], a)
+    model = QuadraticModel()
+    model.update([g.detach() for g in grads], est)
+    model.anchor([w], 1.0)
+    assert model.gradient.device.type == "cuda"
+    assert model.predict([w]) == pytest.approx(1.0)
