@@ -1,0 +1,262 @@
+"""Tests for lightning_crest.selection.knn."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import Tensor
+
+from lightning_crest.selection import knn
+from lightning_crest.selection.knn import TorchKnn, get_backend, knn_graph
+
+
+def _brute_force(database: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    dist = torch.cdist(queries.double(), database.double())
+    values, indices = torch.sort(dist, dim=1)
+    return values[:, :k].float(), indices[:, :k]
+
+
+def _faiss_has_gpus() -> bool:
+    return knn.faiss_available() and knn._faiss_num_gpus() > 0
+
+
+def _spread_points(n: int, d: int, seed: int) -> Tensor:
+    """Random points on a coarse integer grid, so distinct distances differ by a clear margin."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50, (n, d), generator=g).float() + 0.01 * torch.rand(n, d, generator=g)
+
+
+def _assert_same_neighbours(
+    got: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor], database: Tensor, queries: Tensor
+) -> None:
+    (got_d, got_i), (ref_d, ref_i) = got, ref
+    assert got_d.shape == ref_d.shape
+    assert got_i.shape == ref_i.shape
+    torch.testing.assert_close(got_d, ref_d, atol=1e-3, rtol=1e-4)
+    assert torch.all(got_d[:, 1:] >= got_d[:, :-1]), "distances must be ascending per row"
+    # The returned indices must really be at the returned distances (ties may legitimately swap order).
+    actual = (database[got_i] - queries.unsqueeze(1)).norm(dim=2)
+    torch.testing.assert_close(actual, got_d, atol=1e-3, rtol=1e-4)
+    # Where the k-th and (k+1)-th distances are clearly apart the neighbour *set* is unique.
+    k = got_i.shape[1]
+    full = torch.cdist(queries.double(), database.double()).sort(dim=1).values
+    clear = torch.ones(queries.shape[0], dtype=torch.bool)
+    if k < database.shape[0]:
+        clear = (full[:, k] - full[:, k - 1]) > 1e-3
+    assert clear.sum() > 0
+    for row in torch.nonzero(clear).flatten().tolist():
+        assert set(got_i[row].tolist()) == set(ref_i[row].tolist())
+
+
+@pytest.mark.parametrize(
+    ("n", "q", "d", "k", "max_chunk_bytes"),
+    [
+        (50, 20, 3, 5, 256 * 2**20),
+        (64, 37, 10, 8, 4 * 64 * 5),  # 5 query rows per chunk: several chunks plus a ragged last one
+        (30, 30, 4, 30, 1),  # k == n, one query row per chunk
+        (10, 7, 2, 1, 256 * 2**20),
+    ],
+)
+def test_torch_matches_brute_force(n: int, q: int, d: int, k: int, max_chunk_bytes: int) -> None:
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    database = torch.randn(n, d, generator=g)
+    queries = torch.randn(q, d, generator=g)
+    got = TorchKnn(max_chunk_bytes=max_chunk_bytes).search(database, queries, k)
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == torch.int64
+    _assert_same_neighbours(got, _brute_force(database, queries, k), database, queries)
+
+
+def test_torch_converts_other_float_dtypes() -> None:
+    database = _spread_points(40, 6, seed=1)
+    queries = database[:9].clone()
+    dist64, idx64 = TorchKnn().search(database.double(), queries.double(), 4)
+    dist16, idx16 = TorchKnn().search(database.half(), queries.half(), 4)
+    dist32, idx32 = TorchKnn().search(database, queries, 4)
+    assert dist64.dtype == dist16.dtype == torch.float32
+    assert torch.equal(idx64, idx32)
+    torch.testing.assert_close(dist64, dist32)
+    assert torch.equal(idx16[:, 0], idx32[:, 0])
+
+
+def test_torch_handles_empty_queries() -> None:
+    dist, idx = TorchKnn().search(torch.randn(5, 3), torch.empty(0, 3), 2)
+    assert dist.shape == idx.shape == (0, 2)
+    assert dist.dtype == torch.float32
+    assert idx.dtype == torch.int64
+
+
+def test_faiss_matches_torch() -> None:
+    pytest.importorskip("faiss")
+    database = _spread_points(300, 10, seed=2)
+    queries = torch.cat([database[:50], _spread_points(40, 10, seed=3)])
+    backend = knn.FaissKnn()
+    got = backend.search(database, queries, 16)
+    assert backend.name == "faiss"
+    assert got[0].dtype == torch.float32
+    assert got[1].dtype == torch.int64
+    _assert_same_neighbours(got, TorchKnn().search(database, queries, 16), database, queries)
+
+
+@pytest.mark.parametrize(
+    ("database", "queries", "k", "error", "match"),
+    [
+        (torch.randn(5, 3), torch.randn(4, 2), 2, ValueError, r"\(5, 3\).*\(4, 2\)"),
+        (torch.randn(5), torch.randn(4, 3), 2, ValueError, r"2-D.*\(5,\)"),
+        (torch.randn(5, 3), torch.randn(2, 4, 3), 2, ValueError, r"2-D.*\(2, 4, 3\)"),
+        (torch.randn(5, 3), torch.randn(4, 3), 6, ValueError, r"k=6"),
+        (torch.randn(5, 3), torch.randn(4, 3), 0, ValueError, r"k=0"),
+        (torch.randn(5, 3), torch.randn(4, 3), 2.0, TypeError, r"k must be an int"),
+        (torch.ones(5, 3, dtype=torch.int64), torch.randn(4, 3), 2, TypeError, r"floating.*int64"),
+        ([[0.0, 1.0]], torch.randn(4, 2), 1, TypeError, r"torch\.Tensor.*list"),
+    ],
+)
+def test_search_validation(database: Tensor, queries: Tensor, k: int, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        TorchKnn().search(database, queries, k)
+
+
+def test_search_rejects_mixed_devices() -> None:
+    with pytest.raises(ValueError, match=r"cpu.*meta"):
+        TorchKnn().search(torch.randn(5, 3), torch.randn(4, 3, device="meta"), 2)
+
+
+def test_torch_rejects_non_positive_chunk_budget() -> None:
+    with pytest.raises(ValueError, match=r"max_chunk_bytes"):
+        TorchKnn(max_chunk_bytes=0)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "faiss"])
+def test_knn_graph_self_is_first_neighbour(backend_name: str) -> None:
+    if backend_name == "faiss":
+        pytest.importorskip("faiss")
+    features = _spread_points(120, 10, seed=4)
+    backend = get_backend(backend_name, device=torch.device("cpu"), pool_size=120)
+    dist, idx = knn_graph(features, 7, backend)
+    assert dist.shape == idx.shape == (120, 7)
+    assert dist.dtype == torch.float32
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx[:, 0], torch.arange(120))
+    torch.testing.assert_close(dist[:, 0], torch.zeros(120), atol=1e-3, rtol=0)
+    assert torch.all(dist[:, 1] > 0.5), "grid points are at least ~1 apart"
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "faiss"])
+def test_knn_graph_far_from_origin(backend_name: str) -> None:
+    if backend_name == "faiss":
+        pytest.importorskip("faiss")
+    # Without centring, ||a||^2 ~ 1e7 here and float32 cancellation in ||a||^2 + ||b||^2 - 2ab would
+    # drown the ~4.5 gaps between neighbours.
+    features = 1000.0 + torch.randn(200, 10, generator=torch.Generator().manual_seed(5))
+    backend = get_backend(backend_name, device=torch.device("cpu"), pool_size=200)
+    dist, idx = knn_graph(features, 3, backend)
+    assert torch.equal(idx[:, 0], torch.arange(200))
+    ref_dist, _ = _brute_force(features, features, 3)
+    torch.testing.assert_close(dist, ref_dist, atol=1e-2, rtol=1e-3)
+    if backend_name == "torch":
+        assert torch.all(dist[:, 0] == 0), "torch recomputes the winners' distances exactly"
+
+
+@pytest.mark.parametrize("k", [0, -1, 9])
+def test_knn_graph_validates_k(k: int) -> None:
+    with pytest.raises(ValueError, match=rf"knn_graph: k .* r = 8.*k={k}"):
+        knn_graph(torch.randn(8, 3), k, TorchKnn())
+
+
+def test_knn_graph_k_equals_pool_size() -> None:
+    features = _spread_points(12, 3, seed=6)
+    dist, idx = knn_graph(features, 12, TorchKnn())
+    assert torch.equal(idx.sort(dim=1).values, torch.arange(12).expand(12, 12))
+    assert torch.all(dist[:, 1:] >= dist[:, :-1])
+
+
+@pytest.fixture
+def fresh_backend_cache() -> None:
+    knn._backend_instance.cache_clear()
+
+
+def test_get_backend_auto_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stand-in instances record which backend was chosen without needing faiss itself.
+    monkeypatch.setattr(knn, "_backend_instance", lambda name: SimpleNamespace(name=name))
+    monkeypatch.setattr(knn, "AUTO_FAISS_MIN_POOL", 100)
+
+    def choice(device: str, pool_size: int, name: str = "auto") -> str:
+        return get_backend(name, device=torch.device(device), pool_size=pool_size).name
+
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    assert choice("cpu", 10**6) == "torch"
+
+    monkeypatch.setattr(knn, "faiss_available", lambda: True)
+    monkeypatch.setattr(knn, "_faiss_num_gpus", lambda: 0)
+    assert choice("cpu", 99) == "torch"
+    assert choice("cpu", 100) == "faiss"
+    assert get_backend("auto", device="cpu", pool_size=100).name == "faiss"
+    assert choice("cuda", 10**6) == "torch", "CPU-only faiss must not be picked for CUDA tensors"
+
+    monkeypatch.setattr(knn, "_faiss_num_gpus", lambda: 1)
+    assert choice("cuda", 100) == "faiss"
+    assert choice("cuda", 99) == "torch"
+    assert choice("cuda", 10**6, name="torch") == "torch"
+
+
+@pytest.mark.usefixtures("fresh_backend_cache")
+def test_get_backend_caches_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    torch_backend = get_backend("torch", device=cpu, pool_size=10)
+    assert isinstance(torch_backend, TorchKnn)
+    assert torch_backend.name == "torch"
+    assert get_backend("torch", device=cpu, pool_size=10**6) is torch_backend
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    assert get_backend("auto", device=cpu, pool_size=10**6) is torch_backend
+
+
+@pytest.mark.usefixtures("fresh_backend_cache")
+def test_get_backend_caches_faiss_instance() -> None:
+    pytest.importorskip("faiss")
+    cpu = torch.device("cpu")
+    faiss_backend = get_backend("faiss", device=cpu, pool_size=10)
+    assert isinstance(faiss_backend, knn.FaissKnn)
+    assert get_backend("faiss", device=cpu, pool_size=10) is faiss_backend
+    assert get_backend("auto", device=cpu, pool_size=knn.AUTO_FAISS_MIN_POOL) is faiss_backend
+
+
+def test_get_backend_unknown_name() -> None:
+    with pytest.raises(ValueError, match=r"'annoy'.*auto, torch, faiss"):
+        get_backend("annoy", device=torch.device("cpu"), pool_size=10)
+
+
+def test_get_backend_faiss_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    with pytest.raises(ImportError, match=r"pip install 'lightning-crest\[faiss\]'"):
+        get_backend("faiss", device=torch.device("cpu"), pool_size=10)
+
+
+def test_faiss_available_matches_import() -> None:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        expected = False
+    else:
+        expected = True
+    assert knn.faiss_available() is expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and _faiss_has_gpus()), reason="needs CUDA and a GPU-enabled faiss"
+)
+def test_faiss_gpu_matches_torch() -> None:
+    cuda = torch.device("cuda")
+    database = _spread_points(2000, 10, seed=7).to(cuda)
+    queries = torch.cat([database[:100], _spread_points(100, 10, seed=8).to(cuda)])
+    backend = get_backend("faiss", device=cuda, pool_size=2000)
+    got = backend.search(database, queries, 32)
+    assert got[0].device.type == got[1].device.type == "cuda"
+    assert knn._gpu_resources() is knn._gpu_resources()
+    ref = TorchKnn().search(database, queries, 32)
+    assert ref[0].device.type == "cuda"
+    _assert_same_neighbours(
+        (got[0].cpu(), got[1].cpu()), (ref[0].cpu(), ref[1].cpu()), database.cpu(), queries.cpu()
+    )
