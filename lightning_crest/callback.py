@@ -1,0 +1,616 @@
+"""CrestCallback: when to select coresets, check the quadratic model and drop learned examples."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_crest.datamodule import CrestDataModule
+from lightning_crest.distributed import gather_shares, mean_over_processes, share
+from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
+from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
+
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+
+
+class CrestCallback(Callback):
+    """Train on weighted mini-batch coresets under a budget (CREST, Yang et al., ICML 2023).
+
+    Every epoch has ``ceil(fraction * n / global_batch)`` steps, so a run of ``max_epochs`` epochs costs
+    ``fraction`` of full training's backprops and epoch-based schedules keep working. Each step trains on one
+    mini-batch coreset: ``global_batch`` examples picked by facility location on gradient proxies from a random
+    subset of the pool, with cluster-size weights. At each selection the callback draws ``P`` random subsets, picks
+    one coreset from each and builds a quadratic model of the loss. Every ``T1`` steps it compares the model's
+    prediction with the loss on the first subset; when the relative error exceeds ``tau`` it selects again. After
+    every re-selection ``T1 = ceil(interval_mul * ||H_0|| / ||H_t||)`` and ``P = coreset_mul * T1``. Every
+    ``drop_interval`` epochs, examples whose losses recorded in the window all stayed below ``drop_threshold``
+    leave the pool of future random subsets.
+
+    The callback needs a :class:`~lightning_crest.CrestDataModule`, whose training batches are
+    ``(inputs, targets, weights)``; the module's loss must use the weights (see
+    :func:`~lightning_crest.weighted_cross_entropy`).
+
+    Args:
+        fraction: Share of full training's backprops to spend, in ``(0, 1]``.
+        random_subset_size: Size ``r`` of each random subset: a fraction of the training set (float) or a count
+            (int). A fraction never yields fewer examples than the global batch.
+        tau: Tolerance of the quadratic model's relative error before re-selecting.
+        interval_mul: ``h``, scale of the adaptive check interval ``T1``.
+        coreset_mul: ``b``, coresets per selection per step of ``T1``.
+        drop_learned: Exclude learned examples from future random subsets.
+        drop_threshold: ``alpha``, the loss under which an example counts as learned.
+        drop_interval: ``T2``, epochs per exclusion window.
+        min_pool_fraction: Never shrink the pool below this fraction of the training set.
+        min_class_fraction: Never shrink a class below this fraction of its size.
+        hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
+            trainable parameters, in registration order) for large models.
+        hessian_probes: Hutchinson probes per selection, one per coreset batch up to this many; ``None`` probes
+            every coreset batch.
+        second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation.
+        knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
+        backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
+        similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
+        selection: ``"crest"``, or ``"random"`` for uniform random mini-batches of weight 1 under the same budget
+            and sampler (no quadratic model, no checks): the honest baseline.
+        seed: Seed of CREST's own random draws.
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=200, callbacks=[CrestCallback(fraction=0.1)])
+        trainer.fit(model, datamodule=CrestDataModule(train_set, val_set, batch_size=128))
+    """
+
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        random_subset_size: float | int = 0.01,
+        tau: float = 0.05,
+        interval_mul: float = 1.0,
+        coreset_mul: int = 5,
+        drop_learned: bool = True,
+        drop_threshold: float = 0.1,
+        drop_interval: int = 20,
+        min_pool_fraction: float = 0.5,
+        min_class_fraction: float = 0.2,
+        hessian_params: Literal["all", "last_layer"] = "all",
+        hessian_probes: int | None = 1,
+        second_order: bool = True,
+        knn: int | None = None,
+        backend: Literal["auto", "torch", "faiss"] = "auto",
+        similarity: Literal["distance", "exp"] = "distance",
+        selection: Literal["crest", "random"] = "crest",
+        seed: int = 0,
+    ) -> None:
+        _check_range("fraction", fraction, 0.0, 1.0, low_open=True)
+        if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
+            raise ValueError(f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}.")
+        if isinstance(random_subset_size, float):
+            _check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
+        elif random_subset_size < 1:
+            raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
+        _check_range("tau", tau, 0.0, math.inf)
+        _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
+        _check_positive_int("coreset_mul", coreset_mul)
+        _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
+        _check_positive_int("drop_interval", drop_interval)
+        _check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
+        _check_range("min_class_fraction", min_class_fraction, 0.0, 1.0)
+        if hessian_params not in ("all", "last_layer"):
+            raise ValueError(f"`hessian_params` must be 'all' or 'last_layer', got {hessian_params!r}.")
+        if hessian_probes is not None:
+            _check_positive_int("hessian_probes", hessian_probes)
+        if knn is not None:
+            _check_positive_int("knn", knn)
+        if backend not in ("auto", "torch", "faiss"):
+            raise ValueError(f"`backend` must be 'auto', 'torch' or 'faiss', got {backend!r}.")
+        if similarity not in ("distance", "exp"):
+            raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
+        if selection not in ("crest", "random"):
+            raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
+        self.fraction = fraction
+        self.random_subset_size = random_subset_size
+        self.tau = tau
+        self.interval_mul = interval_mul
+        self.coreset_mul = coreset_mul
+        self.drop_learned = drop_learned
+        self.drop_threshold = drop_threshold
+        self.drop_interval = drop_interval
+        self.min_pool_fraction = min_pool_fraction
+        self.min_class_fraction = min_class_fraction
+        self.hessian_params = hessian_params
+        self.hessian_probes = hessian_probes
+        self.second_order = second_order
+        self.knn = knn
+        self.backend = backend
+        self.similarity = similarity
+        self.selection = selection
+        self.seed = seed
+        self._reset_state()
+
+    # --- extension points ----------------------------------------------------------------------------------
+
+    def compute_logits(self, pl_module: L.LightningModule, inputs: Any) -> Tensor:
+        """Class logits ``(B, C)`` of a batch of inputs; override when ``forward`` returns something else."""
+        return pl_module(inputs)  # type: ignore[no-any-return]
+
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-example training loss ``(B,)``; override for a loss other than cross-entropy."""
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    # --- Lightning hooks -----------------------------------------------------------------------------------
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(fraction=self.fraction, selection=self.selection, seed=self.seed)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._setup_fit(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._crest_time = 0.0
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self._dropping and epoch > 0 and epoch % self.drop_interval == 0 and epoch != self._last_drop_epoch:
+            self._drop_learned_examples()
+            self._last_drop_epoch = epoch
+        if len(self._dm.plan) == 0:
+            self._select(self._steps_per_epoch)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._weights_checked and _is_weighted_batch(batch):
+            batch[2].requires_grad_(True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._weights_checked:
+            self._check_weights_used(batch)
+        self._steps_since_selection += 1
+        steps_left = self._steps_per_epoch - batch_idx - 1
+        drifted = self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check()
+        if steps_left > 0 and (drifted or len(self._dm.plan) == 0):
+            self._select(steps_left)
+        self._log(pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {}
+        pending = self._dm.plan.pending() if self._dm is not None else []
+        return {
+            "pool": self._pool.clone(),
+            "window_max_loss": self._window_max_loss.clone(),
+            "rng_state": self._generator.get_state(),
+            "quadratic": self._quadratic.state_dict(),
+            "interval": self._interval,
+            "num_coresets": self._num_coresets,
+            "selections": self._selections,
+            "checks": self._checks,
+            "steps_since_selection": self._steps_since_selection,
+            "check_indices": self._check_indices.clone(),
+            "rho": self._rho,
+            "selection_time": self._selection_time,
+            "last_drop_epoch": self._last_drop_epoch,
+            "weights_checked": self._weights_checked,
+            "plan_indices": [idx for idx, _ in pending],
+            "plan_weights": [w for _, w in pending],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pool = state_dict["pool"].clone()
+        self._window_max_loss = state_dict["window_max_loss"].clone()
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator.set_state(state_dict["rng_state"])
+        self._quadratic = QuadraticModel()
+        self._quadratic.load_state_dict(state_dict["quadratic"])
+        self._interval = int(state_dict["interval"])
+        self._num_coresets = int(state_dict["num_coresets"])
+        self._selections = int(state_dict["selections"])
+        self._checks = int(state_dict["checks"])
+        self._steps_since_selection = int(state_dict["steps_since_selection"])
+        self._check_indices = state_dict["check_indices"].clone()
+        self._check_batches = None
+        self._rho = float(state_dict["rho"])
+        self._selection_time = float(state_dict["selection_time"])
+        self._last_drop_epoch = int(state_dict["last_drop_epoch"])
+        self._weights_checked = bool(state_dict["weights_checked"])
+        self._pending = list(zip(state_dict["plan_indices"], state_dict["plan_weights"]))
+        if self._dm is not None:
+            self._dm.plan.replace(self._pending)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned processes: torch.Generator objects do not pickle, and the Trainer travels separately.
+        state = self.__dict__.copy()
+        state.update(_trainer=None, _module=None, _dm=None, _check_batches=None)
+        state["_generator"] = self._generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(state["_generator"])
+        self.__dict__.update(state, _generator=generator)
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._trainer: L.Trainer | None = None
+        self._module: L.LightningModule | None = None
+        self._dm: CrestDataModule = None  # type: ignore[assignment]
+        self._pool: Tensor | None = None
+        self._window_max_loss = torch.empty(0)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._quadratic = QuadraticModel()
+        self._interval = 1
+        self._num_coresets = self.coreset_mul
+        self._selections = 0
+        self._checks = 0
+        self._steps_since_selection = 0
+        self._check_indices = torch.empty(0, dtype=torch.long)
+        self._check_batches: list[Any] | None = None
+        self._rho = math.nan
+        self._selection_time = 0.0
+        self._crest_time = 0.0
+        self._fit_start = time.perf_counter()
+        self._last_drop_epoch = -1
+        self._weights_checked = False
+        self._pending: list[tuple[Tensor, Tensor]] = []
+
+    def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not isinstance(dm, CrestDataModule):
+            raise TypeError(
+                "CrestCallback needs its batches from a CrestDataModule: call "
+                f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
+                f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "CrestCallback supports automatic optimization only: it measures one optimizer step per batch. "
+                "Set `self.automatic_optimization = True` in the LightningModule."
+            )
+        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+            raise ValueError(
+                f"CrestCallback does not support the {type(trainer.strategy).__name__} strategy (sharded parameters "
+                "break its quadratic model); use 'ddp', 'ddp_spawn' or 'ddp_notebook'."
+            )
+        labels = dm.labels
+        n = len(labels)
+        global_batch = dm.batch_size * trainer.world_size
+        if n < global_batch:
+            raise ValueError(f"The training set has {n} examples, fewer than one global batch of {global_batch}.")
+        subset = self._subset_size(n, global_batch)
+        num_classes = int(labels.max()) + 1
+        if self.selection == "crest" and int((torch.bincount(labels) > 0).sum()) > global_batch:
+            raise ValueError(
+                f"The global batch of {global_batch} is smaller than the {num_classes} classes; every class of a "
+                "random subset needs a pick. Raise `batch_size`."
+            )
+        self._trainer, self._module, self._dm = trainer, pl_module, dm
+        self._labels = labels
+        self._num_classes = num_classes
+        self._global_batch = global_batch
+        self._subset = subset
+        self._steps_per_epoch = math.ceil(self.fraction * n / global_batch)
+        dm.use_plan(self._steps_per_epoch)
+        dm.plan.refill = self._select
+        if self._pool is None or len(self._pool) != n:
+            self._pool = torch.ones(n, dtype=torch.bool)
+            self._window_max_loss = torch.full((n,), math.nan)
+        self._pool_size = int(self._pool.sum())
+        dm.plan.replace(self._pending)
+
+    def _subset_size(self, n: int, global_batch: int) -> int:
+        if isinstance(self.random_subset_size, float):
+            return min(n, max(global_batch, math.ceil(self.random_subset_size * n)))
+        if not global_batch <= self.random_subset_size <= n:
+            raise ValueError(
+                f"`random_subset_size`={self.random_subset_size} must lie between the global batch "
+                f"({global_batch}) and the training set size ({n}): a coreset is picked from each random subset."
+            )
+        return self.random_subset_size
+
+    @property
+    def _dropping(self) -> bool:
+        return self.drop_learned and self.selection == "crest"
+
+    # --- selection -----------------------------------------------------------------------------------------
+
+    def _select(self, steps_left: int) -> None:
+        """Plan the next ``min(P, steps_left)`` global batches and, for CREST, build the quadratic model."""
+        assert self._pool is not None
+        with self._timed(selection=True):
+            count = min(self._num_coresets, steps_left) if self.selection == "crest" else steps_left
+            if self.selection == "random":
+                batches = self._draw(count, self._global_batch).unbind(0)
+                self._dm.plan.replace([(b, torch.ones(len(b))) for b in batches])
+            else:
+                self._select_coresets(count)
+            self._selections += 1
+            self._steps_since_selection = 0
+
+    def _select_coresets(self, count: int) -> None:
+        subsets = self._draw(count, self._subset)
+        flat = subsets.flatten()
+        logits, losses = self._forward(flat)
+        targets = self._labels[flat].to(logits.device)
+        proxies = gradient_proxy(logits, targets)
+        if not bool(torch.isfinite(proxies).all()):
+            raise FloatingPointError(
+                f"Non-finite gradient proxies at selection {self._selections + 1} (global step "
+                f"{self._trainer.global_step if self._trainer else '?'}): the model's logits contain NaN or inf."
+            )
+        self._record_losses(flat, losses)
+        picked = facility_location(
+            proxies.view(count, self._subset, -1),
+            self._global_batch,
+            targets.view(count, self._subset),
+            similarity=self.similarity,
+            knn=self.knn,
+            backend=self.backend,
+        )
+        coresets = subsets.gather(1, picked.indices.cpu())
+        weights = picked.weights.cpu().float() * (self._global_batch / self._subset)
+        self._dm.plan.replace(list(zip(coresets.unbind(0), weights.unbind(0))))
+
+        self._check_indices = subsets[0].clone()
+        self._check_batches = None
+        self._build_model(coresets, weights, float(losses[: self._subset].mean()))
+        if self._selections > 0:
+            self._interval = self._quadratic.check_interval(self.interval_mul)
+            self._num_coresets = self.coreset_mul * self._interval
+
+    def _draw(self, count: int, size: int) -> Tensor:
+        """``count`` class-stratified random subsets of ``size`` pool examples, disjoint while the pool allows."""
+        assert self._pool is not None
+        members = torch.nonzero(self._pool).flatten()
+        shuffled = members[torch.randperm(len(members), generator=self._generator)]
+        order = torch.sort(self._labels[shuffled], stable=True)
+        grouped = shuffled[order.indices]
+        counts = torch.bincount(order.values, minlength=self._num_classes)
+        starts = counts.cumsum(0) - counts
+        quotas = class_budgets(counts, size) if int((counts > 0).sum()) <= size else None
+        if quotas is None:  # more classes than slots: plain uniform subsets
+            positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(grouped)
+            return grouped[positions]
+        parts = []
+        for cls in torch.nonzero(quotas).flatten().tolist():
+            quota, start, total = int(quotas[cls]), int(starts[cls]), int(counts[cls])
+            offsets = (torch.arange(count).unsqueeze(1) * quota + torch.arange(quota)) % total
+            parts.append(grouped[start + offsets])
+        return torch.cat(parts, dim=1)
+
+    # --- forward passes ------------------------------------------------------------------------------------
+
+    def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None and module is not None
+        mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
+        batches = [self._dm.fetch(chunk.tolist()) for chunk in mine.split(self._dm.eval_batch_size)]
+        logits, losses = self._evaluate(batches)
+        return gather_shares(trainer.strategy, logits, len(indices)), gather_shares(
+            trainer.strategy, losses, len(indices)
+        )
+
+    def _evaluate(self, batches: list[Any]) -> tuple[Tensor, Tensor]:
+        trainer, module = self._trainer, self._module
+        assert trainer is not None and module is not None
+        all_logits, all_losses = [], []
+        with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context():
+            for batch in batches:
+                inputs, targets = move_data_to_device(batch, module.device)
+                logits = self._logits(module, inputs, targets)
+                all_logits.append(logits.float())
+                all_losses.append(self.per_example_loss(logits, targets).float())
+        return torch.cat(all_logits), torch.cat(all_losses)
+
+    def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
+        logits = self.compute_logits(module, inputs)
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != len(targets):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"`compute_logits` must return class logits of shape ({len(targets)}, num_classes) for a batch "
+                f"of {len(targets)} examples, got {shape}. Override CrestCallback.compute_logits if the "
+                "module's forward returns something else."
+            )
+        if logits.shape[1] < self._num_classes:
+            raise ValueError(
+                f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "
+                f"{self._num_classes} classes."
+            )
+        return logits
+
+    # --- quadratic model -----------------------------------------------------------------------------------
+
+    def _model_parameters(self) -> list[Tensor]:
+        assert self._module is not None
+        if self.hessian_params == "all":
+            return [p for p in self._module.parameters() if p.requires_grad]
+        owners = [m for m in self._module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad]
+
+    def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
+        """Update the smoothed gradient and Hessian on the new coresets and anchor the model here."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None and module is not None
+        params = self._model_parameters()
+        probes = len(coresets) if self.hessian_probes is None else min(self.hessian_probes, len(coresets))
+        mine = share(self._global_batch, trainer.global_rank, trainer.world_size)
+        for coreset, weight in zip(coresets[:probes], weights[:probes]):
+            inputs, targets = move_data_to_device(self._dm.fetch(coreset[mine].tolist()), module.device)
+            with _eval_mode(module), torch.enable_grad():
+                logits = self._logits(module, inputs, targets)
+                batch_loss = (weight[mine].to(module.device) * self.per_example_loss(logits, targets)).mean()
+                grads = torch.autograd.grad(batch_loss, params, create_graph=self.second_order, allow_unused=True)
+                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+                if self.second_order:
+                    curvature = hutchinson_diagonal(grads, params, self._generator)
+                else:
+                    curvature = [torch.zeros_like(p) for p in params]
+            flat_grad = mean_over_processes(trainer.strategy, torch.cat([g.detach().flatten() for g in grads]))
+            flat_curv = mean_over_processes(trainer.strategy, torch.cat([h.flatten() for h in curvature]))
+            self._quadratic.update([flat_grad], [flat_curv])
+        self._quadratic.anchor(params, loss)
+
+    def _check(self) -> bool:
+        """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""
+        trainer = self._trainer
+        assert trainer is not None
+        with self._timed():
+            indices = self._check_indices
+            if self._check_batches is None:
+                mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
+                self._check_batches = [self._dm.fetch(c.tolist()) for c in mine.split(self._dm.eval_batch_size)]
+            _, losses = self._evaluate(self._check_batches)
+            losses = gather_shares(trainer.strategy, losses, len(indices))
+            self._record_losses(indices, losses)
+            actual = float(losses.mean())
+            if not math.isfinite(actual):
+                raise FloatingPointError(
+                    f"Non-finite loss on the check sample at global step {trainer.global_step}: training diverged."
+                )
+            self._rho = relative_error(self._quadratic.predict(self._model_parameters()), actual)
+            self._checks += 1
+        return self._rho > self.tau
+
+    # --- learned examples ----------------------------------------------------------------------------------
+
+    def _record_losses(self, indices: Tensor, losses: Tensor) -> None:
+        if self._dropping:
+            idx = indices.cpu()
+            self._window_max_loss[idx] = torch.fmax(self._window_max_loss[idx], losses.detach().float().cpu())
+
+    def _drop_learned_examples(self) -> None:
+        """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
+        assert self._pool is not None
+        with self._timed():
+            learned = self._pool & (self._window_max_loss <= self.drop_threshold)
+            candidates = torch.nonzero(learned).flatten()
+            candidates = candidates[torch.argsort(self._window_max_loss[candidates], stable=True)]
+            sizes = torch.bincount(self._labels, minlength=self._num_classes)
+            in_pool = torch.bincount(self._labels[self._pool], minlength=self._num_classes)
+            floor = torch.ceil(self.min_class_fraction * sizes.double()).long()
+            room = (in_pool - floor).clamp(min=0)
+            # Most learned first, within each class's room above its floor, then within the global room.
+            rank_in_class = torch.zeros_like(candidates)
+            cls = self._labels[candidates]
+            for c in cls.unique().tolist():
+                mask = cls == c
+                rank_in_class[mask] = torch.arange(int(mask.sum()))
+            dropped = candidates[rank_in_class < room[cls]]
+            global_room = max(0, self._pool_size - math.ceil(self.min_pool_fraction * len(self._pool)))
+            dropped = dropped[:global_room]
+            self._pool[dropped] = False
+            self._pool_size = int(self._pool.sum())
+            self._window_max_loss.fill_(math.nan)
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+
+    def _check_weights_used(self, batch: Any) -> None:
+        self._weights_checked = True
+        if not _is_weighted_batch(batch):
+            rank_zero_warn(
+                "CrestCallback could not find the (inputs, targets, weights) batch that CrestDataModule serves; "
+                "make sure the training loss multiplies each example's loss by its weight."
+            )
+            return
+        weights = batch[2]
+        weights.requires_grad_(False)
+        if weights.grad is None:
+            raise RuntimeError(
+                "The training loss does not use the batch's weights: CREST batches are weighted coresets and "
+                "training on them unweighted trains on a biased sample. Unpack `inputs, targets, weights = batch` "
+                "and return `weighted_cross_entropy(logits, targets, weights)` (or multiply per-example losses "
+                "by `weights` before averaging)."
+            )
+
+    @contextmanager
+    def _timed(self, selection: bool = False) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self._crest_time += elapsed
+            if selection:
+                self._selection_time += elapsed
+
+    def _log(self, pl_module: L.LightningModule) -> None:
+        elapsed = time.perf_counter() - self._fit_start
+        metrics = {
+            "crest/selections": float(self._selections),
+            "crest/pool_size": float(self._pool_size),
+            "crest/selection_time": self._selection_time,
+            "crest/overhead": self._crest_time / elapsed if elapsed > 0 else 0.0,
+        }
+        if self.selection == "crest":
+            metrics.update(
+                {
+                    "crest/rho": self._rho,
+                    "crest/check_interval": float(self._interval),
+                    "crest/num_coresets": float(self._num_coresets),
+                }
+            )
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._global_batch)
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+def _is_weighted_batch(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Tensor)
+
+
+def _check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) and high != math.inf:
+        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high or math.isnan(value):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

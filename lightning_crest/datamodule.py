@@ -1,0 +1,187 @@
+"""CrestDataModule: wraps a user's datasets and serves the coreset batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+from typing_extensions import override
+
+from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset
+
+
+class CrestDataModule(L.LightningDataModule):
+    """Serves a training set as weighted mini-batch coresets chosen by :class:`~lightning_crest.CrestCallback`.
+
+    Training batches are ``(inputs, targets, weights)``: the dataset's collated items plus a ``(B,)`` float32
+    tensor of per-example weights (mean 1 within a coreset). Without a ``CrestCallback`` on the Trainer, the module
+    serves plain shuffled epochs over the whole training set with weight 1 (full-data training). Validation and
+    test batches are the datasets' plain ``(inputs, targets)``.
+
+    A new selection applies from the next batch the loader asks for. With ``num_workers=0`` that is the very next
+    step; with workers, the ``prefetch_factor * num_workers`` batches already requested are trained first.
+
+    Args:
+        train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read
+            from its ``targets`` attribute when present, else in one pass over the data.
+        val_dataset: Optional validation set, served by ``val_dataloader``.
+        test_dataset: Optional test set, served by ``test_dataloader``.
+        batch_size: Examples per process and training step (one mini-batch coreset per step).
+        num_workers: Data loader worker processes.
+        eval_batch_size: Batch size of evaluation and of CREST's own forward passes; defaults to
+            ``4 * batch_size``.
+        pin_memory: Pin host memory in the data loaders.
+        seed: Seed of the shuffle in plain epochs.
+
+    Raises:
+        TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
+        ValueError: If a size argument is not positive.
+
+    Example::
+
+        dm = CrestDataModule(train_set, val_set, batch_size=128, num_workers=2)
+        trainer = L.Trainer(max_epochs=200, callbacks=[CrestCallback(fraction=0.1)])
+        trainer.fit(model, datamodule=dm)
+    """
+
+    def __init__(
+        self,
+        train_dataset: Dataset[Any],
+        val_dataset: Dataset[Any] | None = None,
+        test_dataset: Dataset[Any] | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
+        _check_item(train_dataset)
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.test_dataset = test_dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.plan = CoresetPlan()
+        self.steps_per_epoch: int | None = None
+        self._labels: Tensor | None = None
+
+    @property
+    def labels(self) -> Tensor:
+        """``(n,)`` int64 class of every training example."""
+        if self._labels is None:
+            self._labels = _read_labels(self.train_dataset)
+        return self._labels
+
+    def use_plan(self, steps_per_epoch: int | None) -> None:
+        """Serve ``steps_per_epoch`` batches per epoch from :attr:`plan` (``None``: plain full epochs)."""
+        self.steps_per_epoch = steps_per_epoch
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches the training loader may request ahead of the step being trained."""
+        return 2 * self.num_workers
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        trainer = self.trainer
+        num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        planned = self.steps_per_epoch is not None
+        sampler = CoresetSampler(
+            self.train_dataset,
+            self.batch_size,
+            num_replicas=num_replicas,
+            rank=rank,
+            plan=self.plan if planned else None,
+            steps_per_epoch=self.steps_per_epoch,
+            seed=self.seed,
+        )
+        return DataLoader(
+            WeightedDataset(self.train_dataset),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._eval_loader(self.val_dataset, "val_dataset")
+
+    @override
+    def test_dataloader(self) -> DataLoader[Any]:
+        return self._eval_loader(self.test_dataset, "test_dataset")
+
+    def fetch(self, indices: Sequence[int]) -> Any:
+        """Collate the training items at ``indices`` into one ``(inputs, targets)`` batch on the CPU."""
+        getitems = getattr(self.train_dataset, "__getitems__", None)
+        items = getitems(list(indices)) if getitems is not None else [self.train_dataset[i] for i in indices]
+        return default_collate(items)
+
+    def _eval_loader(self, dataset: Dataset[Any] | None, name: str) -> DataLoader[Any]:
+        if dataset is None:
+            raise MisconfigurationException(f"CrestDataModule was created without a `{name}`.")
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def _check_item(dataset: Dataset[Any]) -> None:
+    try:
+        size = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"`train_dataset` must be a map-style dataset with a length, got {type(dataset).__name__}."
+        ) from None
+    if size == 0:
+        raise ValueError("`train_dataset` is empty.")
+    item = dataset[0]
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            f"`train_dataset` items must be (input, target) pairs, got {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+            + " for item 0. Wrap the dataset so that it returns (input, target)."
+        )
+    target = item[1]
+    if isinstance(target, Tensor):
+        integer = target.numel() == 1 and not target.is_floating_point() and target.dtype != torch.bool
+    else:
+        integer = isinstance(target, int) and not isinstance(target, bool)
+    if not integer:
+        raise TypeError(
+            f"`train_dataset` targets must be integer class indices, got {target!r} for item 0. "
+            "CREST selects within classes."
+        )
+
+
+def _read_labels(dataset: Dataset[Any]) -> Tensor:
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    labels = torch.as_tensor(targets)
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
+        raise TypeError(
+            f"`train_dataset.targets` must be a 1-d sequence of integer classes, got dtype {labels.dtype} and "
+            f"shape {tuple(labels.shape)}."
+        )
+    if int(labels.min()) < 0:
+        raise ValueError(f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}.")
+    return labels.long()

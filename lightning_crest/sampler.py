@@ -1,0 +1,138 @@
+"""The sampler that serves whole weighted mini-batch coresets, a fixed number per epoch."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
+
+# What the sampler yields for one example: its position in the training set and its weight.
+Key = tuple[int, float]
+
+
+class CoresetPlan:
+    """The global batches still to be trained on, in order.
+
+    :class:`~lightning_crest.CrestCallback` writes it, :class:`CoresetSampler` reads it one global batch per step.
+    Reading is lazy, so a new selection applies from the next batch the data loader asks for. When the sampler
+    finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch.
+    """
+
+    def __init__(self) -> None:
+        self._batches: deque[tuple[Tensor, Tensor]] = deque()
+        self.refill: Callable[[int], None] | None = None
+        self.served = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def replace(self, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
+        """Drop the batches not yet served and queue ``batches``: ``(indices, weights)`` pairs, ``(B,)`` each."""
+        self._batches.clear()
+        self._batches.extend((idx.cpu(), w.cpu()) for idx, w in batches)
+
+    def pending(self) -> list[tuple[Tensor, Tensor]]:
+        """The batches not yet served, oldest first."""
+        return list(self._batches)
+
+    def next(self, steps_left: int) -> tuple[Tensor, Tensor]:
+        """The next global batch; refills the plan first when it is empty."""
+        if not self._batches and self.refill is not None:
+            self.refill(steps_left)
+        if not self._batches:
+            raise RuntimeError(
+                "The coreset plan is empty: CrestDataModule serves coresets only while a CrestCallback is "
+                "attached to the Trainer that uses it."
+            )
+        self.served += 1
+        return self._batches.popleft()
+
+
+class CoresetSampler(DistributedSampler[Key]):
+    """Serves ``(index, weight)`` keys: whole coresets from a :class:`CoresetPlan`, or plain shuffled epochs.
+
+    With a plan, an epoch is exactly ``steps_per_epoch`` batches of ``batch_size`` keys per process. Each global
+    batch (``num_replicas * batch_size`` examples) comes from the plan and process ``rank`` takes its contiguous
+    share, so every process trains on a disjoint part of the same coreset. Without a plan it behaves like
+    :class:`~torch.utils.data.DistributedSampler` over the whole dataset with weight 1.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` so that Lightning keeps it as it is under
+    distributed strategies instead of wrapping it.
+
+    Args:
+        dataset: The training set (only its length is used).
+        batch_size: Examples per process and step.
+        num_replicas: Number of processes.
+        rank: This process's rank.
+        plan: Where the batches come from; ``None`` for plain shuffled epochs.
+        steps_per_epoch: Batches per epoch when ``plan`` is given.
+        shuffle: Shuffle plain epochs.
+        seed: Seed of the plain shuffle.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        batch_size: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        plan: CoresetPlan | None = None,
+        steps_per_epoch: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        if plan is not None and (steps_per_epoch is None or steps_per_epoch < 1):
+            raise ValueError(f"`steps_per_epoch` must be a positive int with a plan, got {steps_per_epoch!r}.")
+        self.batch_size = batch_size
+        self.plan = plan
+        self.steps_per_epoch = steps_per_epoch
+
+    def __len__(self) -> int:
+        if self.plan is None:
+            return super().__len__()
+        assert self.steps_per_epoch is not None
+        return self.steps_per_epoch * self.batch_size
+
+    def __iter__(self) -> Iterator[Key]:
+        if self.plan is None:
+            for index in super().__iter__():
+                yield index, 1.0
+            return
+        assert self.steps_per_epoch is not None
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        for step in range(self.steps_per_epoch):
+            indices, weights = self.plan.next(self.steps_per_epoch - step)
+            if len(indices) != self.num_replicas * self.batch_size:
+                raise RuntimeError(
+                    f"A planned batch holds {len(indices)} examples, expected {self.num_replicas} processes x "
+                    f"{self.batch_size}."
+                )
+            yield from zip(indices[share].tolist(), weights[share].tolist())
+
+
+class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
+    """Reads ``(input, target)`` items by the sampler's ``(index, weight)`` keys and appends the weight."""
+
+    def __init__(self, dataset: Dataset[Any]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Key) -> tuple[Any, Any, Tensor]:
+        index, weight = key
+        inputs, target = self.dataset[index]
+        return inputs, target, torch.tensor(weight, dtype=torch.float32)
+
+    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, Any, Tensor]]:
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is None:
+            return [self[key] for key in keys]
+        items = getitems([index for index, _ in keys])
+        return [(x, y, torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, keys)]
