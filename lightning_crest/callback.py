@@ -76,6 +76,14 @@ class CrestCallback(Callback):
         trainer.fit(model, datamodule=CrestDataModule(train_set, val_set, batch_size=128))
     """
 
+    _trainer: L.Trainer | None
+    _module: L.LightningModule | None
+    _dm: CrestDataModule
+    _pool: Tensor | None
+    _check_batches: list[Any] | None
+    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int] | None
+    _last_drop_epoch: int
+
     def __init__(
         self,
         fraction: float = 0.1,
@@ -99,7 +107,9 @@ class CrestCallback(Callback):
     ) -> None:
         _check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
-            raise ValueError(f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}.")
+            raise ValueError(
+                f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}."
+            )
         if isinstance(random_subset_size, float):
             _check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
         elif random_subset_size < 1:
@@ -173,10 +183,15 @@ class CrestCallback(Callback):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if self._dropping and epoch > 0 and epoch % self.drop_interval == 0 and epoch != self._last_drop_epoch:
+        if (
+            self._dropping
+            and epoch > 0
+            and epoch % self.drop_interval == 0
+            and epoch != self._last_drop_epoch
+        ):
             self._drop_learned_examples()
             self._last_drop_epoch = epoch
-        if len(self._dm.plan) == 0:
+        if self.selection == "random" or len(self._dm.plan) == 0:
             self._select(self._steps_per_epoch)
 
     @override
@@ -193,17 +208,19 @@ class CrestCallback(Callback):
         if not self._weights_checked:
             self._check_weights_used(batch)
         self._steps_since_selection += 1
-        steps_left = self._steps_per_epoch - batch_idx - 1
-        drifted = self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check()
-        if steps_left > 0 and (drifted or len(self._dm.plan) == 0):
-            self._select(steps_left)
+        if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
+            steps_left = self._steps_per_epoch - batch_idx - 1
+            if steps_left > 0:
+                self._select(steps_left)
+            else:  # the next epoch starts with a selection
+                self._dm.plan.replace([])
         self._log(pl_module)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._pool is None:
             return {}
-        pending = self._dm.plan.pending() if self._dm is not None else []
+        plan = self._dm.plan
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -219,8 +236,9 @@ class CrestCallback(Callback):
             "selection_time": self._selection_time,
             "last_drop_epoch": self._last_drop_epoch,
             "weights_checked": self._weights_checked,
-            "plan_indices": [idx for idx, _ in pending],
-            "plan_weights": [w for _, w in pending],
+            "plan_indices": [idx for idx, _ in plan.batches],
+            "plan_weights": [w for _, w in plan.batches],
+            "plan_cursor": plan.cursor,
         }
 
     @override
@@ -244,9 +262,12 @@ class CrestCallback(Callback):
         self._selection_time = float(state_dict["selection_time"])
         self._last_drop_epoch = int(state_dict["last_drop_epoch"])
         self._weights_checked = bool(state_dict["weights_checked"])
-        self._pending = list(zip(state_dict["plan_indices"], state_dict["plan_weights"]))
+        self._restored_plan = (
+            list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
+            int(state_dict["plan_cursor"]),
+        )
         if self._dm is not None:
-            self._dm.plan.replace(self._pending)
+            self._dm.plan.replace(*self._restored_plan)
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned processes: torch.Generator objects do not pickle, and the Trainer travels separately.
@@ -263,10 +284,10 @@ class CrestCallback(Callback):
     # --- setup ---------------------------------------------------------------------------------------------
 
     def _reset_state(self) -> None:
-        self._trainer: L.Trainer | None = None
-        self._module: L.LightningModule | None = None
-        self._dm: CrestDataModule = None  # type: ignore[assignment]
-        self._pool: Tensor | None = None
+        self._trainer = None
+        self._module = None
+        self._dm = None  # type: ignore[assignment]
+        self._pool = None
         self._window_max_loss = torch.empty(0)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._quadratic = QuadraticModel()
@@ -276,17 +297,17 @@ class CrestCallback(Callback):
         self._checks = 0
         self._steps_since_selection = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
-        self._check_batches: list[Any] | None = None
+        self._check_batches = None
         self._rho = math.nan
         self._selection_time = 0.0
         self._crest_time = 0.0
         self._fit_start = time.perf_counter()
         self._last_drop_epoch = -1
         self._weights_checked = False
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        self._restored_plan = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = trainer.datamodule
+        dm = getattr(trainer, "datamodule", None)
         if not isinstance(dm, CrestDataModule):
             raise TypeError(
                 "CrestCallback needs its batches from a CrestDataModule: call "
@@ -311,7 +332,9 @@ class CrestCallback(Callback):
         n = len(labels)
         global_batch = dm.batch_size * trainer.world_size
         if n < global_batch:
-            raise ValueError(f"The training set has {n} examples, fewer than one global batch of {global_batch}.")
+            raise ValueError(
+                f"The training set has {n} examples, fewer than one global batch of {global_batch}."
+            )
         subset = self._subset_size(n, global_batch)
         num_classes = int(labels.max()) + 1
         if self.selection == "crest" and int((torch.bincount(labels) > 0).sum()) > global_batch:
@@ -331,7 +354,8 @@ class CrestCallback(Callback):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
         self._pool_size = int(self._pool.sum())
-        dm.plan.replace(self._pending)
+        if self._restored_plan is not None:
+            dm.plan.replace(*self._restored_plan)
 
     def _subset_size(self, n: int, global_batch: int) -> int:
         if isinstance(self.random_subset_size, float):
@@ -350,15 +374,14 @@ class CrestCallback(Callback):
     # --- selection -----------------------------------------------------------------------------------------
 
     def _select(self, steps_left: int) -> None:
-        """Plan the next ``min(P, steps_left)`` global batches and, for CREST, build the quadratic model."""
+        """Plan new batches: ``P`` coresets and a new quadratic model, or random batches for the epoch's rest."""
         assert self._pool is not None
         with self._timed(selection=True):
-            count = min(self._num_coresets, steps_left) if self.selection == "crest" else steps_left
             if self.selection == "random":
-                batches = self._draw(count, self._global_batch).unbind(0)
+                batches = self._draw(steps_left, self._global_batch).unbind(0)
                 self._dm.plan.replace([(b, torch.ones(len(b))) for b in batches])
             else:
-                self._select_coresets(count)
+                self._select_coresets(self._num_coresets)
             self._selections += 1
             self._steps_since_selection = 0
 
@@ -418,17 +441,17 @@ class CrestCallback(Callback):
     def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes."""
         trainer, module = self._trainer, self._module
-        assert trainer is not None and module is not None
+        assert trainer is not None
+        assert module is not None
         mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
-        batches = [self._dm.fetch(chunk.tolist()) for chunk in mine.split(self._dm.eval_batch_size)]
+        batches = [self._dm.fetch(chunk.tolist()) for chunk in torch.split(mine, self._dm.eval_batch_size)]
         logits, losses = self._evaluate(batches)
-        return gather_shares(trainer.strategy, logits, len(indices)), gather_shares(
-            trainer.strategy, losses, len(indices)
-        )
+        return gather_shares(trainer, logits, len(indices)), gather_shares(trainer, losses, len(indices))
 
     def _evaluate(self, batches: list[Any]) -> tuple[Tensor, Tensor]:
         trainer, module = self._trainer, self._module
-        assert trainer is not None and module is not None
+        assert trainer is not None
+        assert module is not None
         all_logits, all_losses = [], []
         with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context():
             for batch in batches:
@@ -460,13 +483,16 @@ class CrestCallback(Callback):
         assert self._module is not None
         if self.hessian_params == "all":
             return [p for p in self._module.parameters() if p.requires_grad]
-        owners = [m for m in self._module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        owners = [
+            m for m in self._module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
         return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad]
 
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
         """Update the smoothed gradient and Hessian on the new coresets and anchor the model here."""
         trainer, module = self._trainer, self._module
-        assert trainer is not None and module is not None
+        assert trainer is not None
+        assert module is not None
         params = self._model_parameters()
         probes = len(coresets) if self.hessian_probes is None else min(self.hessian_probes, len(coresets))
         mine = share(self._global_batch, trainer.global_rank, trainer.world_size)
@@ -475,14 +501,16 @@ class CrestCallback(Callback):
             with _eval_mode(module), torch.enable_grad():
                 logits = self._logits(module, inputs, targets)
                 batch_loss = (weight[mine].to(module.device) * self.per_example_loss(logits, targets)).mean()
-                grads = torch.autograd.grad(batch_loss, params, create_graph=self.second_order, allow_unused=True)
+                grads = torch.autograd.grad(
+                    batch_loss, params, create_graph=self.second_order, allow_unused=True
+                )
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
                 if self.second_order:
                     curvature = hutchinson_diagonal(grads, params, self._generator)
                 else:
                     curvature = [torch.zeros_like(p) for p in params]
-            flat_grad = mean_over_processes(trainer.strategy, torch.cat([g.detach().flatten() for g in grads]))
-            flat_curv = mean_over_processes(trainer.strategy, torch.cat([h.flatten() for h in curvature]))
+            flat_grad = mean_over_processes(trainer, torch.cat([g.detach().flatten() for g in grads]))
+            flat_curv = mean_over_processes(trainer, torch.cat([h.flatten() for h in curvature]))
             self._quadratic.update([flat_grad], [flat_curv])
         self._quadratic.anchor(params, loss)
 
@@ -494,9 +522,11 @@ class CrestCallback(Callback):
             indices = self._check_indices
             if self._check_batches is None:
                 mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
-                self._check_batches = [self._dm.fetch(c.tolist()) for c in mine.split(self._dm.eval_batch_size)]
+                self._check_batches = [
+                    self._dm.fetch(c.tolist()) for c in torch.split(mine, self._dm.eval_batch_size)
+                ]
             _, losses = self._evaluate(self._check_batches)
-            losses = gather_shares(trainer.strategy, losses, len(indices))
+            losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
             actual = float(losses.mean())
             if not math.isfinite(actual):
@@ -528,7 +558,7 @@ class CrestCallback(Callback):
             # Most learned first, within each class's room above its floor, then within the global room.
             rank_in_class = torch.zeros_like(candidates)
             cls = self._labels[candidates]
-            for c in cls.unique().tolist():
+            for c in torch.unique(cls).tolist():
                 mask = cls == c
                 rank_in_class[mask] = torch.arange(int(mask.sum()))
             dropped = candidates[rank_in_class < room[cls]]
@@ -603,7 +633,11 @@ def _is_weighted_batch(batch: Any) -> bool:
 
 
 def _check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) and high != math.inf:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (not math.isfinite(value) and high != math.inf)
+    ):
         raise ValueError(f"`{name}` must be a number, got {value!r}.")
     too_low = value <= low if low_open else value < low
     if too_low or value > high or math.isnan(value):

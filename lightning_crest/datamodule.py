@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
@@ -183,5 +183,7 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
             f"shape {tuple(labels.shape)}."
         )
     if int(labels.min()) < 0:
-        raise ValueError(f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}.")
+        raise ValueError(
+            f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}."
+        )
     return labels.long()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lightning.pytorch.strategies import Strategy
+import lightning as L
 from torch import Tensor
 
 
@@ -14,24 +14,24 @@ def share(total: int, rank: int, world_size: int) -> slice:
     return slice(min(rank * size, total), min((rank + 1) * size, total))
 
 
-def gather_shares(strategy: Strategy, rows: Tensor, total: int) -> Tensor:
+def gather_shares(trainer: L.Trainer, rows: Tensor, total: int) -> Tensor:
     """Concatenate every process's :func:`share` of ``total`` rows in rank order; identical on every process.
 
     Shares differ in size when ``total`` is not a multiple of the process count, so each is padded to the
     largest before the gather and the padding is cut afterwards.
     """
-    world_size = strategy.world_size
+    world_size = trainer.world_size
     if world_size == 1:
         return rows
     size = math.ceil(total / world_size)
     padded = rows.new_zeros((size, *rows.shape[1:]))
     padded[: len(rows)] = rows
-    gathered = strategy.all_gather(padded)
+    gathered = trainer.strategy.all_gather(padded)
     return gathered.reshape(world_size * size, *rows.shape[1:])[:total]
 
 
-def mean_over_processes(strategy: Strategy, value: Tensor) -> Tensor:
+def mean_over_processes(trainer: L.Trainer, value: Tensor) -> Tensor:
     """Average ``value`` over processes (identity with one)."""
-    if strategy.world_size == 1:
+    if trainer.world_size == 1:
         return value
-    return strategy.reduce(value, reduce_op="mean")
+    return trainer.strategy.reduce(value, reduce_op="mean")

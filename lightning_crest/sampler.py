@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -15,41 +14,39 @@ Key = tuple[int, float]
 
 
 class CoresetPlan:
-    """The global batches still to be trained on, in order.
+    """The coresets of the current selection, served round-robin until the next selection replaces them.
 
-    :class:`~lightning_crest.CrestCallback` writes it, :class:`CoresetSampler` reads it one global batch per step.
-    Reading is lazy, so a new selection applies from the next batch the data loader asks for. When the sampler
-    finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch.
+    :class:`~lightning_crest.CrestCallback` writes it, :class:`CoresetSampler` reads one global batch per step.
+    CREST trains on the same ``P`` coresets, in turn, for as long as its quadratic model says they still describe
+    the loss. Reading is lazy, so a new selection applies from the next batch the data loader asks for. When the
+    sampler finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch.
     """
 
     def __init__(self) -> None:
-        self._batches: deque[tuple[Tensor, Tensor]] = deque()
+        self.batches: list[tuple[Tensor, Tensor]] = []
+        self.cursor = 0
         self.refill: Callable[[int], None] | None = None
-        self.served = 0
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return len(self.batches)
 
-    def replace(self, batches: Sequence[tuple[Tensor, Tensor]]) -> None:
-        """Drop the batches not yet served and queue ``batches``: ``(indices, weights)`` pairs, ``(B,)`` each."""
-        self._batches.clear()
-        self._batches.extend((idx.cpu(), w.cpu()) for idx, w in batches)
-
-    def pending(self) -> list[tuple[Tensor, Tensor]]:
-        """The batches not yet served, oldest first."""
-        return list(self._batches)
+    def replace(self, batches: Sequence[tuple[Tensor, Tensor]], cursor: int = 0) -> None:
+        """Serve ``batches``, ``(indices, weights)`` pairs of shape ``(B,)``, from now on, starting at ``cursor``."""
+        self.batches = [(idx.cpu(), w.cpu()) for idx, w in batches]
+        self.cursor = cursor
 
     def next(self, steps_left: int) -> tuple[Tensor, Tensor]:
         """The next global batch; refills the plan first when it is empty."""
-        if not self._batches and self.refill is not None:
+        if not self.batches and self.refill is not None:
             self.refill(steps_left)
-        if not self._batches:
+        if not self.batches:
             raise RuntimeError(
                 "The coreset plan is empty: CrestDataModule serves coresets only while a CrestCallback is "
                 "attached to the Trainer that uses it."
             )
-        self.served += 1
-        return self._batches.popleft()
+        batch = self.batches[self.cursor % len(self.batches)]
+        self.cursor += 1
+        return batch
 
 
 class CoresetSampler(DistributedSampler[Key]):
@@ -88,7 +85,9 @@ class CoresetSampler(DistributedSampler[Key]):
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         if plan is not None and (steps_per_epoch is None or steps_per_epoch < 1):
-            raise ValueError(f"`steps_per_epoch` must be a positive int with a plan, got {steps_per_epoch!r}.")
+            raise ValueError(
+                f"`steps_per_epoch` must be a positive int with a plan, got {steps_per_epoch!r}."
+            )
         self.batch_size = batch_size
         self.plan = plan
         self.steps_per_epoch = steps_per_epoch
@@ -101,7 +100,7 @@ class CoresetSampler(DistributedSampler[Key]):
 
     def __iter__(self) -> Iterator[Key]:
         if self.plan is None:
-            for index in super().__iter__():
+            for index in cast(Iterator[int], super().__iter__()):
                 yield index, 1.0
             return
         assert self.steps_per_epoch is not None

@@ -55,7 +55,9 @@ def test_matches_exhaustive_greedy_and_bound(n: int, budget: int, seed: int, sim
     optimum = max(_objective(sim, s) for s in itertools.combinations(range(n), budget))
     value = _objective(sim, selection.indices.tolist())
     assert value >= (1 - 1 / math.e) * optimum - 1e-12
-    assert value == pytest.approx(facility_location_objective(points, selection.indices, similarity=similarity))
+    assert value == pytest.approx(
+        facility_location_objective(points, selection.indices, similarity=similarity)
+    )
     # Gains are the increments of the objective along the pick order.
     prefix = [_objective(sim, selection.indices[: t + 1].tolist()) for t in range(budget)]
     assert selection.gains.double().numpy() == pytest.approx(np.diff([0.0, *prefix]), rel=1e-6)

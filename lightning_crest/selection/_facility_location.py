@@ -33,6 +33,11 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 # The dense path holds two (n, n) blocks per (pool, class); above this it asks for `knn` instead of swapping.
 MAX_DENSE_BYTES = 2 * 1024**3
 
+# The dense greedy turns lazy (see `_greedy_steps`) on blocks with at least this many similarities in all,
+# evaluating this many candidates per block and step.
+LAZY_MIN_ELEMENTS = 2**18
+LAZY_CANDIDATES = 8
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -77,7 +82,9 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
     leftover = budget - base.sum(-1, keepdim=True)
     # Rank classes by remainder (stable sort keeps lower class indices first on ties).
     order = torch.sort(remainder, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(counts.shape[-1]).expand_as(order).contiguous())
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(counts.shape[-1]).expand_as(order).contiguous()
+    )
     budgets = base + (rank < leftover).long()
     starved = (counts > 0) & (budgets == 0)
     if bool(starved.any()):
@@ -133,11 +140,24 @@ def facility_location(
         classes = torch.zeros(pools.shape[:2], dtype=torch.long, device=pools.device)
     else:
         classes = (labels if batched else labels.unsqueeze(0)).long()
+    # Classes are counted once per call: (pool, class) pairs get flat ids pool * C + class.
+    num_classes = int(classes.max()) + 1
+    offsets = num_classes * torch.arange(classes.shape[0], device=classes.device).unsqueeze(1)
+    flat_ids = (classes + offsets).flatten()
+    counts = torch.bincount(flat_ids, minlength=classes.shape[0] * num_classes).view(-1, num_classes)
+    present = int((counts > 0).sum(1).max())
+    if present > budget:
+        raise ValueError(
+            f"`budget`={budget} is smaller than the {present} classes present in a pool; every "
+            f"class needs at least one pick so that each point has a pick of its own class. Raise the budget."
+        )
     if knn is None:
-        result = _dense_selection(pools, classes, budget, similarity)
+        result = _dense_selection(pools, flat_ids, counts, budget, similarity)
     else:
         search = get_backend(backend, device=pools.device, pool_size=pools.shape[1])
-        parts = [_sparse_selection(pool, cls, budget, similarity, knn, search) for pool, cls in zip(pools, classes)]
+        parts = [
+            _sparse_selection(pool, cls, budget, similarity, knn, search) for pool, cls in zip(pools, classes)
+        ]
         result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
     if batched:
         return result
@@ -163,7 +183,7 @@ def facility_location_objective(
     picked = torch.zeros(len(features), dtype=torch.bool)
     picked[indices.cpu()] = True
     total = 0.0
-    for cls in labels.unique().tolist():
+    for cls in torch.unique(labels).tolist():
         members = torch.nonzero(labels == cls).flatten()
         dist = torch.cdist(features[members], features[members])
         sim = _similarity(dist, dist.amax(), similarity, features.shape[1])
@@ -188,15 +208,14 @@ def _dense_selection(pools: Tensor, classes: Tensor, budget: int, similarity: st
     num_pools, r, dim = pools.shape
     device = pools.device
     num_classes = int(classes.max()) + 1
-    counts = torch.zeros(num_pools, num_classes, dtype=torch.long, device=device)
-    counts.scatter_add_(1, classes, torch.ones_like(classes))
-    budgets = class_budgets(counts.cpu(), budget).to(device)
-
-    # One block per (pool, class) that has picks; every non-empty class has at least one.
-    block_pool, block_class = torch.nonzero(budgets, as_tuple=True)
-    num_blocks = len(block_pool)
-    block_of = torch.full((num_pools, num_classes), -1, dtype=torch.long, device=device)
-    block_of[block_pool, block_class] = torch.arange(num_blocks, device=device)
+    # Every (pool, class) pair gets a flat id; the non-empty ones are the blocks, in (pool, class) order.
+    flat_ids = (classes + num_classes * torch.arange(num_pools, device=device).unsqueeze(1)).flatten()
+    counts = torch.bincount(flat_ids, minlength=num_pools * num_classes)
+    budgets = class_budgets(counts.view(num_pools, num_classes).cpu(), budget).to(device)
+    # Every class present has a pick (class_budgets), so the blocks are exactly the non-empty classes.
+    nonempty = counts > 0
+    block_ids = torch.nonzero(nonempty).flatten()
+    num_blocks = len(block_ids)
     size = int(counts.max())
     if 2 * num_blocks * size * size * pools.element_size() > MAX_DENSE_BYTES:
         raise ValueError(
@@ -205,70 +224,131 @@ def _dense_selection(pools: Tensor, classes: Tensor, budget: int, similarity: st
             f"knn=32) to use a sparse nearest-neighbour similarity instead."
         )
 
-    # Lay every point into its block: members[block, slot] = position in its pool, -1 for padding.
-    sorted_classes, order = torch.sort(classes, dim=1, stable=True)
-    starts = counts.cumsum(1) - counts
-    slot = torch.arange(r, device=device).expand(num_pools, r) - starts.gather(1, sorted_classes)
-    members = torch.full((num_blocks, size), -1, dtype=torch.long, device=device)
-    members[block_of.gather(1, sorted_classes), slot] = order
-    valid = members >= 0
-    points = pools[block_pool.unsqueeze(1), members.clamp(min=0)] * valid.unsqueeze(2)
+    # Lay every point into its block: members[block, slot] = position in its pool. Padding slots repeat the
+    # block's first member, so that they leave the block's distances (and diameter) unchanged.
+    sorted_ids, order = torch.sort(flat_ids, stable=True)
+    block_of = torch.cumsum(nonempty, 0) - 1
+    slot = torch.arange(num_pools * r, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_ids]
+    flat_slots = block_of[sorted_ids] * size + slot
+    members = order.new_zeros(num_blocks * size).index_put_((flat_slots,), order)
+    valid = torch.zeros(num_blocks * size, dtype=torch.bool, device=device).index_put_(
+        (flat_slots,), torch.ones((), dtype=torch.bool, device=device)
+    )
+    members, valid = members.view(num_blocks, size), valid.view(num_blocks, size)
+    members = torch.where(valid, members, members[:, :1])
+    points = pools.reshape(num_pools * r, dim)[members]
+    members = members % r
 
-    pair_valid = valid.unsqueeze(2) & valid.unsqueeze(1)
-    dist = torch.cdist(points, points).masked_fill_(~pair_valid, 0.0)
-    sim = _similarity(dist, dist.amax(dim=(1, 2), keepdim=True), similarity, dim).masked_fill_(~pair_valid, 0.0)
-    del dist
+    # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns are zero, so a padded
+    # candidate has no gain and a padded point adds none.
+    dist = torch.cdist(points, points)
+    if similarity == "distance":
+        sim = torch.sub(dist.amax(dim=(1, 2), keepdim=True), dist, out=dist)
+    else:
+        sim = dist.div_(-dim).exp_()
+    padding = ~valid
+    sim.masked_fill_(padding.unsqueeze(1), 0.0).masked_fill_(padding.unsqueeze(2), 0.0)
 
-    block_budgets = budgets[block_pool, block_class]
+    block_budgets = budgets.flatten()[block_ids]
     picks, gains = _dense_greedy(sim, valid, block_budgets)
     weights = _cluster_sizes(sim, valid, picks, gains)
 
     # Back to (pool, class, step) layout, then to pool positions in greedy order.
     steps = picks.shape[1]
-    shape = (num_pools, num_classes, steps)
-    full_gains = torch.full(shape, -torch.inf, dtype=gains.dtype, device=device)
-    full_gains[block_pool, block_class] = gains
-    full_indices = torch.zeros(shape, dtype=torch.long, device=device)
-    full_indices[block_pool, block_class] = members.gather(1, picks)
-    full_weights = torch.zeros(shape, dtype=weights.dtype, device=device)
-    full_weights[block_pool, block_class] = weights
-    return _greedy_order(full_indices, full_weights, full_gains, budget)
+    shape = (num_pools * num_classes, steps)
+    full_gains = gains.new_full(shape, -torch.inf).index_copy_(0, block_ids, gains)
+    full_indices = picks.new_zeros(shape).index_copy_(0, block_ids, members.gather(1, picks))
+    full_weights = weights.new_zeros(shape).index_copy_(0, block_ids, weights)
+    shape3 = (num_pools, num_classes, steps)
+    return _greedy_order(
+        full_indices.view(shape3), full_weights.view(shape3), full_gains.view(shape3), budget
+    )
 
 
 def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
-    """Naive exact greedy on ``(K, n, n)`` symmetric similarity blocks with per-block budgets.
+    """Exact greedy on ``(K, n, n)`` similarity blocks, ``sim[b, j, i]`` = how well ``j`` covers ``i``.
+
+    All blocks are advanced together, one pick per block and step, up to the largest budget; a block whose own
+    budget is spent keeps picking and the extra picks are discarded at the end. ``sim`` must be zero in padded
+    rows and columns (``valid`` false).
 
     Returns ``(K, max budget)`` picks (slots in the block) and gains, ``-inf`` where a block's budget is spent.
     """
-    num_blocks, size, _ = sim.shape
     steps = int(budgets.max())
+    picks, gains = _greedy_steps(sim, valid, budgets, steps, lazy=_use_lazy(sim))
+    spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
+    # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
+    # argmax can only return one when every gain of the block is zero. The masked greedy settles those cases.
+    if bool((gains <= 0).logical_and_(~spent).any()):
+        picks, gains = _greedy_steps(sim, valid, budgets, steps, lazy=False, mask=True)
+    return picks, gains.masked_fill_(spent, -torch.inf)
+
+
+def _use_lazy(sim: Tensor) -> bool:
+    """The lazy step pays a few more tensor operations to touch ``LAZY_CANDIDATES / n`` of each block."""
+    num_blocks, size, _ = sim.shape
+    return size > 2 * LAZY_CANDIDATES and num_blocks * size * size >= LAZY_MIN_ELEMENTS
+
+
+def _greedy_steps(
+    sim: Tensor, valid: Tensor, budgets: Tensor, steps: int, *, lazy: bool, mask: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Run ``steps`` greedy steps on every block; returns ``(K, steps)`` picks and gains.
+
+    The gain of ``j`` is ``sum_i max(s_ji - c_i, 0)`` with ``c`` the current coverage, computed directly rather
+    than as a difference of two large sums so that small late gains keep their precision.
+
+    * naive (``lazy=False``): every gain is recomputed at every step. Without ``mask`` picked and padded
+      candidates are not excluded: their gain is exactly zero, so the argmax skips them unless every gain is
+      zero (the caller checks). With ``mask`` they get ``-inf``.
+    * lazy: gains only decrease, so stale gains are upper bounds. Each step evaluates the exact gain of the
+      ``LAZY_CANDIDATES`` candidates of largest bound only and accepts the best of them (lowest index on a tie)
+      when it beats the next bound strictly: then no other candidate can reach it. Otherwise, in any block
+      that still has budget, the step recomputes every gain as the naive greedy does.
+    """
+    num_blocks, size, _ = sim.shape
     rows = torch.arange(num_blocks, device=sim.device)
-    coverage = torch.zeros(num_blocks, size, dtype=sim.dtype, device=sim.device)
-    blocked = ~valid
+    coverage = sim.new_zeros(num_blocks, size)
     scratch = torch.empty_like(sim)
-    picks = torch.zeros(num_blocks, steps, dtype=torch.long, device=sim.device)
-    gains = torch.full((num_blocks, steps), -torch.inf, dtype=sim.dtype, device=sim.device)
+    # -inf on the candidates that may not be picked: padded ones, and those already picked.
+    excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf)
+    bounds = excluded
+    candidates = min(LAZY_CANDIDATES, size - 1)
+    pick_list: list[Tensor] = []
+    gain_list: list[Tensor] = []
     for step in range(steps):
-        # gain_j = sum_i max(s_ij - coverage_i, 0): computed directly, not as a difference of two large sums,
-        # so that the small late gains keep their precision.
-        torch.sub(sim, coverage.unsqueeze(2), out=scratch).clamp_(min=0)
-        gain = scratch.sum(dim=1).masked_fill_(blocked, -torch.inf)
-        best_gain, best = gain.max(dim=1)
-        active = budgets > step
-        picks[:, step] = best
-        gains[:, step] = best_gain.masked_fill(~active, -torch.inf)
-        blocked[rows, best] = True
-        covered = sim[rows, :, best]
-        coverage = torch.where(active.unsqueeze(1), torch.maximum(coverage, covered), coverage)
-    return picks, gains
+        full = True
+        if lazy and step > 0:
+            top_bounds, top = bounds.topk(candidates + 1, dim=1)
+            top = top[:, :candidates]
+            exact = torch.sub(sim[rows.unsqueeze(1), top], coverage.unsqueeze(1)).clamp_(min=0).sum(dim=2)
+            bounds.scatter_(1, top, exact)
+            best_gain, best = bounds.max(dim=1)
+            full = not bool(((best_gain > top_bounds[:, candidates]) | (budgets <= step)).all())
+        if full:
+            torch.sub(sim, coverage.unsqueeze(1), out=scratch).clamp_(min=0)
+            gain = scratch.sum(dim=2)
+            if lazy:
+                bounds = gain.masked_fill_(bounds.isneginf(), -torch.inf)
+                gain = bounds
+            elif mask:
+                gain.add_(excluded)
+            best_gain, best = gain.max(dim=1)
+        if lazy:
+            bounds[rows, best] = -torch.inf
+        elif mask:
+            excluded[rows, best] = -torch.inf
+        torch.maximum(coverage, sim[rows, best], out=coverage)
+        pick_list.append(best)
+        gain_list.append(best_gain)
+    return torch.stack(pick_list, dim=1), torch.stack(gain_list, dim=1)
 
 
 def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> Tensor:
     """Number of valid points whose most similar pick (earliest on a tie) is each pick."""
-    size = sim.shape[1]
-    to_picks = sim.gather(2, picks.unsqueeze(1).expand(-1, size, -1))
-    to_picks.masked_fill_(torch.isinf(gains).unsqueeze(1), -torch.inf)
-    owner = to_picks.argmax(dim=2)
+    rows = torch.arange(len(sim), device=sim.device).unsqueeze(1)
+    to_points = sim[rows, picks].masked_fill_(torch.isinf(gains).unsqueeze(2), -torch.inf)
+    owner = to_points.argmax(dim=1)
     weights = torch.zeros(picks.shape, dtype=torch.float32, device=sim.device)
     return weights.scatter_add_(1, owner, valid.float())
 
@@ -367,16 +447,24 @@ def _validate(
 ) -> None:
     if not isinstance(features, Tensor) or not features.is_floating_point():
         kind = f"dtype {features.dtype}" if isinstance(features, Tensor) else type(features).__name__
-        raise TypeError(f"`features` must be a floating-point tensor of shape (r, d) or (P, r, d), got {kind}.")
+        raise TypeError(
+            f"`features` must be a floating-point tensor of shape (r, d) or (P, r, d), got {kind}."
+        )
     if features.ndim not in (2, 3) or features.shape[-1] == 0 or features.shape[-2] == 0:
-        raise ValueError(f"`features` must have shape (r, d) or (P, r, d) with r, d >= 1, got {tuple(features.shape)}.")
+        raise ValueError(
+            f"`features` must have shape (r, d) or (P, r, d) with r, d >= 1, got {tuple(features.shape)}."
+        )
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
     r = features.shape[-2]
     if not 1 <= budget <= r:
-        raise ValueError(f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}.")
+        raise ValueError(
+            f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
+        )
     if not bool(torch.isfinite(features).all()):
-        raise ValueError("`features` contains NaN or inf values; coresets of non-finite features are meaningless.")
+        raise ValueError(
+            "`features` contains NaN or inf values; coresets of non-finite features are meaningless."
+        )
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
             kind = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
@@ -389,16 +477,8 @@ def _validate(
         if labels.device != features.device:
             raise ValueError(f"`labels` is on {labels.device} but `features` on {features.device}; move one.")
         if bool((labels < 0).any()):
-            raise ValueError(f"`labels` must be non-negative class indices, got a minimum of {int(labels.min())}.")
-        flat = labels.reshape(-1, r).long()
-        counts = torch.zeros(len(flat), int(flat.max()) + 1, device=flat.device).scatter_add_(
-            1, flat, torch.ones(flat.shape, device=flat.device)
-        )
-        present = int((counts > 0).sum(1).max())
-        if present > budget:
             raise ValueError(
-                f"`budget`={budget} is smaller than the {present} classes present in a pool; every "
-                f"class needs at least one pick so that each point has a pick of its own class. Raise the budget."
+                f"`labels` must be non-negative class indices, got a minimum of {int(labels.min())}."
             )
     if similarity not in SIMILARITIES:
         raise ValueError(f"`similarity` must be one of {SIMILARITIES}, got {similarity!r}.")

@@ -1,0 +1,255 @@
+"""Tests for the benchmark datasets, the subset helper and the benchmark models."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+pytest.importorskip("torchvision")
+
+from lightning_crest.benchmark.data import (
+    DATASET_NAMES,
+    InMemoryVisionDataset,
+    LabelledSubset,
+    load_dataset,
+    subset,
+)
+from lightning_crest.benchmark.models import (
+    MODEL_NAMES,
+    SmallCNN,
+    build_model,
+    count_parameters,
+    resnet18,
+    resnet20,
+)
+
+FETCH_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fetch-fashion-mnist"
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory filled by the fetch script; skips when the Debian package is unavailable."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is needed to run scripts/fetch-fashion-mnist")
+    root = tmp_path_factory.mktemp("data")
+    result = subprocess.run(
+        [str(FETCH_SCRIPT), str(root)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    if not all((root / "FashionMNIST" / "raw" / name).is_file() for name in RAW_FILES):
+        pytest.skip(
+            "Fashion-MNIST files unavailable: the Debian package dataset-fashion-mnist is not installed "
+            f"and could not be installed ({result.stderr.strip()})"
+        )
+    return root
+
+
+@pytest.fixture(scope="module")
+def fashion(fashion_dir: Path) -> tuple[Dataset[Any], Dataset[Any], int]:
+    return load_dataset("fashion-mnist", fashion_dir)
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    ("name", "in_channels", "size", "num_classes"),
+    [
+        ("small-cnn", 1, 28, 10),
+        ("small-cnn", 3, 32, 100),
+        ("resnet20", 3, 32, 10),
+        ("resnet18", 3, 32, 100),
+        ("resnet20", 1, 28, 7),
+    ],
+)
+def test_models_return_logits(name: str, in_channels: int, size: int, num_classes: int) -> None:
+    model = build_model(name, num_classes, in_channels, image_size=size)
+    logits = model(torch.randn(3, in_channels, size, size))
+    assert logits.shape == (3, num_classes)
+    assert torch.isfinite(logits).all()
+
+
+def test_model_parameter_counts() -> None:
+    # conv 1->32 5x5 (832) + conv 32->64 5x5 (51,264) + fc 1024->160 (164,000) + fc 160->10 (1,610).
+    assert count_parameters(SmallCNN()) == 217_706
+    # He et al. (2016) report 0.27M for ResNet-20 with option-A shortcuts.
+    assert count_parameters(resnet20()) == 269_722
+    # torchvision's ResNet-18 has 11,689,512; the 3x3 stem and the 10-way head make it ~11.17M.
+    assert count_parameters(resnet18(10)) == 11_173_962
+
+
+def test_small_cnn_other_image_size() -> None:
+    model = SmallCNN(num_classes=10, in_channels=3, image_size=32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        SmallCNN(image_size=8)
+
+
+def test_resnet18_keeps_resolution_in_stem() -> None:
+    model = resnet18(10)
+    stem = model.maxpool(model.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32)))))
+    assert stem.shape == (1, 64, 32, 32)
+
+
+def test_build_model_unknown_name() -> None:
+    with pytest.raises(ValueError, match="valid names: small-cnn, resnet20, resnet18"):
+        build_model("vgg11", 10, 3)
+    assert set(MODEL_NAMES) == {"small-cnn", "resnet20", "resnet18"}
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+def test_fetch_script_is_idempotent(fashion_dir: Path) -> None:
+    raw = fashion_dir / "FashionMNIST" / "raw"
+    before = {name: (raw / name).stat().st_mtime_ns for name in RAW_FILES}
+    result = subprocess.run([str(FETCH_SCRIPT), str(fashion_dir)], capture_output=True, text=True, check=True)
+    assert "already present" in result.stdout
+    assert {name: (raw / name).stat().st_mtime_ns for name in RAW_FILES} == before
+    assert (raw / "train-images-idx3-ubyte").stat().st_size == 16 + 60000 * 28 * 28
+
+
+def test_fashion_mnist_in_memory(fashion: tuple[Dataset[Any], Dataset[Any], int]) -> None:
+    train, test, num_classes = fashion
+    assert num_classes == 10
+    assert isinstance(train, InMemoryVisionDataset)
+    assert isinstance(test, InMemoryVisionDataset)
+    assert (len(train), len(test)) == (60000, 10000)
+    for ds in (train, test):
+        assert ds.targets.dtype == torch.long
+        assert ds.targets.shape == (len(ds),)
+        assert set(ds.targets.tolist()) == set(range(10))
+    x, y = train[0]
+    assert x.shape == (1, 28, 28)
+    assert x.dtype == torch.float32
+    assert isinstance(y, int)
+    # The normalisation constants are the training-set statistics, so the result is ~standardised.
+    assert abs(train.data.mean().item()) < 0.01
+    assert abs(train.data.std().item() - 1.0) < 0.01
+
+
+def test_in_memory_items_match_torchvision(
+    fashion_dir: Path, fashion: tuple[Dataset[Any], Dataset[Any], int]
+) -> None:
+    mem_train, mem_test, _ = fashion
+    tv_train, tv_test, _ = load_dataset("fashion-mnist", fashion_dir, in_memory=False)
+    assert not isinstance(tv_train, InMemoryVisionDataset)
+    pairs: list[tuple[Any, Any]] = [(mem_train, tv_train), (mem_test, tv_test)]
+    for mem, tv in pairs:
+        assert torch.equal(torch.as_tensor(tv.targets), mem.targets)
+        for index in (0, 1, 1234, len(tv) - 1):
+            x_tv, y_tv = tv[index]
+            x_mem, y_mem = mem[index]
+            assert y_mem == y_tv
+            torch.testing.assert_close(x_mem, x_tv, rtol=0, atol=0)  # same ops, same order: bit-identical
+
+
+def test_in_memory_dataloader_batches(fashion: tuple[Dataset[Any], Dataset[Any], int]) -> None:
+    train = fashion[0]
+    assert isinstance(train, InMemoryVisionDataset)
+    items = train.__getitems__([5, 3, 5])
+    assert [y for _, y in items] == [int(train.targets[i]) for i in (5, 3, 5)]
+    torch.testing.assert_close(items[1][0], train[3][0], rtol=0, atol=0)
+
+    loader = DataLoader(train, batch_size=128, shuffle=False)
+    x, y = next(iter(loader))
+    assert x.shape == (128, 1, 28, 28)
+    assert y.dtype == torch.long
+    torch.testing.assert_close(x, train.data[:128], rtol=0, atol=0)
+    assert torch.equal(y, train.targets[:128])
+
+
+def test_unknown_dataset_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="valid names: fashion-mnist, cifar10, cifar100"):
+        load_dataset("mnist", tmp_path)
+    assert DATASET_NAMES == ("fashion-mnist", "cifar10", "cifar100")
+
+
+def test_missing_fashion_mnist_explains_fetch(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("fashion-mnist", tmp_path)
+    message = str(info.value)
+    assert f"scripts/fetch-fashion-mnist {tmp_path}" in message
+    assert "dataset-fashion-mnist" in message
+    assert "download=True" in message
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_missing_cifar_explains_download(tmp_path: Path, name: str) -> None:
+    with pytest.raises(FileNotFoundError, match="pass download=True"):
+        load_dataset(name, tmp_path)
+    with pytest.raises(ValueError, match="in_memory"):
+        load_dataset(name, tmp_path, in_memory=True)
+
+
+# --------------------------------------------------------------------------------------------- subset
+
+
+class _Labels(Dataset[tuple[torch.Tensor, int]]):
+    """Tiny labelled dataset whose item is its own index, to check what a subset serves."""
+
+    def __init__(self, targets: list[int]) -> None:
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.tensor([float(index)]), self.targets[index]
+
+
+@pytest.fixture
+def imbalanced() -> _Labels:
+    # 600 / 300 / 100 items of classes 0 / 1 / 2, interleaved so that order carries no class signal.
+    targets = [0] * 600 + [1] * 300 + [2] * 100
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    return _Labels([targets[i] for i in order])
+
+
+def test_subset_is_stratified(imbalanced: _Labels) -> None:
+    sub = subset(imbalanced, 0.1, seed=0)
+    assert isinstance(sub, LabelledSubset)
+    assert len(sub) == 100
+    assert sub.targets.dtype == torch.long
+    assert torch.bincount(sub.targets).tolist() == [60, 30, 10]
+    # targets are aligned with the served items and indices are unique.
+    assert len(set(sub.indices)) == len(sub)
+    for position in (0, 50, 99):
+        x, y = sub[position]
+        assert y == int(sub.targets[position]) == imbalanced.targets[int(x.item())]
+
+
+def test_subset_count_seed_and_validation(imbalanced: _Labels) -> None:
+    sub = subset(imbalanced, 7, seed=3)
+    assert len(sub) == 7
+    # Largest remainder: quotas 4.2 / 2.1 / 0.7 -> 4 / 2 / 1.
+    assert torch.bincount(sub.targets, minlength=3).tolist() == [4, 2, 1]
+    assert list(subset(imbalanced, 0.2, seed=5).indices) == list(subset(imbalanced, 0.2, seed=5).indices)
+    assert list(subset(imbalanced, 0.2, seed=5).indices) != list(subset(imbalanced, 0.2, seed=6).indices)
+    assert len(subset(imbalanced, 1.0)) == 1000
+    for bad in (0.0, 1.5, 0, 1001, True):
+        with pytest.raises(ValueError, match="must be"):
+            subset(imbalanced, bad)
+
+
+def test_subset_of_in_memory_dataset_loads_batches(fashion: tuple[Dataset[Any], Dataset[Any], int]) -> None:
+    train = fashion[0]
+    assert isinstance(train, InMemoryVisionDataset)
+    sub = subset(train, 0.01, seed=0)
+    assert len(sub) == 600
+    assert torch.bincount(sub.targets).tolist() == [60] * 10
+    x, y = next(iter(DataLoader(sub, batch_size=64)))
+    assert x.shape == (64, 1, 28, 28)
+    assert torch.equal(y, sub.targets[:64])
