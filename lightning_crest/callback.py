@@ -548,22 +548,14 @@ class CrestCallback(Callback):
         """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
         assert self._pool is not None
         with self._timed():
-            learned = self._pool & (self._window_max_loss <= self.drop_threshold)
-            candidates = torch.nonzero(learned).flatten()
-            candidates = candidates[torch.argsort(self._window_max_loss[candidates], stable=True)]
-            sizes = torch.bincount(self._labels, minlength=self._num_classes)
-            in_pool = torch.bincount(self._labels[self._pool], minlength=self._num_classes)
-            floor = torch.ceil(self.min_class_fraction * sizes.double()).long()
-            room = (in_pool - floor).clamp(min=0)
-            # Most learned first, within each class's room above its floor, then within the global room.
-            rank_in_class = torch.zeros_like(candidates)
-            cls = self._labels[candidates]
-            for c in torch.unique(cls).tolist():
-                mask = cls == c
-                rank_in_class[mask] = torch.arange(int(mask.sum()))
-            dropped = candidates[rank_in_class < room[cls]]
-            global_room = max(0, self._pool_size - math.ceil(self.min_pool_fraction * len(self._pool)))
-            dropped = dropped[:global_room]
+            dropped = learned_examples(
+                self._window_max_loss,
+                self._pool,
+                self._labels,
+                threshold=self.drop_threshold,
+                min_pool_fraction=self.min_pool_fraction,
+                min_class_fraction=self.min_class_fraction,
+            )
             self._pool[dropped] = False
             self._pool_size = int(self._pool.sum())
             self._window_max_loss.fill_(math.nan)
@@ -616,6 +608,51 @@ class CrestCallback(Callback):
                 }
             )
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._global_batch)
+
+
+def learned_examples(
+    max_loss: Tensor,
+    pool: Tensor,
+    labels: Tensor,
+    *,
+    threshold: float,
+    min_pool_fraction: float,
+    min_class_fraction: float,
+) -> Tensor:
+    """Pool examples to drop as learned: every loss recorded for them was at most ``threshold``.
+
+    The most learned (lowest largest loss) go first. A class keeps at least ``ceil(min_class_fraction * n_c)``
+    members in the pool and the pool at least ``ceil(min_pool_fraction * n)`` examples; examples with no recorded
+    loss (``NaN``) stay.
+
+    Args:
+        max_loss: ``(n,)`` largest loss recorded per example in the window, ``NaN`` where none was.
+        pool: ``(n,)`` bool, examples still in the pool.
+        labels: ``(n,)`` classes.
+        threshold: Loss at or under which an example counts as learned.
+        min_pool_fraction: Floor of the pool, as a fraction of ``n``.
+        min_class_fraction: Floor of each class, as a fraction of its size.
+
+    Returns:
+        ``(k,)`` int64 indices of the examples to drop.
+    """
+    num_classes = int(labels.max()) + 1
+    candidates = torch.nonzero(pool & (max_loss <= threshold)).flatten()
+    candidates = candidates[torch.argsort(max_loss[candidates], stable=True)]
+    sizes = torch.bincount(labels, minlength=num_classes)
+    in_pool = torch.bincount(labels[pool], minlength=num_classes)
+    room = (in_pool - torch.ceil(min_class_fraction * sizes.double()).long()).clamp(min=0)
+    classes = labels[candidates]
+    # Rank of each candidate within its class, in order of increasing loss.
+    by_class = torch.argsort(classes, stable=True)
+    starts = torch.bincount(classes, minlength=num_classes).cumsum(0) - torch.bincount(
+        classes, minlength=num_classes
+    )
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(len(by_class)) - starts[classes[by_class]]
+    dropped = candidates[rank < room[classes]]
+    global_room = max(0, int(pool.sum()) - math.ceil(min_pool_fraction * len(pool)))
+    return dropped[:global_room]
 
 
 @contextmanager

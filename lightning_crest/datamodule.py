@@ -119,12 +119,17 @@ class CrestDataModule(L.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> DataLoader[Any]:
-        return self._eval_loader(self.val_dataset, "val_dataset")
+    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
+        # No validation set: an empty list tells Lightning to skip validation.
+        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset)
 
     @override
     def test_dataloader(self) -> DataLoader[Any]:
-        return self._eval_loader(self.test_dataset, "test_dataset")
+        if self.test_dataset is None:
+            raise MisconfigurationException(
+                "CrestDataModule was created without a `test_dataset` to test on."
+            )
+        return self._eval_loader(self.test_dataset)
 
     def fetch(self, indices: Sequence[int]) -> Any:
         """Collate the training items at ``indices`` into one ``(inputs, targets)`` batch on the CPU."""
@@ -132,9 +137,7 @@ class CrestDataModule(L.LightningDataModule):
         items = getitems(list(indices)) if getitems is not None else [self.train_dataset[i] for i in indices]
         return default_collate(items)
 
-    def _eval_loader(self, dataset: Dataset[Any] | None, name: str) -> DataLoader[Any]:
-        if dataset is None:
-            raise MisconfigurationException(f"CrestDataModule was created without a `{name}`.")
+    def _eval_loader(self, dataset: Dataset[Any]) -> DataLoader[Any]:
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,

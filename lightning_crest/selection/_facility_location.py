@@ -33,11 +33,6 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
 # The dense path holds two (n, n) blocks per (pool, class); above this it asks for `knn` instead of swapping.
 MAX_DENSE_BYTES = 2 * 1024**3
 
-# The dense greedy turns lazy (see `_greedy_steps`) on blocks with at least this many similarities in all,
-# evaluating this many candidates per block and step.
-LAZY_MIN_ELEMENTS = 2**18
-LAZY_CANDIDATES = 8
-
 
 @dataclass(frozen=True)
 class Selection:
@@ -203,15 +198,18 @@ def _similarity(dist: Tensor, diameter: Tensor | float, similarity: str, dim: in
     return torch.exp(-dist / dim)
 
 
-def _dense_selection(pools: Tensor, classes: Tensor, budget: int, similarity: str) -> Selection:
-    """Greedy on one dense similarity block per (pool, class), all blocks advanced together."""
+def _dense_selection(
+    pools: Tensor, flat_ids: Tensor, counts: Tensor, budget: int, similarity: str
+) -> Selection:
+    """Greedy on one dense similarity block per (pool, class), all blocks advanced together.
+
+    ``flat_ids`` ``(P * r,)`` numbers each point's (pool, class) pair ``pool * C + class``; ``counts`` ``(P, C)``.
+    """
     num_pools, r, dim = pools.shape
+    num_classes = counts.shape[1]
     device = pools.device
-    num_classes = int(classes.max()) + 1
-    # Every (pool, class) pair gets a flat id; the non-empty ones are the blocks, in (pool, class) order.
-    flat_ids = (classes + num_classes * torch.arange(num_pools, device=device).unsqueeze(1)).flatten()
-    counts = torch.bincount(flat_ids, minlength=num_pools * num_classes)
-    budgets = class_budgets(counts.view(num_pools, num_classes).cpu(), budget).to(device)
+    budgets = class_budgets(counts.cpu(), budget).to(device)
+    counts = counts.flatten()
     # Every class present has a pick (class_budgets), so the blocks are exactly the non-empty classes.
     nonempty = counts > 0
     block_ids = torch.nonzero(nonempty).flatten()
@@ -275,68 +273,38 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
     Returns ``(K, max budget)`` picks (slots in the block) and gains, ``-inf`` where a block's budget is spent.
     """
     steps = int(budgets.max())
-    picks, gains = _greedy_steps(sim, valid, budgets, steps, lazy=_use_lazy(sim))
+    picks, gains = _greedy_steps(sim, valid, steps, mask=False)
     spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
     # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
-    # argmax can only return one when every gain of the block is zero. The masked greedy settles those cases.
+    # argmax can only return one when every gain of its block is zero. The masked greedy settles those cases.
     if bool((gains <= 0).logical_and_(~spent).any()):
-        picks, gains = _greedy_steps(sim, valid, budgets, steps, lazy=False, mask=True)
+        picks, gains = _greedy_steps(sim, valid, steps, mask=True)
     return picks, gains.masked_fill_(spent, -torch.inf)
 
 
-def _use_lazy(sim: Tensor) -> bool:
-    """The lazy step pays a few more tensor operations to touch ``LAZY_CANDIDATES / n`` of each block."""
-    num_blocks, size, _ = sim.shape
-    return size > 2 * LAZY_CANDIDATES and num_blocks * size * size >= LAZY_MIN_ELEMENTS
+def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tuple[Tensor, Tensor]:
+    """Run ``steps`` naive greedy steps on every block; returns ``(K, steps)`` picks and gains.
 
-
-def _greedy_steps(
-    sim: Tensor, valid: Tensor, budgets: Tensor, steps: int, *, lazy: bool, mask: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Run ``steps`` greedy steps on every block; returns ``(K, steps)`` picks and gains.
-
-    The gain of ``j`` is ``sum_i max(s_ji - c_i, 0)`` with ``c`` the current coverage, computed directly rather
-    than as a difference of two large sums so that small late gains keep their precision.
-
-    * naive (``lazy=False``): every gain is recomputed at every step. Without ``mask`` picked and padded
-      candidates are not excluded: their gain is exactly zero, so the argmax skips them unless every gain is
-      zero (the caller checks). With ``mask`` they get ``-inf``.
-    * lazy: gains only decrease, so stale gains are upper bounds. Each step evaluates the exact gain of the
-      ``LAZY_CANDIDATES`` candidates of largest bound only and accepts the best of them (lowest index on a tie)
-      when it beats the next bound strictly: then no other candidate can reach it. Otherwise, in any block
-      that still has budget, the step recomputes every gain as the naive greedy does.
+    The gain of ``j`` is ``sum_i max(s_ji - c_i, 0)`` with ``c`` the current coverage, recomputed for every
+    candidate at every step (on small blocks a handful of batched passes beats a lazy priority queue). It is
+    computed directly, not as a difference of two large sums, so that small late gains keep their precision.
+    Without ``mask`` picked and padded candidates are not excluded (they have a zero gain); with ``mask`` they
+    get ``-inf``.
     """
     num_blocks, size, _ = sim.shape
     rows = torch.arange(num_blocks, device=sim.device)
     coverage = sim.new_zeros(num_blocks, size)
     scratch = torch.empty_like(sim)
-    # -inf on the candidates that may not be picked: padded ones, and those already picked.
-    excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf)
-    bounds = excluded
-    candidates = min(LAZY_CANDIDATES, size - 1)
+    excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf) if mask else None
     pick_list: list[Tensor] = []
     gain_list: list[Tensor] = []
-    for step in range(steps):
-        full = True
-        if lazy and step > 0:
-            top_bounds, top = bounds.topk(candidates + 1, dim=1)
-            top = top[:, :candidates]
-            exact = torch.sub(sim[rows.unsqueeze(1), top], coverage.unsqueeze(1)).clamp_(min=0).sum(dim=2)
-            bounds.scatter_(1, top, exact)
-            best_gain, best = bounds.max(dim=1)
-            full = not bool(((best_gain > top_bounds[:, candidates]) | (budgets <= step)).all())
-        if full:
-            torch.sub(sim, coverage.unsqueeze(1), out=scratch).clamp_(min=0)
-            gain = scratch.sum(dim=2)
-            if lazy:
-                bounds = gain.masked_fill_(bounds.isneginf(), -torch.inf)
-                gain = bounds
-            elif mask:
-                gain.add_(excluded)
-            best_gain, best = gain.max(dim=1)
-        if lazy:
-            bounds[rows, best] = -torch.inf
-        elif mask:
+    for _ in range(steps):
+        torch.sub(sim, coverage.unsqueeze(1), out=scratch).clamp_(min=0)
+        gain = scratch.sum(dim=2)
+        if excluded is not None:
+            gain.add_(excluded)
+        best_gain, best = gain.max(dim=1)
+        if excluded is not None:
             excluded[rows, best] = -torch.inf
         torch.maximum(coverage, sim[rows, best], out=coverage)
         pick_list.append(best)
@@ -346,9 +314,9 @@ def _greedy_steps(
 
 def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> Tensor:
     """Number of valid points whose most similar pick (earliest on a tie) is each pick."""
-    rows = torch.arange(len(sim), device=sim.device).unsqueeze(1)
-    to_points = sim[rows, picks].masked_fill_(torch.isinf(gains).unsqueeze(2), -torch.inf)
-    owner = to_points.argmax(dim=1)
+    # to_picks[b, i, t] = sim[b, picks[b, t], i]; the argmax runs over the contiguous last dimension.
+    to_picks = sim.transpose(1, 2).gather(2, picks.unsqueeze(1).expand(-1, sim.shape[2], -1))
+    owner = to_picks.masked_fill_(torch.isinf(gains).unsqueeze(1), -torch.inf).argmax(dim=2)
     weights = torch.zeros(picks.shape, dtype=torch.float32, device=sim.device)
     return weights.scatter_add_(1, owner, valid.float())
 

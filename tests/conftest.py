@@ -1,0 +1,99 @@
+"""Shared test helpers: a small labelled data set and a tiny Lightning classifier."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entropy
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*LeafSpec.*")
+
+
+class LabelledTensors(TensorDataset):
+    """``(x, y)`` pairs with a ``targets`` attribute, like torchvision datasets."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        super().__init__(inputs, targets)
+        self.targets = targets
+
+
+def blobs(
+    n: int = 1200, num_classes: int = 4, dim: int = 16, seed: int = 0, noise: float = 1.5
+) -> LabelledTensors:
+    """Overlapping Gaussian classes: learnable, but not so easy that the loss vanishes at once."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=gen) * 1.5
+    targets = torch.randint(0, num_classes, (n,), generator=gen)
+    inputs = centres[targets] + noise * torch.randn(n, dim, generator=gen)
+    return LabelledTensors(inputs, targets)
+
+
+class TinyClassifier(L.LightningModule):
+    def __init__(
+        self, dim: int = 16, num_classes: int = 4, lr: float = 0.05, use_weights: bool = True
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 32), nn.Tanh(), nn.Linear(32, num_classes))
+        self.lr = lr
+        self.use_weights = use_weights
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net(inputs)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets, weights = batch
+        logits = self(inputs)
+        if not self.use_weights:
+            return nn.functional.cross_entropy(logits, targets)
+        return weighted_cross_entropy(logits, targets, weights)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("val_acc", (self(inputs).argmax(1) == targets).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def make_trainer(callbacks: list[Any] | None = None, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 2,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks or [], **options)
+
+
+def fit(
+    callback: CrestCallback | None,
+    *,
+    data: LabelledTensors | None = None,
+    model: L.LightningModule | None = None,
+    batch_size: int = 32,
+    **trainer_kwargs: Any,
+) -> tuple[L.Trainer, L.LightningModule]:
+    torch.manual_seed(0)
+    dm = CrestDataModule(data if data is not None else blobs(), batch_size=batch_size)
+    model = model if model is not None else TinyClassifier()
+    trainer = make_trainer([callback] if callback is not None else None, **trainer_kwargs)
+    trainer.fit(model, datamodule=dm)
+    return trainer, model
+
+
+@pytest.fixture
+def data() -> LabelledTensors:
+    return blobs()
