@@ -8,9 +8,9 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TinyClassifier, blobs  # noqa: E402
+from conftest import TinyClassifier, blobs
 
-from lightning_crest import CrestCallback, CrestDataModule  # noqa: E402
+from lightning_crest import CrestCallback, CrestDataModule
 
 
 class BlobsDataModule(CrestDataModule):

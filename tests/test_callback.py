@@ -161,7 +161,8 @@ def test_learned_examples_rules() -> None:
     drop = learned_examples(
         max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.0, min_class_fraction=0.75
     )
-    assert 0 in drop.tolist() and 1 not in drop.tolist()
+    assert 0 in drop.tolist()
+    assert 1 not in drop.tolist()
     # Global floor: at most 10 - ceil(0.8 * 10) = 2 drops, the two most learned.
     drop = learned_examples(
         max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.8, min_class_fraction=0.0
@@ -189,7 +190,8 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     restored = CrestCallback(random_subset_size=0.1)
     restored.load_state_dict(state)
     assert torch.equal(restored._pool, callback._pool)  # type: ignore[arg-type]
-    assert restored._interval == callback._interval and restored._selections == callback._selections
+    assert restored._interval == callback._interval
+    assert restored._selections == callback._selections
     assert torch.equal(restored._generator.get_state(), callback._generator.get_state())
     assert restored._quadratic.predict(callback._model_parameters()) == pytest.approx(
         callback._quadratic.predict(callback._model_parameters())

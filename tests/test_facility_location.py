@@ -110,6 +110,20 @@ def test_invariants_per_class(seed: int) -> None:
     assert bool((selection.gains[:-1] >= selection.gains[1:]).all())
 
 
+@pytest.mark.parametrize("similarity", ["distance", "exp"])
+def test_zero_gains_with_duplicates_match_exhaustive_greedy(similarity: str) -> None:
+    """Once every point is covered all gains are zero: the picks must still be new, lowest index first."""
+    points = _pool(4, seed=12).repeat(2, 1)  # every point twice
+    sim = _similarity_matrix(points.numpy(), similarity)
+    selection = facility_location(points, 7, similarity=similarity)  # type: ignore[arg-type]
+    assert selection.indices.tolist() == _reference_greedy(sim, 7)
+    # A class of a single point has a zero gain under "distance" (its diameter is zero).
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1])
+    single = facility_location(points, 3, labels, similarity=similarity)  # type: ignore[arg-type]
+    assert 7 in single.indices.tolist()
+    assert single.indices.unique().numel() == 3
+
+
 def test_class_budgets_largest_remainder() -> None:
     # 128 picks over 600 points: quotas 21.33.., 12.8, ..; floors sum to 124, 4 go to the largest remainders.
     counts = torch.tensor([100, 60, 60, 60, 60, 60, 50, 50, 50, 50])

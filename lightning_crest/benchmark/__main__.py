@@ -1,0 +1,273 @@
+"""Benchmark CREST against full-data and random training: ``python -m lightning_crest.benchmark --help``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.benchmark.data import DATASET_NAMES, load_dataset, subset
+from lightning_crest.benchmark.models import MODEL_NAMES, build_model
+from lightning_crest.benchmark.module import Classifier
+
+METHODS = ("full", "random", "crest", "crest-no-drop", "crest-first-order")
+DEFAULT_MODEL = {"fashion-mnist": "small-cnn", "cifar10": "resnet20", "cifar100": "resnet18"}
+
+
+class SelectionTrace(L.Callback):
+    """Records the number of selections after every step, for the plot of selections over training."""
+
+    def __init__(self) -> None:
+        self.trace: list[tuple[int, int]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        selections = trainer.callback_metrics.get("crest/selections")
+        if selections is not None and (not self.trace or self.trace[-1][1] != int(selections)):
+            self.trace.append((trainer.global_step, int(selections)))
+
+
+def make_callback(method: str, budget: float, args: argparse.Namespace) -> CrestCallback | None:
+    """The CREST callback of a benchmark method (``None`` for full-data training)."""
+    if method == "full":
+        return None
+    if method == "random":
+        return CrestCallback(fraction=budget, selection="random", seed=args.seed_offset)
+    options: dict[str, Any] = {
+        "fraction": budget,
+        "tau": args.tau,
+        "interval_mul": args.interval_mul,
+        "drop_learned": method != "crest-no-drop",
+        "second_order": method != "crest-first-order",
+    }
+    return CrestCallback(**options)
+
+
+def run_one(
+    method: str, budget: float, seed: int, data: tuple[Any, Any, int], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Train and test one (method, budget, seed) and return its record."""
+    train, test, num_classes = data
+    L.seed_everything(seed, workers=True, verbose=False)
+    in_channels, size = train[0][0].shape[0], train[0][0].shape[-1]
+    model = build_model(args.model, num_classes, in_channels, image_size=size)
+    module = Classifier(model, num_classes, lr=args.lr)
+    callback = make_callback(method, budget, args)
+    trace = SelectionTrace()
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.device,
+        devices=1,
+        callbacks=[c for c in (callback, trace) if c is not None],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=args.progress,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=False,
+    )
+    dm = CrestDataModule(train, test_dataset=test, batch_size=args.batch_size, num_workers=args.num_workers)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    train_time = time.perf_counter() - start
+    metrics = dict(trainer.callback_metrics)  # testing resets them
+    test_acc = float(trainer.test(module, datamodule=dm, verbose=False)[0]["test_acc"])
+    return {
+        "method": method,
+        "budget": 1.0 if method == "full" else budget,
+        "seed": seed,
+        "test_acc": test_acc,
+        "train_time_s": train_time,
+        "steps": trainer.global_step,
+        "selections": int(metrics.get("crest/selections", 0)) if method.startswith("crest") else 0,
+        "overhead": float(metrics.get("crest/overhead", 0.0)) if method.startswith("crest") else 0.0,
+        "peak_memory_mb": _peak_memory_mb(args.device),
+        "selection_trace": trace.trace,
+    }
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory so far (monotone across runs).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_relative_metrics(runs: list[dict[str, Any]]) -> None:
+    """Relative error and speedup of every run against full-data training of the same seed (or their mean)."""
+    full = {r["seed"]: r for r in runs if r["method"] == "full"}
+    for run in runs:
+        reference = full.get(run["seed"])
+        if reference is None and full:
+            reference = {
+                "test_acc": statistics.mean(r["test_acc"] for r in full.values()),
+                "train_time_s": statistics.mean(r["train_time_s"] for r in full.values()),
+            }
+        if reference is None:
+            run["rel_error"], run["speedup"] = None, None
+            continue
+        run["rel_error"] = abs(run["test_acc"] - reference["test_acc"]) / reference["test_acc"]
+        run["speedup"] = reference["train_time_s"] / run["train_time_s"]
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation per (method, budget)."""
+    rows = []
+    for key in dict.fromkeys((r["method"], r["budget"]) for r in runs):
+        group = [r for r in runs if (r["method"], r["budget"]) == key]
+
+        def stat(name: str, group: list[dict[str, Any]] = group) -> tuple[float, float]:
+            values = [r[name] for r in group if r[name] is not None]
+            if not values:
+                return math.nan, math.nan
+            return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+        rows.append({"method": key[0], "budget": key[1], "seeds": len(group), **{n: stat(n) for n in _COLUMNS}})
+    return rows
+
+
+_COLUMNS = ("test_acc", "rel_error", "train_time_s", "speedup", "selections", "overhead", "peak_memory_mb")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`summarize` rows."""
+    header = "| method | budget | seeds | test acc (%) | rel. error (%) | train time (s) | speedup | selections | overhead (%) | peak memory (MB) |"
+    lines = [header, "|" + "---|" * 10]
+    for row in rows:
+
+        def pm(name: str, scale: float = 1.0, digits: int = 1, row: dict[str, Any] = row) -> str:
+            mean, std = row[name]
+            if math.isnan(mean):
+                return "-"
+            return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+        lines.append(
+            f"| {row['method']} | {row['budget']:.0%} | {row['seeds']} | {pm('test_acc', 100, 2)} | "
+            f"{pm('rel_error', 100, 2)} | {pm('train_time_s')} | {pm('speedup', digits=2)} | {pm('selections', digits=0)} | "
+            f"{pm('overhead', 100)} | {pm('peak_memory_mb', digits=0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against wall time for every run, and selections over training for the CREST runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        group = [r for r in runs if r["method"] == method]
+        left.scatter([r["train_time_s"] for r in group], [100 * r["test_acc"] for r in group], label=method)
+        for run in group:
+            if run["selection_trace"]:
+                steps, counts = zip(*run["selection_trace"])
+                right.step(steps, counts, where="post", label=f"{method} b={run['budget']:.0%} s={run['seed']}")
+    left.set(xlabel="training wall time (s)", ylabel="test accuracy (%)", title="accuracy against time")
+    left.legend()
+    right.set(xlabel="optimizer step", ylabel="selections so far", title="coreset selections over training")
+    right.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lightning_crest.benchmark", description=__doc__)
+    parser.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
+    parser.add_argument("--model", choices=MODEL_NAMES, help="default: small-cnn, resnet20, resnet18 by dataset")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument("--budget", type=float, nargs="+", default=[0.1], help="fractions of full training")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds per (method, budget)")
+    parser.add_argument("--seed-offset", type=int, default=0, help="first seed")
+    parser.add_argument("--epochs", type=int, default=25, help="reference epochs of the full-data recipe")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--tau", type=float, default=0.05, help="CREST check tolerance")
+    parser.add_argument("--interval-mul", type=float, default=1.0, help="CREST h")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="10k training images, 5 epochs, 1 seed")
+    parser.add_argument("--output", type=Path, help="JSON file of all runs (a PNG plot is written next to it)")
+    parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    if any(not 0 < b <= 1 for b in args.budget):
+        parser.error(f"--budget values must lie in (0, 1], got {args.budget}")
+    args.model = args.model or DEFAULT_MODEL[args.dataset]
+    if args.quick:
+        args.epochs, args.seeds = min(args.epochs, 5), 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
+    if args.quick:
+        train, test = subset(train, 10_000, seed=0), subset(test, 2_000, seed=0)
+    print(
+        f"{args.dataset} / {args.model}: {len(train)} train, {len(test)} test, {args.epochs} reference epochs, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {args.device}",
+        flush=True,
+    )
+    runs = []
+    for seed in range(args.seed_offset, args.seed_offset + args.seeds):
+        for method in args.methods:
+            for budget in [1.0] if method == "full" else args.budget:
+                run = run_one(method, budget, seed, (train, test, num_classes), args)
+                runs.append(run)
+                print(
+                    f"  {method:<18} budget {run['budget']:>4.0%}  seed {seed}  test acc {100 * run['test_acc']:.2f}%  "
+                    f"{run['train_time_s']:7.1f} s  {run['steps']} steps  {run['selections']} selections  "
+                    f"overhead {100 * run['overhead']:.0f}%",
+                    flush=True,
+                )
+    add_relative_metrics(runs)
+    table = format_table(summarize(runs))
+    print()
+    print(table)
+    result = {
+        "config": {k: v for k, v in vars(args).items() if k != "output"} | {"output": str(args.output)},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+        },
+        "runs": runs,
+    }
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=1))
+        plot(runs, args.output.with_suffix(".png"))
+        print(f"\nwrote {args.output} and {args.output.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,75 @@
+"""The coreset sampler: fixed epoch length, round-robin plan, disjoint shares per process, lazy refill."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset
+
+
+def _plan(batches: int, size: int) -> CoresetPlan:
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(i * size, (i + 1) * size), torch.full((size,), float(i + 1))) for i in range(batches)])
+    return plan
+
+
+def test_serves_each_rank_a_disjoint_share_of_every_global_batch() -> None:
+    dataset = list(range(100))
+    keys = []
+    plans = [_plan(3, 8), _plan(3, 8)]  # every process holds the same plan
+    for rank in range(2):
+        sampler = CoresetSampler(dataset, 4, num_replicas=2, rank=rank, plan=plans[rank], steps_per_epoch=5)
+        assert isinstance(sampler, DistributedSampler)
+        assert len(sampler) == 5 * 4
+        keys.append(list(sampler))
+    for step in range(5):
+        first = [i for i, _ in keys[0][step * 4 : (step + 1) * 4]]
+        second = [i for i, _ in keys[1][step * 4 : (step + 1) * 4]]
+        batch = step % 3  # round-robin over the three coresets
+        assert first + second == list(range(batch * 8, (batch + 1) * 8))
+        assert {w for _, w in keys[0][step * 4 : (step + 1) * 4]} == {float(batch + 1)}
+
+
+def test_refills_lazily_with_the_steps_left() -> None:
+    plan = CoresetPlan()
+    asked = []
+
+    def refill(steps_left: int) -> None:
+        asked.append(steps_left)
+        plan.replace([(torch.arange(4), torch.ones(4))])
+
+    plan.refill = refill
+    sampler = CoresetSampler(list(range(10)), 4, plan=plan, steps_per_epoch=3)
+    iterator = iter(sampler)
+    assert not asked  # nothing is read before the loader asks
+    next(iterator)
+    assert asked == [3]
+    plan.replace([])
+    for _ in range(4):
+        next(iterator)
+    assert asked == [3, 2]
+
+
+def test_empty_plan_without_refill_is_an_error() -> None:
+    sampler = CoresetSampler(list(range(10)), 4, plan=CoresetPlan(), steps_per_epoch=2)
+    with pytest.raises(RuntimeError, match="plan is empty"):
+        next(iter(sampler))
+
+
+def test_plain_epochs_without_plan() -> None:
+    sampler = CoresetSampler(list(range(10)), 4, seed=3)
+    keys = list(sampler)
+    assert sorted(i for i, _ in keys) == list(range(10))
+    assert {w for _, w in keys} == {1.0}
+
+
+def test_loader_yields_weighted_batches() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(12.0).unsqueeze(1), torch.arange(12) % 3)
+    sampler = CoresetSampler(data, 4, plan=_plan(2, 4), steps_per_epoch=2)
+    batches = list(DataLoader(WeightedDataset(data), batch_size=4, sampler=sampler))
+    assert len(batches) == 2
+    inputs, targets, weights = batches[1]
+    assert inputs.flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert weights.dtype == torch.float32 and weights.tolist() == [2.0] * 4
