@@ -163,6 +163,21 @@ class CrestCallback(Callback):
         """Per-example training loss ``(B,)``; override for a loss other than cross-entropy."""
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
+    # --- what it selected -----------------------------------------------------------------------------------
+
+    @property
+    def coresets(self) -> list[tuple[Tensor, Tensor]]:
+        """The global batches of the current selection, ``(indices, weights)`` of shape ``(global_batch,)`` each.
+
+        Indices point into the training set; weights average 1 within a coreset. Empty before the first selection.
+        """
+        return [] if self._dm is None else list(self._dm.plan.batches)
+
+    @property
+    def pool(self) -> Tensor:
+        """``(n,)`` bool mask of the training examples still drawn into random subsets (not excluded as learned)."""
+        return torch.empty(0, dtype=torch.bool) if self._pool is None else self._pool.clone()
+
     # --- Lightning hooks -----------------------------------------------------------------------------------
 
     @property

@@ -138,7 +138,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 return math.nan, math.nan
             return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-        rows.append({"method": key[0], "budget": key[1], "seeds": len(group), **{n: stat(n) for n in _COLUMNS}})
+        rows.append(
+            {"method": key[0], "budget": key[1], "seeds": len(group), **{n: stat(n) for n in _COLUMNS}}
+        )
     return rows
 
 
@@ -179,7 +181,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         for run in group:
             if run["selection_trace"]:
                 steps, counts = zip(*run["selection_trace"])
-                right.step(steps, counts, where="post", label=f"{method} b={run['budget']:.0%} s={run['seed']}")
+                right.step(
+                    steps, counts, where="post", label=f"{method} b={run['budget']:.0%} s={run['seed']}"
+                )
     left.set(xlabel="training wall time (s)", ylabel="test accuracy (%)", title="accuracy against time")
     left.legend()
     right.set(xlabel="optimizer step", ylabel="selections so far", title="coreset selections over training")
@@ -191,8 +195,12 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lightning_crest.benchmark", description=__doc__)
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
-    parser.add_argument("--model", choices=MODEL_NAMES, help="default: small-cnn, resnet20, resnet18 by dataset")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    parser.add_argument(
+        "--model", choices=MODEL_NAMES, help="default: small-cnn, resnet20, resnet18 by dataset"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
+    )
     parser.add_argument("--budget", type=float, nargs="+", default=[0.1], help="fractions of full training")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds per (method, budget)")
     parser.add_argument("--seed-offset", type=int, default=0, help="first seed")
@@ -206,7 +214,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="10k training images, 5 epochs, 1 seed")
-    parser.add_argument("--output", type=Path, help="JSON file of all runs (a PNG plot is written next to it)")
+    parser.add_argument(
+        "--output", type=Path, help="JSON file of all runs (a PNG plot is written next to it)"
+    )
     parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
