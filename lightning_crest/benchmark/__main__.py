@@ -238,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
     if args.quick:
         train, test = subset(train, 10_000, seed=0), subset(test, 2_000, seed=0)
+    sizes = len(train), len(test)  # type: ignore[arg-type]
     print(
-        f"{args.dataset} / {args.model}: {len(train)} train, {len(test)} test, {args.epochs} reference epochs, "
+        f"{args.dataset} / {args.model}: {sizes[0]} train, {sizes[1]} test, {args.epochs} reference epochs, "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {args.device}",
         flush=True,
     )
