@@ -35,7 +35,8 @@ class CrestCallback(Callback):
     subset of the pool, with cluster-size weights. At each selection the callback draws ``P`` random subsets, picks
     one coreset from each and builds a quadratic model of the loss. Every ``T1`` steps it compares the model's
     prediction with the loss on the first subset; when the relative error exceeds ``tau`` it selects again. After
-    every re-selection ``T1 = ceil(interval_mul * ||H_0|| / ||H_t||)`` and ``P = coreset_mul * T1``. Every
+    every re-selection ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is
+    the sharpest smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every
     ``drop_interval`` epochs, examples whose losses recorded in the window all stayed below ``drop_threshold``
     leave the pool of future random subsets.
 
@@ -81,7 +82,7 @@ class CrestCallback(Callback):
     _dm: CrestDataModule
     _pool: Tensor | None
     _check_batches: list[Any] | None
-    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int] | None
+    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int] | None
     _last_drop_epoch: int
 
     def __init__(
@@ -197,7 +198,22 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch
+        self._begin_epoch()
+
+    def _begin_epoch(self) -> None:
+        """Work due when an epoch starts; runs once per epoch, from whichever comes first.
+
+        Usually that is ``on_train_epoch_start``. Lightning skips that hook when it resumes from a checkpoint saved
+        inside an epoch, and also when the checkpoint was saved on the epoch's last step (in
+        ``on_train_batch_end``), where the resumed run starts the next epoch at once: then the sampler calls this
+        when the new epoch's first batch is read (:attr:`CoresetPlan.on_epoch_start`).
+        """
+        assert self._trainer is not None
+        epoch = self._trainer.current_epoch
+        if epoch == self._started_epoch:
+            return
+        self._started_epoch = epoch
+        self._epoch_step = 0
         if (
             self._dropping
             and epoch > 0
@@ -223,6 +239,7 @@ class CrestCallback(Callback):
         if not self._weights_checked:
             self._check_weights_used(batch)
         self._steps_since_selection += 1
+        self._epoch_step = batch_idx + 1
         if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
             steps_left = self._steps_per_epoch - batch_idx - 1
             if steps_left > 0:
@@ -242,6 +259,7 @@ class CrestCallback(Callback):
             "rng_state": self._generator.get_state(),
             "quadratic": self._quadratic.state_dict(),
             "interval": self._interval,
+            "peak_curvature": self._peak_curvature,
             "num_coresets": self._num_coresets,
             "selections": self._selections,
             "checks": self._checks,
@@ -254,6 +272,7 @@ class CrestCallback(Callback):
             "plan_indices": [idx for idx, _ in plan.batches],
             "plan_weights": [w for _, w in plan.batches],
             "plan_cursor": plan.cursor,
+            "epoch_step": self._epoch_step,
         }
 
     @override
@@ -267,6 +286,7 @@ class CrestCallback(Callback):
         self._quadratic = QuadraticModel()
         self._quadratic.load_state_dict(state_dict["quadratic"])
         self._interval = int(state_dict["interval"])
+        self._peak_curvature = float(state_dict["peak_curvature"])
         self._num_coresets = int(state_dict["num_coresets"])
         self._selections = int(state_dict["selections"])
         self._checks = int(state_dict["checks"])
@@ -277,12 +297,15 @@ class CrestCallback(Callback):
         self._selection_time = float(state_dict["selection_time"])
         self._last_drop_epoch = int(state_dict["last_drop_epoch"])
         self._weights_checked = bool(state_dict["weights_checked"])
+        self._pool_size = int(self._pool.sum())
+        self._epoch_step = int(state_dict.get("epoch_step", 0))
         self._restored_plan = (
             list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
             int(state_dict["plan_cursor"]),
+            self._epoch_step,
         )
-        if self._dm is not None:
-            self._dm.plan.replace(*self._restored_plan)
+        if self._dm is not None:  # Lightning restores callbacks after `setup`
+            self._apply_restored_plan(self._dm)
 
     def __getstate__(self) -> dict[str, Any]:
         # Sent to spawned processes: torch.Generator objects do not pickle, and the Trainer travels separately.
@@ -308,6 +331,7 @@ class CrestCallback(Callback):
         self._quadratic = QuadraticModel()
         self._interval = 1
         self._num_coresets = self.coreset_mul
+        self._peak_curvature = 0.0
         self._selections = 0
         self._checks = 0
         self._steps_since_selection = 0
@@ -319,6 +343,8 @@ class CrestCallback(Callback):
         self._fit_start = time.perf_counter()
         self._last_drop_epoch = -1
         self._weights_checked = False
+        self._epoch_step = 0
+        self._started_epoch = -1
         self._restored_plan = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -365,12 +391,22 @@ class CrestCallback(Callback):
         self._steps_per_epoch = math.ceil(self.fraction * n / global_batch)
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
+        dm.plan.on_epoch_start = self._begin_epoch
+        self._started_epoch = -1
         if self._pool is None or len(self._pool) != n:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
         self._pool_size = int(self._pool.sum())
-        if self._restored_plan is not None:
-            dm.plan.replace(*self._restored_plan)
+        if self._restored_plan is not None:  # loaded by hand before `fit`
+            self._apply_restored_plan(dm)
+
+    def _apply_restored_plan(self, dm: CrestDataModule) -> None:
+        """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
+        assert self._restored_plan is not None
+        batches, cursor, epoch_step = self._restored_plan
+        dm.plan.replace(batches, cursor)
+        dm.plan.resume_step = epoch_step
+        self._restored_plan = None
 
     def _subset_size(self, n: int, global_batch: int) -> int:
         if isinstance(self.random_subset_size, float):
@@ -427,9 +463,23 @@ class CrestCallback(Callback):
         self._check_indices = subsets[0].clone()
         self._check_batches = None
         self._build_model(coresets, weights, float(losses[: self._subset].mean()))
+        self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
         if self._selections > 0:
-            self._interval = self._quadratic.check_interval(self.interval_mul)
+            self._interval = self._adapted_interval()
             self._num_coresets = self.coreset_mul * self._interval
+
+    def _adapted_interval(self) -> int:
+        """``T1 = ceil(h ||H_ref|| / ||H_t||)``, with ``H_ref`` the sharpest smoothed curvature met so far.
+
+        The paper divides the curvature at the first selection by the current one, so that checks grow rarer as
+        the loss flattens. Networks without normalisation start flatter than they become (the curvature rises
+        several-fold over the first epochs), and then that ratio stays below 1 and ``T1`` at 1 for the whole run.
+        Measuring the flattening from the sharpest point reached keeps the intent in both cases and equals the
+        paper's rule when the curvature only decreases.
+        """
+        current = self._quadratic.curvature_norm()
+        # The relative slack keeps a ratio that is an integer up to float32 noise from rounding up by one.
+        return max(1, math.ceil(self.interval_mul * self._peak_curvature / current * (1 - 1e-6)))
 
     def _draw(self, count: int, size: int) -> Tensor:
         """``count`` class-stratified random subsets of ``size`` pool examples, disjoint while the pool allows."""

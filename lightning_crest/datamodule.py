@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
+from lightning_crest.distributed import release_process_group
 from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset
 
 
@@ -131,10 +132,27 @@ class CrestDataModule(L.LightningDataModule):
             )
         return self._eval_loader(self.test_dataset)
 
+    @override
+    def teardown(self, stage: str) -> None:
+        if self.trainer is not None:
+            release_process_group(self.trainer)
+
     def fetch(self, indices: Sequence[int]) -> Any:
-        """Collate the training items at ``indices`` into one ``(inputs, targets)`` batch on the CPU."""
+        """Collate the training items at ``indices`` into one ``(inputs, targets)`` batch on the CPU.
+
+        An item that fails to load raises the dataset's own error, with a note of the index when known.
+        """
         getitems = getattr(self.train_dataset, "__getitems__", None)
-        items = getitems(list(indices)) if getitems is not None else [self.train_dataset[i] for i in indices]
+        if getitems is not None:
+            return default_collate(getitems(list(indices)))
+        items = []
+        for index in indices:
+            try:
+                items.append(self.train_dataset[index])
+            except Exception as error:
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(f"CREST failed to load training item {index} while scoring examples.")
+                raise
         return default_collate(items)
 
     def _eval_loader(self, dataset: Dataset[Any]) -> DataLoader[Any]:

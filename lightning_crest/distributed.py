@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 
 import lightning as L
+import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
 
@@ -35,3 +38,30 @@ def mean_over_processes(trainer: L.Trainer, value: Tensor) -> Tensor:
     if trainer.world_size == 1:
         return value
     return trainer.strategy.reduce(value, reduce_op="mean")
+
+
+def release_process_group(trainer: L.Trainer) -> None:
+    """Destroy the default process group at the end of a multi-process run, before the process exits.
+
+    A gloo process group still alive at interpreter exit sometimes aborts the process ("terminate called without an
+    active exception") after a successful fit. Spawned and forked workers (``ddp_spawn``, ``ddp_notebook``) end
+    with the trainer call, so the group goes now. Processes of plain ``ddp`` run the rest of the user's script,
+    whose next ``trainer.fit``/``test`` reuses the group, so it goes at interpreter exit instead.
+    """
+    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        torch.distributed.destroy_process_group()
+    else:
+        global _exit_hook_registered
+        if not _exit_hook_registered:
+            atexit.register(_destroy_at_exit)
+            _exit_hook_registered = True
+
+
+_exit_hook_registered = False
+
+
+def _destroy_at_exit() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

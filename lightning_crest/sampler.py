@@ -20,12 +20,20 @@ class CoresetPlan:
     CREST trains on the same ``P`` coresets, in turn, for as long as its quadratic model says they still describe
     the loss. Reading is lazy, so a new selection applies from the next batch the data loader asks for. When the
     sampler finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch.
+
+    :attr:`resume_step` is the in-epoch step the next epoch iterator starts from: ``0``, except after restoring a
+    checkpoint saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps
+    that are left. The iterator reads it once and sets it back to ``0``. An iterator that starts an epoch at step
+    ``0`` first calls :attr:`on_epoch_start`, so epoch-start work also happens when Lightning resumes into a new
+    epoch without calling its own epoch-start hooks (the callback makes that call idempotent).
     """
 
     def __init__(self) -> None:
         self.batches: list[tuple[Tensor, Tensor]] = []
         self.cursor = 0
+        self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
+        self.on_epoch_start: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -105,7 +113,11 @@ class CoresetSampler(DistributedSampler[Key]):
             return
         assert self.steps_per_epoch is not None
         share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for step in range(self.steps_per_epoch):
+        # After a mid-epoch resume Lightning counts the steps already trained and asks only for the rest.
+        start, self.plan.resume_step = self.plan.resume_step % self.steps_per_epoch, 0
+        if start == 0 and self.plan.on_epoch_start is not None:
+            self.plan.on_epoch_start()
+        for step in range(start, self.steps_per_epoch):
             indices, weights = self.plan.next(self.steps_per_epoch - step)
             if len(indices) != self.num_replicas * self.batch_size:
                 raise RuntimeError(

@@ -32,7 +32,7 @@ class Recorder(CrestCallback):
         self.events.append(("select", self._trainer.global_step if self._trainer else -1))
         q = self._quadratic
         self.adaptations.append(
-            (self._interval, self._num_coresets, q.reference_norm or 0.0, q.curvature_norm())
+            (self._interval, self._num_coresets, self._peak_curvature, q.curvature_norm())
         )
 
     def _check(self) -> bool:
@@ -96,8 +96,11 @@ def test_adaptive_interval_and_coresets_follow_the_formulas() -> None:
     first, *later = callback.adaptations
     assert first[:2] == (1, 2)  # T1 = 1, P = b at the first selection
     assert later
+    peak = first[2]
     for interval, num_coresets, reference, current in later:
-        assert interval == max(1, math.ceil(3.0 * reference / current * (1 - 1e-6)))
+        peak = max(peak, current)
+        assert reference == peak  # the sharpest curvature so far
+        assert interval == max(1, math.ceil(3.0 * peak / current * (1 - 1e-6)))
         assert num_coresets == 2 * interval
     assert len({interval for interval, *_ in later}) >= 1
 
