@@ -84,6 +84,8 @@ class CrestCallback(Callback):
     _check_batches: list[Any] | None
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int] | None
     _last_drop_epoch: int
+    _epoch_step: int  # steps trained in the current epoch
+    _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
 
     def __init__(
         self,
@@ -311,12 +313,14 @@ class CrestCallback(Callback):
         # Sent to spawned processes: torch.Generator objects do not pickle, and the Trainer travels separately.
         state = self.__dict__.copy()
         state.update(_trainer=None, _module=None, _dm=None, _check_batches=None)
-        state["_generator"] = self._generator.get_state()
+        # As bytes: a temporary tensor would travel through shared memory that is freed once pickling returns,
+        # before the spawned process reads it ("unable to resize file ... Invalid argument").
+        state["_generator"] = self._generator.get_state().numpy().tobytes()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         generator = torch.Generator()
-        generator.set_state(state["_generator"])
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
         self.__dict__.update(state, _generator=generator)
 
     # --- setup ---------------------------------------------------------------------------------------------
@@ -392,6 +396,7 @@ class CrestCallback(Callback):
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
         dm.plan.on_epoch_start = self._begin_epoch
+        dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         self._started_epoch = -1
         if self._pool is None or len(self._pool) != n:
             self._pool = torch.ones(n, dtype=torch.bool)
@@ -437,8 +442,31 @@ class CrestCallback(Callback):
             self._steps_since_selection = 0
 
     def _select_coresets(self, count: int) -> None:
+        """Draw ``count`` random subsets, pick the first coresets now and the others when first trained on.
+
+        The coresets probed for the quadratic model (``hessian_probes``) are picked at once, the rest lazily: the
+        sampler asks for each the first time it reaches it, so the proxies are computed with the weights of that
+        step. In measured runs the check failed before a selection's last coresets were reached about half the
+        time, and their forward passes were the largest part of CREST's cost.
+        """
         subsets = self._draw(count, self._subset)
-        flat = subsets.flatten()
+        eager = min(count, self.hessian_probes or count)
+        coresets, weights, losses = self._pick(subsets[:eager])
+        pending = [(subset, torch.empty(0)) for subset in subsets[eager:]]
+        self._dm.plan.replace([*zip(coresets.unbind(0), weights.unbind(0)), *pending])
+        self._dm.plan.resolve = self._resolve
+
+        self._check_indices = subsets[0].clone()
+        self._check_batches = None
+        self._build_model(coresets, weights, float(losses[: self._subset].mean()))
+        self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
+        if self._selections > 0:
+            self._interval = self._adapted_interval()
+            self._num_coresets = self.coreset_mul * self._interval
+
+    def _pick(self, subsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One weighted coreset from each random subset ``(k, r)``: indices and weights ``(k, m)``, losses ``(k r,)``."""
+        count, flat = len(subsets), subsets.flatten()
         logits, losses = self._forward(flat)
         targets = self._labels[flat].to(logits.device)
         proxies = gradient_proxy(logits, targets)
@@ -457,16 +485,14 @@ class CrestCallback(Callback):
             backend=self.backend,
         )
         coresets = subsets.gather(1, picked.indices.cpu())
+        # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
         weights = picked.weights.cpu().float() * (self._global_batch / self._subset)
-        self._dm.plan.replace(list(zip(coresets.unbind(0), weights.unbind(0))))
+        return coresets, weights, losses
 
-        self._check_indices = subsets[0].clone()
-        self._check_batches = None
-        self._build_model(coresets, weights, float(losses[: self._subset].mean()))
-        self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
-        if self._selections > 0:
-            self._interval = self._adapted_interval()
-            self._num_coresets = self.coreset_mul * self._interval
+    def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
+        with self._timed(selection=True):
+            coresets, weights, _ = self._pick(subset.unsqueeze(0))
+        return coresets[0], weights[0]
 
     def _adapted_interval(self) -> int:
         """``T1 = ceil(h ||H_ref|| / ||H_t||)``, with ``H_ref`` the sharpest smoothed curvature met so far.

@@ -48,7 +48,11 @@ def release_process_group(trainer: L.Trainer) -> None:
     with the trainer call, so the group goes now. Processes of plain ``ddp`` run the rest of the user's script,
     whose next ``trainer.fit``/``test`` reuses the group, so it goes at interpreter exit instead.
     """
-    if trainer.world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+    if (
+        trainer.world_size == 1
+        or not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+    ):
         return
     if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
         torch.distributed.destroy_process_group()

@@ -19,7 +19,9 @@ class CoresetPlan:
     :class:`~lightning_crest.CrestCallback` writes it, :class:`CoresetSampler` reads one global batch per step.
     CREST trains on the same ``P`` coresets, in turn, for as long as its quadratic model says they still describe
     the loss. Reading is lazy, so a new selection applies from the next batch the data loader asks for. When the
-    sampler finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch.
+    sampler finds the plan empty it calls :attr:`refill` with the number of steps left in the epoch. An entry with
+    empty weights is a random subset whose coreset is not picked yet: :attr:`resolve` turns it into
+    ``(indices, weights)`` the first time the sampler reaches it.
 
     :attr:`resume_step` is the in-epoch step the next epoch iterator starts from: ``0``, except after restoring a
     checkpoint saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps
@@ -33,6 +35,7 @@ class CoresetPlan:
         self.cursor = 0
         self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
+        self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
         self.on_epoch_start: Callable[[], None] | None = None
 
     def __len__(self) -> int:
@@ -52,9 +55,13 @@ class CoresetPlan:
                 "The coreset plan is empty: CrestDataModule serves coresets only while a CrestCallback is "
                 "attached to the Trainer that uses it."
             )
-        batch = self.batches[self.cursor % len(self.batches)]
+        slot = self.cursor % len(self.batches)
+        indices, weights = self.batches[slot]
+        if weights.numel() == 0 and self.resolve is not None:
+            # A random subset whose coreset is picked the first time it is needed.
+            indices, weights = self.batches[slot] = self.resolve(indices)
         self.cursor += 1
-        return batch
+        return indices, weights
 
 
 class CoresetSampler(DistributedSampler[Key]):

@@ -11,7 +11,9 @@ from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset
 
 def _plan(batches: int, size: int) -> CoresetPlan:
     plan = CoresetPlan()
-    plan.replace([(torch.arange(i * size, (i + 1) * size), torch.full((size,), float(i + 1))) for i in range(batches)])
+    plan.replace(
+        [(torch.arange(i * size, (i + 1) * size), torch.full((size,), float(i + 1))) for i in range(batches)]
+    )
     return plan
 
 
