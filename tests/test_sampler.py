@@ -72,6 +72,7 @@ def test_loader_yields_weighted_batches() -> None:
     sampler = CoresetSampler(data, 4, plan=_plan(2, 4), steps_per_epoch=2)
     batches = list(DataLoader(WeightedDataset(data), batch_size=4, sampler=sampler))
     assert len(batches) == 2
-    inputs, targets, weights = batches[1]
+    inputs, _targets, weights = batches[1]
     assert inputs.flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
-    assert weights.dtype == torch.float32 and weights.tolist() == [2.0] * 4
+    assert weights.dtype == torch.float32
+    assert weights.tolist() == [2.0] * 4

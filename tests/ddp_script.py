@@ -1,0 +1,164 @@
+"""Multi-process CREST fits: the checks that must run inside every worker, and a script for plain ``ddp``.
+
+Plain ``strategy="ddp"`` re-launches the command line for every other rank, so it cannot run inside pytest; the
+tests run this file through ``subprocess``::
+
+    python tests/ddp_script.py ddp OUT_DIR          # or ddp_notebook
+
+Rank 0 writes ``OUT_DIR/result.json``. ``ddp_spawn`` tests import :class:`Audit` and :func:`setting` from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import TinyClassifier, blobs, make_trainer
+
+from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.sampler import CoresetSampler
+
+N = 1200
+GLOBAL_BATCH = 32
+
+
+def digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def setting(batch_size: int, **kwargs: Any) -> tuple[CrestDataModule, dict[str, Any]]:
+    """The data module and CREST options every multi-process test uses (the same data and seed everywhere)."""
+    dm = CrestDataModule(
+        blobs(n=N), blobs(n=200, seed=1), test_dataset=blobs(n=400, seed=2), batch_size=batch_size
+    )
+    options: dict[str, Any] = {
+        "fraction": 0.25,
+        "random_subset_size": 0.1,
+        "tau": 0.02,
+        "drop_interval": 1,
+        "drop_threshold": 0.3,
+    }
+    options.update(kwargs)
+    return dm, options
+
+
+class Audit(CrestCallback):
+    """A CrestCallback that asserts, inside every process, what only the processes themselves can see.
+
+    - The train loader's sampler is our ``CoresetSampler`` with this process's rank and the process count
+      (Lightning kept it instead of wrapping it in a ``DistributedSampler``).
+    - Every step, the processes' batches put together are exactly the planned global batch, with its weights:
+      the shares are disjoint and cover the coreset.
+    - After every step, every process holds the identical plan (indices, weights, order, cursor) and made the same
+      decisions (selections, checks, interval, coresets per selection, rho, pool).
+
+    Rank 0 records every selection (global step, digest of the plan) in :attr:`selections` and, with ``record``,
+    writes them to that JSON file at the end of training (the parent process of ``ddp_spawn`` cannot see them).
+    """
+
+    def __init__(self, record: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.record = record
+        self.selections: list[tuple[int, str]] = []
+        self.audited_steps = 0
+
+    def _select(self, steps_left: int) -> None:
+        super()._select(steps_left)
+        plan = self._dm.plan.batches
+        step = self._trainer.global_step if self._trainer is not None else -1
+        self.selections.append((step, digest(*(i for i, _ in plan), *(w for _, w in plan))))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        sampler = trainer.train_dataloader.sampler  # type: ignore[union-attr]
+        assert type(sampler) is CoresetSampler, type(sampler)
+        assert (sampler.rank, sampler.num_replicas) == (trainer.global_rank, trainer.world_size)
+        assert sampler.batch_size * trainer.world_size == self._global_batch
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        plan = self._dm.plan
+        indices, weights = plan.batches[
+            (plan.cursor - 1) % len(plan)
+        ]  # what the sampler served for this step
+        inputs = trainer.strategy.all_gather(batch[0]).reshape(-1, batch[0].shape[-1])
+        served = trainer.strategy.all_gather(batch[2]).reshape(-1)
+        assert len(torch.unique(indices)) == len(indices) == trainer.world_size * len(batch[0])
+        assert torch.equal(inputs, self._dm.train_dataset.tensors[0][indices])  # type: ignore[attr-defined]
+        assert torch.equal(served, weights)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+        plan = self._dm.plan
+        fingerprint = digest(*(i for i, _ in plan.batches), *(w for _, w in plan.batches), self._pool)
+        state = torch.tensor(
+            [
+                int(fingerprint[:15], 16),
+                plan.cursor,
+                self._selections,
+                self._checks,
+                self._interval,
+                self._num_coresets,
+                self._pool_size,
+            ]
+        )
+        rho = torch.tensor([self._rho], dtype=torch.float64)
+        states = trainer.strategy.all_gather(state).reshape(trainer.world_size, -1)
+        rhos = trainer.strategy.all_gather(rho).reshape(trainer.world_size)
+        assert bool((states == states[0]).all()), states
+        assert bool((rhos == rhos[0]).all()) or math.isnan(self._rho), rhos
+        self.audited_steps += 1
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self.audited_steps > 0
+        if self.record is not None and trainer.global_rank == 0:
+            Path(self.record).write_text(json.dumps(self.selections))
+
+
+class Classifier(TinyClassifier):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("test_acc", (self(inputs).argmax(1) == targets).float().mean(), sync_dist=True)
+
+
+def accuracy(model: torch.nn.Module, data: Any) -> float:
+    inputs, targets = data.tensors
+    with torch.no_grad():
+        return float((model(inputs).argmax(1) == targets).float().mean())
+
+
+def main(strategy: str, out: Path) -> None:
+    dm, options = setting(GLOBAL_BATCH // 2)
+    audit = Audit(record=str(out / "selections.json"), **options)
+    torch.manual_seed(0)
+    model = Classifier()
+    trainer = make_trainer([audit], strategy=strategy, devices=2, max_epochs=2)
+    trainer.fit(model, datamodule=dm)
+    selections = float(trainer.callback_metrics["crest/selections"])
+    # A test after the fit: the process group was released at the end of fit (ddp_notebook) or is reused (ddp).
+    tested = trainer.test(model, datamodule=dm, verbose=False)
+    if trainer.global_rank == 0:
+        result = {
+            "strategy": strategy,
+            "global_step": trainer.global_step,
+            "selections": selections,
+            "logged_test_accuracy": tested[0]["test_acc"],
+            "test_accuracy": accuracy(model, dm.test_dataset),
+        }
+        (out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,307 @@
+"""Checkpoint and resume, interrupts, faults and bad input: CREST continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor
+
+from lightning_crest import CrestCallback, CrestDataModule
+
+N, BATCH, FRACTION = 1200, 32, 0.25
+STEPS = math.ceil(FRACTION * N / BATCH)  # 10 steps per epoch
+EPOCHS = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    # These fits are tiny: with two torch threads on a shared 2-core machine they ran 30-50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Tracer(CrestCallback):
+    """Records every selection (global step, hook, digest of the plan) and every batch trained (step, digest)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.selections: list[tuple[int, str, str]] = []
+        self.trained: list[tuple[int, str]] = []
+        self._hook = "batch"
+
+    def _select(self, steps_left: int) -> None:
+        super()._select(steps_left)
+        plan = self._dm.plan.batches
+        step = self._trainer.global_step if self._trainer is not None else -1
+        self.selections.append((step, self._hook, digest(*(i for i, _ in plan), *(w for _, w in plan))))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hook = "epoch_start"
+        super().on_train_epoch_start(trainer, pl_module)
+        self._hook = "batch"
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        self.trained.append((trainer.global_step, digest(batch[0], batch[2])))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+
+
+def crest(**kwargs: Any) -> Tracer:
+    options: dict[str, Any] = {
+        "fraction": FRACTION,
+        "random_subset_size": 0.1,
+        "tau": 0.02,
+        "drop_interval": 1,
+        "drop_threshold": 0.3,
+    }
+    options.update(kwargs)
+    return Tracer(**options)
+
+
+def run(
+    callback: CrestCallback,
+    *,
+    ckpt_path: str | None = None,
+    extra: list[Any] | None = None,
+    model: L.LightningModule | None = None,
+    **kwargs: Any,
+) -> tuple[L.Trainer, L.LightningModule]:
+    torch.manual_seed(0)
+    model = model if model is not None else TinyClassifier()
+    dm = CrestDataModule(blobs(n=N), blobs(n=200, seed=1), batch_size=BATCH)
+    options: dict[str, Any] = {"max_epochs": EPOCHS}
+    options.update(kwargs)
+    trainer = make_trainer([callback, *(extra or [])], **options)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def same_parameters(a: L.LightningModule, b: L.LightningModule) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(tmp_path: Path, selection: str) -> None:
+    # One uninterrupted run saves a checkpoint after every 3rd step (mid-epoch at steps 3, 6, 13, ..., and on an
+    # epoch's last step at 30) and one after every epoch; resuming from any of them must give the same later
+    # selections, the same batches and bit-identical final parameters. On CPU with one thread-count and the same
+    # data order every operation is repeated in the same order, so exact equality is the right test.
+    steps = ModelCheckpoint(tmp_path / "steps", filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    epochs = ModelCheckpoint(tmp_path / "epochs", filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    full = crest(selection=selection)
+    trainer, reference = run(full, extra=[steps, epochs], enable_checkpointing=True)
+    assert trainer.global_step == EPOCHS * STEPS
+    if selection == "crest":
+        assert len(full.selections) > 3  # re-selections happen after the resume points
+
+    for ckpt in ("steps/step=12.ckpt", "steps/step=15.ckpt", "epochs/epoch=0.ckpt"):
+        resumed = crest(selection=selection)
+        start = torch.load(tmp_path / ckpt, weights_only=True)["global_step"]
+        trainer, model = run(resumed, ckpt_path=str(tmp_path / ckpt))
+        assert trainer.global_step == EPOCHS * STEPS, ckpt
+        assert resumed.trained == [t for t in full.trained if t[0] > start], ckpt
+        # Checkpoints are written after CREST's on_train_batch_end and before the next on_train_epoch_start.
+        later = [s for s in full.selections if s[0] > start or (s[0] == start and s[1] == "epoch_start")]
+        assert resumed.selections == later, ckpt
+        assert same_parameters(model, reference), ckpt
+
+
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str) -> None:
+    # every_n_train_steps = steps per epoch saves on the last batch of each epoch (in on_train_batch_end, before
+    # on_train_epoch_end). Lightning then resumes straight into the next epoch without calling
+    # on_train_epoch_start; the epoch-start work (random redraw, dropping learned examples) must still happen.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=STEPS, save_top_k=-1)
+    full = crest(selection=selection)
+    _, reference = run(full, extra=[steps], enable_checkpointing=True)
+    resumed = crest(selection=selection)
+    _, model = run(resumed, ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"))
+    assert resumed.trained == [t for t in full.trained if t[0] > STEPS]
+    assert torch.equal(resumed.pool, full.pool)
+    assert same_parameters(model, reference)
+
+
+def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Path) -> None:
+    def extras(name: str) -> list[Any]:
+        return [
+            ModelCheckpoint(tmp_path / name, monitor="val_acc", mode="max", save_last=True),
+            EarlyStopping(monitor="val_acc", mode="max", patience=100),
+            LearningRateMonitor(logging_interval="step"),
+        ]
+
+    full = crest()
+    _, reference = run(
+        full,
+        extra=extras("full"),
+        logger=CSVLogger(tmp_path, "logs"),
+        enable_checkpointing=True,
+        log_every_n_steps=1,
+    )
+    first = crest()
+    run(
+        first,
+        extra=extras("run"),
+        logger=CSVLogger(tmp_path, "logs"),
+        enable_checkpointing=True,
+        log_every_n_steps=1,
+        max_epochs=1,
+    )
+    last = tmp_path / "run" / "last.ckpt"
+    state = torch.load(last, weights_only=True)  # the whole Lightning checkpoint, CREST's state included
+    assert any(key.startswith("Tracer") or "fraction" in key for key in state["callbacks"])
+    second = crest()
+    trainer, model = run(
+        second,
+        ckpt_path=str(last),
+        extra=extras("run"),
+        logger=CSVLogger(tmp_path, "logs"),
+        enable_checkpointing=True,
+        log_every_n_steps=1,
+    )
+    assert trainer.global_step == EPOCHS * STEPS
+    assert first.selections + second.selections == full.selections
+    assert same_parameters(model, reference)
+    # Every run logged CREST's statistics and the learning rate next to the validation metric.
+    for version in (tmp_path / "logs").iterdir():
+        header = (version / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {"crest/selections", "crest/rho", "val_acc", "lr-SGD"} <= set(header)
+
+
+def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    class Interrupt(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 14:
+                raise KeyboardInterrupt
+
+    every = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    full = crest()
+    _, reference = run(full)
+    interrupted = crest()
+    # Lightning 2.6 handles Ctrl-C gracefully (on_exception hooks, teardown), then exits with status 1; it also
+    # ignores further SIGINTs, which the test undoes.
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(interrupted, extra=[every, Interrupt()], enable_checkpointing=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert len(interrupted.trained) == 14
+    resumed = crest()
+    trainer, model = run(resumed, ckpt_path=str(tmp_path / "step=12.ckpt"))
+    assert trainer.global_step == EPOCHS * STEPS
+    assert interrupted.trained[:12] + resumed.trained == full.trained
+    assert same_parameters(model, reference)
+
+
+# --- faults and bad input ----------------------------------------------------------------------------------
+
+
+class NaNAfter(TinyClassifier):
+    """Its eval-mode logits turn NaN from global step ``k`` on (CREST scores examples in eval mode)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        logits = super().forward(inputs)
+        if not self.training and self.trainer.global_step >= self.k:
+            return logits * math.nan
+        return logits
+
+
+def test_non_finite_gradient_proxies_name_the_selection() -> None:
+    with pytest.raises(
+        FloatingPointError, match=r"Non-finite gradient proxies at selection 1 \(global step 0\)"
+    ):
+        run(crest(), model=NaNAfter(0))
+
+
+def test_non_finite_check_loss_names_the_step() -> None:
+    with pytest.raises(FloatingPointError, match="Non-finite loss on the check sample at global step 5"):
+        run(crest(tau=1e9), model=NaNAfter(5))
+
+
+class Corrupt(LabelledTensors):
+    """Item ``bad`` fails to load, as a truncated image file would."""
+
+    def __init__(self, bad: int) -> None:
+        data = blobs(n=N)
+        super().__init__(*data.tensors)
+        self.bad = bad
+
+    def __getitem__(self, index: int) -> Any:
+        if index == self.bad:
+            raise OSError(f"cannot read item {index}: file truncated")
+        return super().__getitem__(index)
+
+
+def test_unreadable_item_raises_the_datasets_error_in_crest_fetch() -> None:
+    dm = CrestDataModule(Corrupt(bad=7), batch_size=BATCH)
+    with pytest.raises(OSError, match="cannot read item 7") as raised:
+        dm.fetch([3, 7, 9])
+    assert "CREST failed to load training item 7" in "\n".join(getattr(raised.value, "__notes__", []))
+    # In a fit: the first selection scores a random subset of the whole set (random_subset_size=1.0).
+    trainer = make_trainer([crest(random_subset_size=1.0)], max_epochs=1)
+    with pytest.raises(OSError, match="cannot read item 7"):
+        trainer.fit(TinyClassifier(), datamodule=dm)
+
+
+def test_unreadable_item_raises_the_datasets_error_in_training() -> None:
+    # Random selection with the whole budget reads every item for training and none for scoring.
+    trainer = make_trainer([crest(selection="random", fraction=1.0)], max_epochs=1)
+    with pytest.raises(OSError, match="cannot read item 7"):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(Corrupt(bad=7), batch_size=BATCH))
+
+
+def test_bf16_mixed_precision_keeps_crest_in_float32() -> None:
+    dtypes: set[torch.dtype] = set()
+
+    class Watch(Tracer):
+        def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+            logits, losses = super()._forward(indices)
+            dtypes.update({logits.dtype, losses.dtype})
+            return logits, losses
+
+    callback = Watch(fraction=FRACTION, random_subset_size=0.1, tau=0.02)
+    trainer, model = run(callback, precision="bf16-mixed", max_epochs=2)
+    assert trainer.precision == "bf16-mixed"
+    assert len(callback.selections) > 1
+    assert dtypes == {torch.float32}  # logits and losses behind the proxies and the recorded losses
+    state = callback._quadratic.state_dict()
+    assert all(v.dtype == torch.float32 for v in state.values() if isinstance(v, Tensor))
+    assert all(w.dtype == torch.float32 for _, w in callback.coresets)
+    assert math.isfinite(callback._rho)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_sharded_strategies_are_refused() -> None:
+    # FSDP and DeepSpeed need a GPU to construct a Trainer, so only the callback's own check is exercised.
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    dm = CrestDataModule(blobs(n=N), batch_size=BATCH)
+    fake = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, strategy=FSDPStrategy(), world_size=1)
+    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy"):
+        CrestCallback().setup(fake, TinyClassifier(), "fit")  # type: ignore[arg-type]
