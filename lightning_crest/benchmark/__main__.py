@@ -81,8 +81,7 @@ def run_one(
         deterministic=False,
     )
     dm = CrestDataModule(train, test_dataset=test, batch_size=args.batch_size, num_workers=args.num_workers)
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory(args.device)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     train_time = time.perf_counter() - start
@@ -102,11 +101,30 @@ def run_one(
     }
 
 
+def _reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    # Linux resets the process's peak resident set size (VmHWM) when "5" is written to clear_refs.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device: str) -> float:
+    """Peak memory of the run: CUDA allocations, or the process's peak resident set size."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    # ru_maxrss is in KiB on Linux: the process's peak resident memory so far (monotone across runs).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    # Elsewhere, the peak since the process started (kilobytes on Linux, bytes on macOS).
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def add_relative_metrics(runs: list[dict[str, Any]]) -> None:
