@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(PY) -m mypy lightning_crest
 
 test: lint
+	scripts/fetch-fashion-mnist data
 	$(PY) -m pytest
 
 # Selection engine speed (prints tables).

@@ -173,8 +173,10 @@ class CrestCallback(Callback):
         """The global batches of the current selection, ``(indices, weights)`` of shape ``(global_batch,)`` each.
 
         Indices point into the training set; weights average 1 within a coreset. Empty before the first selection.
+        A selection's coresets after the first are picked when first trained on, so they appear one by one.
         """
-        return [] if self._dm is None else list(self._dm.plan.batches)
+        # Entries with empty weights are random subsets whose coreset is picked when first trained on.
+        return [] if self._dm is None else [(i, w) for i, w in self._dm.plan.batches if w.numel() > 0]
 
     @property
     def pool(self) -> Tensor:

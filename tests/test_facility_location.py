@@ -276,3 +276,14 @@ def test_dense_too_large_asks_for_knn(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(module, "MAX_DENSE_BYTES", 1000)
     with pytest.raises(ValueError, match="pass `knn`"):
         facility_location(torch.randn(100, 2), 3)
+
+
+@pytest.mark.parametrize("knn", [None, 4])
+def test_duplicate_picks_each_own_themselves(knn: int | None) -> None:
+    # Identical proxies (a saturated softmax) tie for each other; every pick still represents at least itself.
+    points = torch.cat(
+        [torch.zeros(6, 2), torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) + 5]
+    )
+    selection = facility_location(points, 12, knn=knn, backend="torch")
+    assert bool((selection.weights >= 1).all())
+    assert float(selection.weights.sum()) == 16

@@ -313,10 +313,14 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
 
 
 def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> Tensor:
-    """Number of valid points whose most similar pick (earliest on a tie) is each pick."""
+    """Number of valid points whose most similar pick (earliest on a tie) is each pick; a pick owns itself."""
     # to_picks[b, i, t] = sim[b, picks[b, t], i]; the argmax runs over the contiguous last dimension.
     to_picks = sim.transpose(1, 2).gather(2, picks.unsqueeze(1).expand(-1, sim.shape[2], -1))
-    owner = to_picks.masked_fill_(torch.isinf(gains).unsqueeze(1), -torch.inf).argmax(dim=2)
+    active = ~torch.isinf(gains)
+    owner = to_picks.masked_fill_(~active.unsqueeze(1), -torch.inf).argmax(dim=2)
+    # Picks with identical features tie for each other; without this the later ones would own nothing.
+    blocks, steps = torch.nonzero(active, as_tuple=True)
+    owner[blocks, picks[blocks, steps]] = steps
     weights = torch.zeros(picks.shape, dtype=torch.float32, device=sim.device)
     return weights.scatter_add_(1, owner, valid.float())
 
@@ -365,7 +369,9 @@ def _sparse_selection(
         picks, pick_gains = _sparse_greedy(sim, neighbours, int(budgets[cls]))
         # The most similar pick of a point is its nearest pick, among its neighbours or not.
         _, owner = search.search(points[picks], points, 1)
-        count = torch.bincount(owner.flatten().cpu(), minlength=len(picks))
+        owner = owner.flatten()
+        owner[picks] = torch.arange(len(picks), device=owner.device)  # a pick owns itself, duplicates too
+        count = torch.bincount(owner.cpu(), minlength=len(picks))
         n = len(picks)
         indices[0, cls, :n] = members[picks].cpu()
         weights[0, cls, :n] = count.float()
