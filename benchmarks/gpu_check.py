@@ -1,0 +1,106 @@
+"""One CREST fit on CUDA with the torch kNN backend: selection time per coreset and step time.
+
+Usage: ``python benchmarks/gpu_check.py [--steps 200]``. Synthetic CIFAR-sized data, so it needs no download. It
+prints one table and exits non-zero if CUDA is missing. faiss-GPU is used only where faiss reports GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import TensorDataset
+
+from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.benchmark.models import build_model
+from lightning_crest.benchmark.module import Classifier
+from lightning_crest.selection import facility_location
+from lightning_crest.selection.knn import faiss_available
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: Any) -> None:
+        torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--knn", type=int, default=32)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available")
+    warnings.filterwarnings("ignore")
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 10, (args.n,), generator=gen)
+    inputs = torch.randn(args.n, 3, 32, 32, generator=gen) * 0.5 + targets.view(-1, 1, 1, 1) * 0.1
+    train = TensorDataset(inputs, targets)
+    train.targets = targets  # type: ignore[attr-defined]
+
+    device = torch.device("cuda")
+    proxies = torch.randn(10, 600, 10, device=device).softmax(-1)
+    labels = torch.randint(0, 10, (10, 600), device=device)
+    facility_location(proxies, 128, labels)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        facility_location(proxies, 128, labels)
+    torch.cuda.synchronize()
+    dense_ms = (time.perf_counter() - start) / 20 / 10 * 1000
+    large = torch.randn(60_000, 10, device=device)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    facility_location(large, 1000, knn=args.knn, backend="torch")
+    torch.cuda.synchronize()
+    knn_s = time.perf_counter() - start
+
+    timer = StepTimer()
+    crest = CrestCallback(fraction=0.1, random_subset_size=0.03, knn=args.knn, backend="torch")
+    trainer = L.Trainer(
+        accelerator="cuda",
+        devices=1,
+        max_epochs=args.epochs,
+        callbacks=[crest, timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = Classifier(build_model("resnet20", 10, 3), 10, lr=0.1)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=CrestDataModule(train, batch_size=128))
+    wall = time.perf_counter() - start
+    metrics = trainer.callback_metrics
+    selections = int(metrics["crest/selections"])
+    rows = [
+        ("GPU", torch.cuda.get_device_name()),
+        ("faiss reports GPUs", str(faiss_available() and __import__("faiss").get_num_gpus() > 0)),
+        ("dense selection, ms per coreset (P=10, m=128 of r=600)", f"{dense_ms:.3f}"),
+        (f"kNN selection, 1000 of 60000, knn={args.knn}, s", f"{knn_s:.2f}"),
+        ("fit wall time, s", f"{wall:.1f}"),
+        ("median step time, ms", f"{1000 * sorted(timer.times)[len(timer.times) // 2]:.2f}"),
+        ("selections", str(selections)),
+        ("CREST selection time, s", f"{float(metrics['crest/selection_time']):.2f}"),
+        ("CREST overhead", f"{float(metrics['crest/overhead']):.1%}"),
+    ]
+    print("| measure | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
