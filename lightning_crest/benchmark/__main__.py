@@ -192,19 +192,27 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in dict.fromkeys(r["method"] for r in runs):
+    for number, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
         group = [r for r in runs if r["method"] == method]
-        left.scatter([r["train_time_s"] for r in group], [100 * r["test_acc"] for r in group], label=method)
-        for run in group:
-            if run["selection_trace"]:
-                steps, counts = zip(*run["selection_trace"])
-                right.step(
-                    steps, counts, where="post", label=f"{method} b={run['budget']:.0%} s={run['seed']}"
-                )
+        color = f"C{number}"
+        left.scatter(
+            [r["train_time_s"] for r in group], [100 * r["test_acc"] for r in group], label=method, c=color
+        )
+        if not method.startswith("crest"):
+            continue
+        for index, run in enumerate(r for r in group if r["selection_trace"]):
+            steps, counts = zip(*run["selection_trace"], (run["steps"], run["selections"]))
+            right.step(
+                steps, counts, where="post", color=color, label=method if index == 0 else None, alpha=0.8
+            )
     left.set(xlabel="training wall time (s)", ylabel="test accuracy (%)", title="accuracy against time")
     left.legend()
-    right.set(xlabel="optimizer step", ylabel="selections so far", title="coreset selections over training")
-    right.legend(fontsize="x-small")
+    right.set(
+        xlabel="optimizer step",
+        ylabel="selections so far",
+        title="CREST selections over training (every seed)",
+    )
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
