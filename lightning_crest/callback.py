@@ -202,9 +202,9 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._begin_epoch()
+        self._begin_epoch(trainer.current_epoch)
 
-    def _begin_epoch(self) -> None:
+    def _begin_epoch(self, epoch: int) -> None:
         """Work due when an epoch starts; runs once per epoch, from whichever comes first.
 
         Usually that is ``on_train_epoch_start``. Lightning skips that hook when it resumes from a checkpoint saved
@@ -212,8 +212,6 @@ class CrestCallback(Callback):
         ``on_train_batch_end``), where the resumed run starts the next epoch at once: then the sampler calls this
         when the new epoch's first batch is read (:attr:`CoresetPlan.on_epoch_start`).
         """
-        assert self._trainer is not None
-        epoch = self._trainer.current_epoch
         if epoch == self._started_epoch:
             return
         self._started_epoch = epoch

@@ -36,7 +36,7 @@ class CoresetPlan:
         self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
         self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-        self.on_epoch_start: Callable[[], None] | None = None
+        self.on_epoch_start: Callable[[int], None] | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -123,7 +123,9 @@ class CoresetSampler(DistributedSampler[Key]):
         # After a mid-epoch resume Lightning counts the steps already trained and asks only for the rest.
         start, self.plan.resume_step = self.plan.resume_step % self.steps_per_epoch, 0
         if start == 0 and self.plan.on_epoch_start is not None:
-            self.plan.on_epoch_start()
+            # Lightning sets the sampler's epoch before it creates the epoch's iterator; with loader workers the
+            # iterator starts before the trainer's own epoch counter moves on.
+            self.plan.on_epoch_start(self.epoch)
         for step in range(start, self.steps_per_epoch):
             indices, weights = self.plan.next(self.steps_per_epoch - step)
             if len(indices) != self.num_replicas * self.batch_size:

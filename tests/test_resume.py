@@ -84,11 +84,12 @@ def run(
     ckpt_path: str | None = None,
     extra: list[Any] | None = None,
     model: L.LightningModule | None = None,
+    num_workers: int = 0,
     **kwargs: Any,
 ) -> tuple[L.Trainer, L.LightningModule]:
     torch.manual_seed(0)
     model = model if model is not None else TinyClassifier()
-    dm = CrestDataModule(blobs(n=N), blobs(n=200, seed=1), batch_size=BATCH)
+    dm = CrestDataModule(blobs(n=N), blobs(n=200, seed=1), batch_size=BATCH, num_workers=num_workers)
     options: dict[str, Any] = {"max_epochs": EPOCHS}
     options.update(kwargs)
     trainer = make_trainer([callback, *(extra or [])], **options)
@@ -126,16 +127,16 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(tmp_path: Path, selecti
         assert same_parameters(model, reference), ckpt
 
 
-@pytest.mark.parametrize("selection", ["crest", "random"])
-def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str) -> None:
+@pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0)])
+def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str, num_workers: int) -> None:
     # every_n_train_steps = steps per epoch saves on the last batch of each epoch (in on_train_batch_end, before
     # on_train_epoch_end). Lightning then resumes straight into the next epoch without calling
     # on_train_epoch_start; the epoch-start work (random redraw, dropping learned examples) must still happen.
     steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=STEPS, save_top_k=-1)
     full = crest(selection=selection)
-    _, reference = run(full, extra=[steps], enable_checkpointing=True)
+    _, reference = run(full, extra=[steps], enable_checkpointing=True, num_workers=num_workers)
     resumed = crest(selection=selection)
-    _, model = run(resumed, ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"))
+    _, model = run(resumed, ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"), num_workers=num_workers)
     assert resumed.trained == [t for t in full.trained if t[0] > STEPS]
     assert torch.equal(resumed.pool, full.pool)
     assert same_parameters(model, reference)
