@@ -149,7 +149,9 @@ def test_batched_pools_equal_separate_calls() -> None:
         single = facility_location(pools[p], 24, labels[p])
         assert torch.equal(batched.indices[p], single.indices)
         assert torch.equal(batched.weights[p], single.weights)
-        assert torch.allclose(batched.gains[p], single.gains)
+        # Distances come from the matmul form of cdist, whose float32 rounding (~1e-5 on small distances)
+        # depends on how the blocks are laid out; sums of a few dozen of them agree to about 1e-4.
+        assert torch.allclose(batched.gains[p], single.gains, rtol=1e-3)
 
 
 # --- apricot-select as an independent oracle ---------------------------------------------------------------
@@ -287,3 +289,19 @@ def test_duplicate_picks_each_own_themselves(knn: int | None) -> None:
     selection = facility_location(points, 12, knn=knn, backend="torch")
     assert bool((selection.weights >= 1).all())
     assert float(selection.weights.sum()) == 16
+
+
+def test_many_uneven_blocks_are_solved_in_size_groups() -> None:
+    from lightning_crest.selection._facility_location import _size_groups
+
+    gen = torch.Generator().manual_seed(12)
+    labels = torch.randint(0, 10, (10, 600), generator=gen)
+    labels[0, :150] = 0  # one large class makes the sizes uneven
+    pools = torch.randn(10, 600, 10, generator=gen)
+    sizes = torch.sort(torch.stack([torch.bincount(row, minlength=10) for row in labels]).flatten()).values
+    assert len(_size_groups(sizes)) > 1  # this case takes the grouped path
+    batched = facility_location(pools, 128, labels)
+    for p in range(10):
+        single = facility_location(pools[p], 128, labels[p])  # ten blocks: one group
+        assert torch.equal(batched.indices[p], single.indices)
+        assert torch.equal(batched.weights[p], single.weights)

@@ -16,6 +16,7 @@ Two exact greedy implementations share the bookkeeping:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -222,45 +223,82 @@ def _dense_selection(
             f"knn=32) to use a sparse nearest-neighbour similarity instead."
         )
 
-    # Lay every point into its block: members[block, slot] = position in its pool. Padding slots repeat the
-    # block's first member, so that they leave the block's distances (and diameter) unchanged.
-    sorted_ids, order = torch.sort(flat_ids, stable=True)
-    block_of = torch.cumsum(nonempty, 0) - 1
-    slot = torch.arange(num_pools * r, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_ids]
-    flat_slots = block_of[sorted_ids] * size + slot
-    members = order.new_zeros(num_blocks * size).index_put_((flat_slots,), order)
-    valid = torch.zeros(num_blocks * size, dtype=torch.bool, device=device).index_put_(
-        (flat_slots,), torch.ones((), dtype=torch.bool, device=device)
-    )
-    members, valid = members.view(num_blocks, size), valid.view(num_blocks, size)
-    members = torch.where(valid, members, members[:, :1])
-    points = pools.reshape(num_pools * r, dim)[members]
-    members = members % r
-
-    # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns are zero, so a padded
-    # candidate has no gain and a padded point adds none.
-    dist = torch.cdist(points, points)
-    if similarity == "distance":
-        sim = torch.sub(dist.amax(dim=(1, 2), keepdim=True), dist, out=dist)
-    else:
-        sim = dist.div_(-dim).exp_()
-    padding = ~valid
-    sim.masked_fill_(padding.unsqueeze(1), 0.0).masked_fill_(padding.unsqueeze(2), 0.0)
-
-    block_budgets = budgets.flatten()[block_ids]
-    picks, gains = _dense_greedy(sim, valid, block_budgets)
-    weights = _cluster_sizes(sim, valid, picks, gains)
+    # Blocks of very different sizes are solved in groups of similar size: each group is padded only to its own
+    # largest block and runs only as many steps as its largest budget.
+    order = torch.sort(flat_ids, stable=True).indices
+    starts = torch.cumsum(counts, 0) - counts
+    block_budgets = budgets.flatten()
+    steps = int(block_budgets.max())
+    picks = torch.zeros(num_blocks, steps, dtype=torch.long, device=device)
+    gains = pools.new_full((num_blocks, steps), -torch.inf)
+    weights = torch.zeros(num_blocks, steps, dtype=torch.float32, device=device)
+    members_all = torch.zeros(num_blocks, steps, dtype=torch.long, device=device)
+    block_sizes = counts[block_ids]
+    by_size = torch.argsort(block_sizes, stable=True)
+    groups = _size_groups(block_sizes[by_size])
+    for group in groups:
+        rows = by_size[group] if len(groups) > 1 else torch.arange(num_blocks, device=device)
+        ids = block_ids[rows]
+        size = int(counts[ids].max())
+        # members[block, slot] = flat position of the point; padding repeats the block's first member, so that
+        # it leaves the block's distances (and diameter) unchanged.
+        slots = torch.arange(size, device=device)
+        valid = slots < counts[ids].unsqueeze(1)
+        members = order[starts[ids].unsqueeze(1) + torch.where(valid, slots, 0)]
+        points = pools.reshape(num_pools * r, dim)[members]
+        # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns are zero, so a padded
+        # candidate has no gain and a padded point adds none.
+        dist = torch.cdist(points, points)
+        if similarity == "distance":
+            sim = torch.sub(dist.amax(dim=(1, 2), keepdim=True), dist, out=dist)
+        else:
+            sim = dist.div_(-dim).exp_()
+        padding = ~valid
+        sim.masked_fill_(padding.unsqueeze(1), 0.0).masked_fill_(padding.unsqueeze(2), 0.0)
+        group_picks, group_gains = _dense_greedy(sim, valid, block_budgets[ids])
+        taken = group_picks.shape[1]
+        picks[rows, :taken] = group_picks
+        gains[rows, :taken] = group_gains
+        weights[rows, :taken] = _cluster_sizes(sim, valid, group_picks, group_gains)
+        members_all[rows, :taken] = members.gather(1, group_picks) % r
 
     # Back to (pool, class, step) layout, then to pool positions in greedy order.
     steps = picks.shape[1]
     shape = (num_pools * num_classes, steps)
     full_gains = gains.new_full(shape, -torch.inf).index_copy_(0, block_ids, gains)
-    full_indices = picks.new_zeros(shape).index_copy_(0, block_ids, members.gather(1, picks))
+    full_indices = picks.new_zeros(shape).index_copy_(0, block_ids, members_all)
     full_weights = weights.new_zeros(shape).index_copy_(0, block_ids, weights)
     shape3 = (num_pools, num_classes, steps)
     return _greedy_order(
         full_indices.view(shape3), full_weights.view(shape3), full_gains.view(shape3), budget
     )
+
+
+# Per greedy step, a run of blocks costs a fixed overhead of a few tensor operations plus its padded pairs; on
+# CPU the overhead equals roughly this many pairs (measured: ~60 us per step against ~0.5 ns per pair).
+_STEP_OVERHEAD_PAIRS = 120_000
+
+
+def _size_groups(sizes: Tensor) -> list[Tensor]:
+    """Split blocks sorted by ``sizes`` into 1, 2 or 4 runs of similar size, whichever is estimated cheapest.
+
+    A run of ``k`` blocks padded to ``n`` points takes about ``n`` steps (budgets grow with the class size), each
+    costing the fixed overhead plus ``k n^2`` pairs. Splitting pays off for many blocks of uneven sizes.
+    """
+    values: list[int] = sizes.tolist()
+    count = len(values)
+
+    def runs(groups: int) -> list[tuple[int, int]]:
+        bounds = sorted({round(count * q / groups) for q in range(groups + 1)})
+        return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+
+    def cost(groups: int) -> float:
+        return sum(
+            values[b - 1] * (_STEP_OVERHEAD_PAIRS + (b - a) * values[b - 1] ** 2) for a, b in runs(groups)
+        )
+
+    best = min((1, 2, 4), key=cost)
+    return [torch.arange(a, b, device=sizes.device) for a, b in runs(best)]
 
 
 def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
