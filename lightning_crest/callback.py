@@ -503,9 +503,7 @@ class CrestCallback(Callback):
         Measuring the flattening from the sharpest point reached keeps the intent in both cases and equals the
         paper's rule when the curvature only decreases.
         """
-        current = self._quadratic.curvature_norm()
-        # The relative slack keeps a ratio that is an integer up to float32 noise from rounding up by one.
-        return max(1, math.ceil(self.interval_mul * self._peak_curvature / current * (1 - 1e-6)))
+        return self._quadratic.check_interval(self.interval_mul, reference=self._peak_curvature)
 
     def _draw(self, count: int, size: int) -> Tensor:
         """``count`` class-stratified random subsets of ``size`` pool examples, disjoint while the pool allows."""

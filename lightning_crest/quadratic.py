@@ -346,11 +346,12 @@ class QuadraticModel:
         """
         return float(torch.linalg.vector_norm(self.hessian))
 
-    def check_interval(self, h: float) -> int:
+    def check_interval(self, h: float, reference: float | None = None) -> int:
         """Adaptive check interval ``T1 = ceil(h * ||H_0|| / ||H_t||)``, at least 1.
 
         Args:
             h: Positive base interval.
+            reference: The curvature norm to compare with; ``None`` uses ``||H_0||`` from the first anchor.
 
         Returns:
             Number of steps until the next quadratic-model check.
@@ -361,13 +362,14 @@ class QuadraticModel:
         """
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"h must be a positive finite number, got {h!r}")
-        if self._ref_norm is None:
+        reference = self._ref_norm if reference is None else reference
+        if reference is None:
             raise RuntimeError(
                 "QuadraticModel.check_interval() needs the reference curvature ||H_0||; "
                 "call update() and then anchor() first"
             )
         # eps > 0 guarantees a non-zero denominator.
-        value = h * self._ref_norm / self.curvature_norm()
+        value = h * reference / self.curvature_norm()
         return max(1, math.ceil(value * (1.0 - _CEIL_SLACK)))
 
     # ------------------------------------------------------------------ persistence

@@ -430,3 +430,13 @@ def test_cuda_params_with_cpu_generator() -> None:
     model.anchor([w], 1.0)
     assert model.gradient.device.type == "cuda"
     assert model.predict([w]) == pytest.approx(1.0)
+
+
+def test_check_interval_with_an_explicit_reference() -> None:
+    model = QuadraticModel(beta2=0.0, eps=0.25)
+    params = [torch.zeros(4)]
+    model.update([torch.zeros(4)], [torch.full((4,), 1.75)])  # hessian = 1.75 + 0.25 = 2, norm 4
+    model.anchor(params, 1.0)
+    assert model.check_interval(1.0, reference=12.0) == 3
+    assert model.check_interval(2.0, reference=4.0) == 2
+    assert model.check_interval(1.0, reference=1.0) == 1
