@@ -382,9 +382,10 @@ class CrestCallback(Callback):
             )
         subset = self._subset_size(n, global_batch)
         num_classes = int(labels.max()) + 1
-        if self.selection == "crest" and int((torch.bincount(labels) > 0).sum()) > global_batch:
+        present = int((torch.bincount(labels) > 0).sum())
+        if self.selection == "crest" and present > global_batch:
             raise ValueError(
-                f"The global batch of {global_batch} is smaller than the {num_classes} classes; every class of a "
+                f"The global batch of {global_batch} is smaller than the {present} classes; every class of a "
                 "random subset needs a pick. Raise `batch_size`."
             )
         self._trainer, self._module, self._dm = trainer, pl_module, dm
@@ -454,7 +455,6 @@ class CrestCallback(Callback):
         coresets, weights, losses = self._pick(subsets[:eager])
         pending = [(subset, torch.empty(0)) for subset in subsets[eager:]]
         self._dm.plan.replace([*zip(coresets.unbind(0), weights.unbind(0)), *pending])
-        self._dm.plan.resolve = self._resolve
 
         self._check_indices = subsets[0].clone()
         self._check_batches = None
