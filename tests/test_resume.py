@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,37 @@ def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     assert trainer.global_step == EPOCHS * STEPS
     assert interrupted.trained[:12] + resumed.trained == full.trained
     assert same_parameters(model, reference)
+
+
+class DiesInWorker(LabelledTensors):
+    """Its loader worker process exits abruptly after serving ``limit`` items (CREST's own reads are not counted)."""
+
+    def __init__(self, data: LabelledTensors, limit: int) -> None:
+        super().__init__(*data.tensors)
+        self.limit = limit
+        self.served = 0
+
+    def __getitem__(self, index: int) -> Any:
+        if torch.utils.data.get_worker_info() is not None:
+            self.served += 1
+            if self.served > self.limit:
+                os._exit(1)
+        return super().__getitem__(index)
+
+
+def test_dead_loader_worker_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
+    every = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    torch.manual_seed(0)
+    dying = CrestDataModule(DiesInWorker(blobs(n=N), limit=13 * BATCH), batch_size=BATCH, num_workers=1)
+    trainer = make_trainer([crest(), every], max_epochs=EPOCHS, enable_checkpointing=True)
+    with pytest.raises(RuntimeError, match="worker"):
+        trainer.fit(TinyClassifier(), datamodule=dying)
+    last = max(tmp_path.glob("step=*.ckpt"), key=lambda path: int(path.stem.split("=")[1]))
+    assert 4 <= torch.load(last, weights_only=True)["global_step"] < 13
+    resumed = crest()
+    trainer, _ = run(resumed, ckpt_path=str(last))
+    assert trainer.global_step == EPOCHS * STEPS
+    assert resumed.trained  # training went on from the checkpoint
 
 
 # --- faults and bad input ----------------------------------------------------------------------------------
