@@ -529,13 +529,17 @@ class CrestCallback(Callback):
 
     def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes."""
-        trainer, module = self._trainer, self._module
+        trainer = self._trainer
         assert trainer is not None
-        assert module is not None
-        mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
-        batches = [self._dm.fetch(chunk.tolist()) for chunk in torch.split(mine, self._dm.eval_batch_size)]
-        logits, losses = self._evaluate(batches)
+        logits, losses = self._evaluate(self._fetch_share(indices))
         return gather_shares(trainer, logits, len(indices)), gather_shares(trainer, losses, len(indices))
+
+    def _fetch_share(self, indices: Tensor) -> list[Any]:
+        """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples."""
+        trainer = self._trainer
+        assert trainer is not None
+        mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
+        return [self._dm.fetch(chunk.tolist()) for chunk in torch.split(mine, self._dm.eval_batch_size)]
 
     def _evaluate(self, batches: list[Any]) -> tuple[Tensor, Tensor]:
         trainer, module = self._trainer, self._module
@@ -610,10 +614,7 @@ class CrestCallback(Callback):
         with self._timed():
             indices = self._check_indices
             if self._check_batches is None:
-                mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
-                self._check_batches = [
-                    self._dm.fetch(c.tolist()) for c in torch.split(mine, self._dm.eval_batch_size)
-                ]
+                self._check_batches = self._fetch_share(indices)
             _, losses = self._evaluate(self._check_batches)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)

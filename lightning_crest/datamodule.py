@@ -91,11 +91,6 @@ class CrestDataModule(L.LightningDataModule):
         """Serve ``steps_per_epoch`` batches per epoch from :attr:`plan` (``None``: plain full epochs)."""
         self.steps_per_epoch = steps_per_epoch
 
-    @property
-    def prefetch_depth(self) -> int:
-        """Batches the training loader may request ahead of the step being trained."""
-        return 2 * self.num_workers
-
     @override
     def train_dataloader(self) -> DataLoader[Any]:
         trainer = self.trainer
