@@ -49,6 +49,9 @@ class CrestCallback(Callback):
         random_subset_size: Size ``r`` of each random subset: a fraction of the training set (float) or a count
             (int). A fraction never yields fewer examples than the global batch.
         tau: Tolerance of the quadratic model's relative error before re-selecting.
+        check_size: Examples of the first random subset on which the loss is measured at the selection and at
+            every check (the same examples both times); ``None`` uses the whole subset (``r``, the paper). Each
+            check is a forward pass over them, every ``T1`` steps.
         interval_mul: ``h``, scale of the adaptive check interval ``T1``.
         coreset_mul: ``b``, coresets per selection per step of ``T1``.
         drop_learned: Exclude learned examples from future random subsets.
@@ -92,6 +95,7 @@ class CrestCallback(Callback):
         fraction: float = 0.1,
         random_subset_size: float | int = 0.01,
         tau: float = 0.05,
+        check_size: int | None = None,
         interval_mul: float = 1.0,
         coreset_mul: int = 5,
         drop_learned: bool = True,
@@ -118,6 +122,8 @@ class CrestCallback(Callback):
         elif random_subset_size < 1:
             raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
         _check_range("tau", tau, 0.0, math.inf)
+        if check_size is not None:
+            _check_positive_int("check_size", check_size)
         _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
         _check_positive_int("coreset_mul", coreset_mul)
         _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
@@ -139,6 +145,7 @@ class CrestCallback(Callback):
         self.fraction = fraction
         self.random_subset_size = random_subset_size
         self.tau = tau
+        self.check_size = check_size
         self.interval_mul = interval_mul
         self.coreset_mul = coreset_mul
         self.drop_learned = drop_learned
@@ -381,6 +388,11 @@ class CrestCallback(Callback):
                 f"The training set has {n} examples, fewer than one global batch of {global_batch}."
             )
         subset = self._subset_size(n, global_batch)
+        if self.check_size is not None and self.check_size > subset:
+            raise ValueError(
+                f"`check_size`={self.check_size} exceeds the random subset size r={subset} it is drawn from; "
+                "lower it, raise `random_subset_size`, or pass None to check on the whole subset."
+            )
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
         if self.selection == "crest" and present > global_batch:
@@ -456,9 +468,11 @@ class CrestCallback(Callback):
         pending = [(subset, torch.empty(0)) for subset in subsets[eager:]]
         self._dm.plan.replace([*zip(coresets.unbind(0), weights.unbind(0)), *pending])
 
-        self._check_indices = subsets[0].clone()
+        # The check sample: a random part of the first subset, whose losses at this point are already known.
+        positions = torch.randperm(self._subset, generator=self._generator)[: self.check_size or self._subset]
+        self._check_indices = subsets[0][positions]
         self._check_batches = None
-        self._build_model(coresets, weights, float(losses[: self._subset].mean()))
+        self._build_model(coresets, weights, float(losses[positions].mean()))
         self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
         if self._selections > 0:
             self._interval = self._adapted_interval()

@@ -35,7 +35,8 @@ class CrestDataModule(L.LightningDataModule):
         batch_size: Examples per process and training step (one mini-batch coreset per step).
         num_workers: Data loader worker processes.
         eval_batch_size: Batch size of evaluation and of CREST's own forward passes; defaults to
-            ``4 * batch_size``.
+            ``batch_size``, a size known to fit and to run efficiently (on a 2-core CPU, a small CNN's forward
+            pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
         seed: Seed of the shuffle in plain epochs.
 
@@ -73,7 +74,7 @@ class CrestDataModule(L.LightningDataModule):
         self.test_dataset = test_dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.pin_memory = pin_memory
         self.seed = seed
         self.plan = CoresetPlan()

@@ -105,6 +105,47 @@ def test_adaptive_interval_and_coresets_follow_the_formulas() -> None:
     assert len({interval for interval, *_ in later}) >= 1
 
 
+class AnchorRecorder(Recorder):
+    """Also keeps, at every selection, the first subset, its losses, the check sample and the anchor loss."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.anchors: list[tuple[Tensor, Tensor, Tensor, float]] = []
+
+    def _pick(self, subsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        coresets, weights, losses = super()._pick(subsets)
+        self._last_pick = (subsets[0].clone(), losses[: subsets.shape[1]].clone())
+        return coresets, weights, losses
+
+    def _select_coresets(self, count: int) -> None:
+        super()._select_coresets(count)
+        first, losses = self._last_pick
+        anchor_loss = self._quadratic.anchor_loss
+        assert anchor_loss is not None
+        self.anchors.append((first, losses, self._check_indices.clone(), anchor_loss))
+
+
+@pytest.mark.parametrize("check_size", [None, 7])
+def test_check_sample_is_part_of_the_first_subset_measured_at_the_anchor(check_size: int | None) -> None:
+    callback = AnchorRecorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6, check_size=check_size)
+    fit(callback, max_epochs=1)
+    assert len(callback.anchors) > 2
+    samples = set()
+    for first, losses, check, anchor_loss in callback.anchors:
+        assert len(check) == (check_size or len(first))
+        assert len(set(check.tolist())) == len(check)
+        positions = [first.tolist().index(i) for i in check.tolist()]  # raises if one is not in the subset
+        # L0 is the loss of exactly the examples the checks evaluate: like is compared with like.
+        assert anchor_loss == pytest.approx(float(losses[positions].mean()), rel=1e-6)
+        samples.add(tuple(sorted(check.tolist())))
+    assert len(samples) == len(callback.anchors)  # a fresh sample at every selection
+
+
+def test_check_size_larger_than_the_subset() -> None:
+    with pytest.raises(ValueError, match="`check_size`=500 exceeds the random subset size r=120"):
+        fit(CrestCallback(random_subset_size=0.1, check_size=500), max_epochs=1)
+
+
 def test_random_baseline_uses_weight_one_and_no_model() -> None:
     callback = Recorder(selection="random")
     trainer, _ = fit(callback, max_epochs=2)
@@ -215,6 +256,7 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"hessian_params": "first"}, "`hessian_params`"),
         ({"selection": "craig"}, "`selection`"),
         ({"knn": -3}, "`knn`"),
+        ({"check_size": 0}, "`check_size`"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:

@@ -298,8 +298,8 @@ def test_many_uneven_blocks_are_solved_in_size_groups() -> None:
     labels = torch.randint(0, 10, (10, 600), generator=gen)
     labels[0, :150] = 0  # one large class makes the sizes uneven
     pools = torch.randn(10, 600, 10, generator=gen)
-    sizes = torch.sort(torch.stack([torch.bincount(row, minlength=10) for row in labels]).flatten()).values
-    assert len(_size_groups(sizes)) > 1  # this case takes the grouped path
+    sizes = sorted(torch.stack([torch.bincount(row, minlength=10) for row in labels]).flatten().tolist())
+    assert len(_size_groups(sizes, np.arange(len(sizes)))) > 1  # this case takes the grouped path
     batched = facility_location(pools, 128, labels)
     for p in range(10):
         single = facility_location(pools[p], 128, labels[p])  # ten blocks: one group

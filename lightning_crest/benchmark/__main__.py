@@ -51,6 +51,8 @@ def make_callback(method: str, budget: float, args: argparse.Namespace) -> Crest
         "fraction": budget,
         "tau": args.tau,
         "interval_mul": args.interval_mul,
+        "random_subset_size": args.random_subset_size,
+        "check_size": args.check_size,
         "drop_learned": method != "crest-no-drop",
         "second_order": method != "crest-first-order",
     }
@@ -217,6 +219,15 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _fraction_or_count(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() and "." not in text else value
+
+
+def _optional_count(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m lightning_crest.benchmark", description=__doc__)
     parser.add_argument("--dataset", default="fashion-mnist", choices=DATASET_NAMES)
@@ -234,6 +245,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--tau", type=float, default=0.05, help="CREST check tolerance")
     parser.add_argument("--interval-mul", type=float, default=1.0, help="CREST h")
+    parser.add_argument(
+        "--random-subset-size",
+        type=_fraction_or_count,
+        default=0.005,
+        help="CREST r: a fraction of the training set (a float) or a count (an int)",
+    )
+    parser.add_argument(
+        "--check-size",
+        type=_optional_count,
+        default=128,
+        help="examples of the first random subset the checks evaluate ('none': all of it)",
+    )
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))

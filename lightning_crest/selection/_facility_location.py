@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,27 +67,31 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
     Returns:
         ``(..., C)`` int64 budgets summing to ``budget`` along the last dimension.
     """
-    counts = counts.long()
-    total = counts.sum(-1, keepdim=True)
-    if bool((total < budget).any()) or bool(((counts > 0).sum(-1) > budget).any()):
+    return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), budget)).to(counts.device)
+
+
+def _class_budgets(counts: np.ndarray[Any, Any], budget: int) -> np.ndarray[Any, Any]:
+    """:func:`class_budgets` on an int64 array (the bookkeeping is a few small integer vectors: numpy is cheaper)."""
+    total = counts.sum(-1, keepdims=True)
+    present = (counts > 0).sum(-1)
+    if bool((total < budget).any()) or bool((present > budget).any()):
         raise ValueError(
             f"`budget`={budget} must lie between the number of classes present and the pool size; "
-            f"got pools of sizes {total.flatten().tolist()} with {(counts > 0).sum(-1).flatten().tolist()} classes."
+            f"got pools of sizes {total.ravel().tolist()} with {present.ravel().tolist()} classes."
         )
     base = budget * counts // total
     remainder = budget * counts % total
-    leftover = budget - base.sum(-1, keepdim=True)
-    # Rank classes by remainder (stable sort keeps lower class indices first on ties).
-    order = torch.sort(remainder, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(counts.shape[-1]).expand_as(order).contiguous()
-    )
-    budgets = base + (rank < leftover).long()
+    leftover = budget - base.sum(-1, keepdims=True)
+    # Rank classes by remainder (a stable sort of the negated remainders keeps lower class indices first on ties).
+    order = np.argsort(-remainder, axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(counts.shape[-1]), order.shape), axis=-1)
+    budgets: np.ndarray[Any, Any] = base + (rank < leftover)
     starved = (counts > 0) & (budgets == 0)
     if bool(starved.any()):
-        flat, flat_counts = budgets.view(-1, counts.shape[-1]), counts.reshape(-1, counts.shape[-1])
-        for row in torch.nonzero(starved.view(-1, counts.shape[-1]).any(-1)).flatten().tolist():
-            for cls in torch.nonzero((flat_counts[row] > 0) & (flat[row] == 0)).flatten().tolist():
+        flat, flat_counts = budgets.reshape(-1, counts.shape[-1]), counts.reshape(-1, counts.shape[-1])
+        for row in np.flatnonzero(starved.reshape(-1, counts.shape[-1]).any(-1)).tolist():
+            for cls in np.flatnonzero((flat_counts[row] > 0) & (flat[row] == 0)).tolist():
                 flat[row, int(flat[row].argmax())] -= 1
                 flat[row, cls] = 1
     return budgets
@@ -132,15 +137,15 @@ def facility_location(
     pools = features if batched else features.unsqueeze(0)
     work_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     pools = pools.to(work_dtype)
+    # The bookkeeping by class runs in numpy on the host: (pool, class) pairs get flat ids pool * C + class.
+    num_pools, r = pools.shape[:2]
     if labels is None:
-        classes = torch.zeros(pools.shape[:2], dtype=torch.long, device=pools.device)
+        classes = np.zeros((num_pools, r), dtype=np.int64)
     else:
-        classes = (labels if batched else labels.unsqueeze(0)).long()
-    # Classes are counted once per call: (pool, class) pairs get flat ids pool * C + class.
+        classes = labels.detach().cpu().numpy().astype(np.int64, copy=False).reshape(num_pools, r)
     num_classes = int(classes.max()) + 1
-    offsets = num_classes * torch.arange(classes.shape[0], device=classes.device).unsqueeze(1)
-    flat_ids = (classes + offsets).flatten()
-    counts = torch.bincount(flat_ids, minlength=classes.shape[0] * num_classes).view(-1, num_classes)
+    flat_ids = (classes + num_classes * np.arange(num_pools)[:, None]).ravel()
+    counts = np.bincount(flat_ids, minlength=num_pools * num_classes).reshape(num_pools, num_classes)
     present = int((counts > 0).sum(1).max())
     if present > budget:
         raise ValueError(
@@ -152,7 +157,8 @@ def facility_location(
     else:
         search = get_backend(backend, device=pools.device, pool_size=pools.shape[1])
         parts = [
-            _sparse_selection(pool, cls, budget, similarity, knn, search) for pool, cls in zip(pools, classes)
+            _sparse_selection(pool, torch.from_numpy(cls).to(pool.device), budget, similarity, knn, search)
+            for pool, cls in zip(pools, classes)
         ]
         result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
     if batched:
@@ -200,22 +206,22 @@ def _similarity(dist: Tensor, diameter: Tensor | float, similarity: str, dim: in
 
 
 def _dense_selection(
-    pools: Tensor, flat_ids: Tensor, counts: Tensor, budget: int, similarity: str
+    pools: Tensor, flat_ids: np.ndarray[Any, Any], counts: np.ndarray[Any, Any], budget: int, similarity: str
 ) -> Selection:
     """Greedy on one dense similarity block per (pool, class), all blocks advanced together.
 
     ``flat_ids`` ``(P * r,)`` numbers each point's (pool, class) pair ``pool * C + class``; ``counts`` ``(P, C)``.
+    Index bookkeeping is done in numpy; only the similarity blocks and the greedy run on ``pools.device``.
     """
     num_pools, r, dim = pools.shape
     num_classes = counts.shape[1]
     device = pools.device
-    budgets = class_budgets(counts.cpu(), budget).to(device)
-    counts = counts.flatten()
+    block_budgets = _class_budgets(counts, budget).ravel()
+    flat_counts = counts.ravel()
     # Every class present has a pick (class_budgets), so the blocks are exactly the non-empty classes.
-    nonempty = counts > 0
-    block_ids = torch.nonzero(nonempty).flatten()
+    block_ids = np.flatnonzero(flat_counts)
     num_blocks = len(block_ids)
-    size = int(counts.max())
+    size = int(flat_counts.max())
     if 2 * num_blocks * size * size * pools.element_size() > MAX_DENSE_BYTES:
         raise ValueError(
             f"The dense similarity for pools of shape {tuple(pools.shape)} needs "
@@ -225,27 +231,26 @@ def _dense_selection(
 
     # Blocks of very different sizes are solved in groups of similar size: each group is padded only to its own
     # largest block and runs only as many steps as its largest budget.
-    order = torch.sort(flat_ids, stable=True).indices
-    starts = torch.cumsum(counts, 0) - counts
-    block_budgets = budgets.flatten()
+    order = np.argsort(flat_ids, kind="stable")
+    starts = np.cumsum(flat_counts) - flat_counts
     steps = int(block_budgets.max())
-    picks = torch.zeros(num_blocks, steps, dtype=torch.long, device=device)
-    gains = pools.new_full((num_blocks, steps), -torch.inf)
-    weights = torch.zeros(num_blocks, steps, dtype=torch.float32, device=device)
-    members_all = torch.zeros(num_blocks, steps, dtype=torch.long, device=device)
-    block_sizes = counts[block_ids]
-    by_size = torch.argsort(block_sizes, stable=True)
-    groups = _size_groups(block_sizes[by_size])
-    for group in groups:
-        rows = by_size[group] if len(groups) > 1 else torch.arange(num_blocks, device=device)
+    shape = (num_pools * num_classes, steps)
+    indices = torch.zeros(shape, dtype=torch.long, device=device)
+    gains = pools.new_full(shape, -torch.inf)
+    weights = torch.zeros(shape, dtype=torch.float32, device=device)
+    block_sizes = flat_counts[block_ids]
+    by_size = np.argsort(block_sizes, kind="stable")
+    points_all = pools.reshape(num_pools * r, dim)
+    for rows in _size_groups(block_sizes[by_size].tolist(), by_size):
         ids = block_ids[rows]
-        size = int(counts[ids].max())
+        size = int(flat_counts[ids].max())
         # members[block, slot] = flat position of the point; padding repeats the block's first member, so that
         # it leaves the block's distances (and diameter) unchanged.
-        slots = torch.arange(size, device=device)
-        valid = slots < counts[ids].unsqueeze(1)
-        members = order[starts[ids].unsqueeze(1) + torch.where(valid, slots, 0)]
-        points = pools.reshape(num_pools * r, dim)[members]
+        slots = np.arange(size)
+        valid_np = slots < flat_counts[ids][:, None]
+        members = torch.from_numpy(order[starts[ids][:, None] + np.where(valid_np, slots, 0)]).to(device)
+        valid = torch.from_numpy(valid_np).to(device)
+        points = points_all[members]
         # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns are zero, so a padded
         # candidate has no gain and a padded point adds none.
         dist = torch.cdist(points, points)
@@ -255,23 +260,16 @@ def _dense_selection(
             sim = dist.div_(-dim).exp_()
         padding = ~valid
         sim.masked_fill_(padding.unsqueeze(1), 0.0).masked_fill_(padding.unsqueeze(2), 0.0)
-        group_picks, group_gains = _dense_greedy(sim, valid, block_budgets[ids])
+        group_picks, group_gains = _dense_greedy(sim, valid, torch.from_numpy(block_budgets[ids]))
         taken = group_picks.shape[1]
-        picks[rows, :taken] = group_picks
-        gains[rows, :taken] = group_gains
-        weights[rows, :taken] = _cluster_sizes(sim, valid, group_picks, group_gains)
-        members_all[rows, :taken] = members.gather(1, group_picks) % r
+        target = torch.from_numpy(ids).to(device)
+        indices[target, :taken] = members.gather(1, group_picks) % r
+        gains[target, :taken] = group_gains
+        weights[target, :taken] = _cluster_sizes(sim, valid, group_picks, group_gains)
 
-    # Back to (pool, class, step) layout, then to pool positions in greedy order.
-    steps = picks.shape[1]
-    shape = (num_pools * num_classes, steps)
-    full_gains = gains.new_full(shape, -torch.inf).index_copy_(0, block_ids, gains)
-    full_indices = picks.new_zeros(shape).index_copy_(0, block_ids, members_all)
-    full_weights = weights.new_zeros(shape).index_copy_(0, block_ids, weights)
+    # From (pool, class, step) layout to pool positions in greedy order.
     shape3 = (num_pools, num_classes, steps)
-    return _greedy_order(
-        full_indices.view(shape3), full_weights.view(shape3), full_gains.view(shape3), budget
-    )
+    return _greedy_order(indices.view(shape3), weights.view(shape3), gains.view(shape3), budget)
 
 
 # Per greedy step, a run of blocks costs a fixed overhead of a few tensor operations plus its padded pairs; on
@@ -279,14 +277,13 @@ def _dense_selection(
 _STEP_OVERHEAD_PAIRS = 120_000
 
 
-def _size_groups(sizes: Tensor) -> list[Tensor]:
-    """Split blocks sorted by ``sizes`` into 1, 2 or 4 runs of similar size, whichever is estimated cheapest.
+def _size_groups(sizes: list[int], blocks: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+    """Split ``blocks`` (sorted by their ``sizes``) into 1, 2 or 4 runs of similar size, the cheapest estimate.
 
     A run of ``k`` blocks padded to ``n`` points takes about ``n`` steps (budgets grow with the class size), each
     costing the fixed overhead plus ``k n^2`` pairs. Splitting pays off for many blocks of uneven sizes.
     """
-    values: list[int] = sizes.tolist()
-    count = len(values)
+    count = len(sizes)
 
     def runs(groups: int) -> list[tuple[int, int]]:
         bounds = sorted({round(count * q / groups) for q in range(groups + 1)})
@@ -294,11 +291,11 @@ def _size_groups(sizes: Tensor) -> list[Tensor]:
 
     def cost(groups: int) -> float:
         return sum(
-            values[b - 1] * (_STEP_OVERHEAD_PAIRS + (b - a) * values[b - 1] ** 2) for a, b in runs(groups)
+            sizes[b - 1] * (_STEP_OVERHEAD_PAIRS + (b - a) * sizes[b - 1] ** 2) for a, b in runs(groups)
         )
 
     best = min((1, 2, 4), key=cost)
-    return [torch.arange(a, b, device=sizes.device) for a, b in runs(best)]
+    return [blocks[a:b] for a, b in runs(best)]
 
 
 def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
@@ -311,6 +308,7 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
     Returns ``(K, max budget)`` picks (slots in the block) and gains, ``-inf`` where a block's budget is spent.
     """
     steps = int(budgets.max())
+    budgets = budgets.to(sim.device)
     picks, gains = _greedy_steps(sim, valid, steps, mask=False)
     spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
     # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
