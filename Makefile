@@ -35,7 +35,7 @@ bench: $(STAMP)
 # The full Fashion-MNIST comparison (under an hour on 2 cores).
 benchmark: $(STAMP)
 	scripts/fetch-fashion-mnist data
-	$(PY) -m lightning_crest.benchmark --budget 0.1 --seeds 3 --output benchmarks/results/fashion_mnist.json
+	$(PY) -m lightning_crest.benchmark --budget 0.1 0.2 --seeds 3 --output benchmarks/results/fashion_mnist.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

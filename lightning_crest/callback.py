@@ -85,10 +85,12 @@ class CrestCallback(Callback):
     _dm: CrestDataModule
     _pool: Tensor | None
     _check_batches: list[Any] | None
-    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int] | None
+    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
+    _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
+    _epoch_floor: int  # after a restore: the earliest epoch that can start
 
     def __init__(
         self,
@@ -218,7 +220,12 @@ class CrestCallback(Callback):
         inside an epoch, and also when the checkpoint was saved on the epoch's last step (in
         ``on_train_batch_end``), where the resumed run starts the next epoch at once: then the sampler calls this
         when the new epoch's first batch is read (:attr:`CoresetPlan.on_epoch_start`).
+
+        The sampler's epoch can lag: resuming with loader workers from a checkpoint saved at an epoch's end,
+        Lightning starts reading the next epoch before it sets the sampler's epoch (or its own). The restored state
+        knows which epoch comes next (``_epoch_floor``).
         """
+        epoch = max(epoch, self._epoch_floor)
         if epoch == self._started_epoch:
             return
         self._started_epoch = epoch
@@ -247,6 +254,7 @@ class CrestCallback(Callback):
     ) -> None:
         if not self._weights_checked:
             self._check_weights_used(batch)
+        self._trained += 1
         self._steps_since_selection += 1
         self._epoch_step = batch_idx + 1
         if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
@@ -281,7 +289,13 @@ class CrestCallback(Callback):
             "plan_indices": [idx for idx, _ in plan.batches],
             "plan_weights": [w for _, w in plan.batches],
             "plan_cursor": plan.cursor,
+            # Batches loader workers read ahead but training has not reached: served first after a restore.
+            "in_flight_indices": [idx for idx, _ in plan.served_since(plan.served - self._trained)],
+            "in_flight_weights": [w for _, w in plan.served_since(plan.served - self._trained)],
             "epoch_step": self._epoch_step,
+            # The epoch whose start-of-epoch work ran, and whether all its steps were trained.
+            "epoch": self._started_epoch,
+            "epoch_done": self._epoch_step == self._steps_per_epoch,
         }
 
     @override
@@ -308,10 +322,12 @@ class CrestCallback(Callback):
         self._weights_checked = bool(state_dict["weights_checked"])
         self._pool_size = int(self._pool.sum())
         self._epoch_step = int(state_dict.get("epoch_step", 0))
+        self._epoch_floor = int(state_dict.get("epoch", -1)) + bool(state_dict.get("epoch_done", False))
         self._restored_plan = (
             list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
             int(state_dict["plan_cursor"]),
             self._epoch_step,
+            list(zip(state_dict.get("in_flight_indices", []), state_dict.get("in_flight_weights", []))),
         )
         if self._dm is not None:  # Lightning restores callbacks after `setup`
             self._apply_restored_plan(self._dm)
@@ -355,7 +371,9 @@ class CrestCallback(Callback):
         self._last_drop_epoch = -1
         self._weights_checked = False
         self._epoch_step = 0
+        self._trained = 0
         self._started_epoch = -1
+        self._epoch_floor = 0
         self._restored_plan = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -410,6 +428,8 @@ class CrestCallback(Callback):
         dm.plan.refill = self._select
         dm.plan.on_epoch_start = self._begin_epoch
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
+        dm.plan.restart()
+        self._trained = 0
         self._started_epoch = -1
         if self._pool is None or len(self._pool) != n:
             self._pool = torch.ones(n, dtype=torch.bool)
@@ -421,9 +441,10 @@ class CrestCallback(Callback):
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:
         """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
         assert self._restored_plan is not None
-        batches, cursor, epoch_step = self._restored_plan
+        batches, cursor, epoch_step, in_flight = self._restored_plan
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step
+        dm.plan.replay = list(in_flight)
         self._restored_plan = None
 
     def _subset_size(self, n: int, global_batch: int) -> int:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
+
+# Batches a CoresetPlan remembers having served: far more than any loader reads ahead.
+_RECENT = 1024
 
 # What the sampler yields for one example: its position in the training set and its weight.
 Key = tuple[int, float]
@@ -23,6 +27,10 @@ class CoresetPlan:
     empty weights is a random subset whose coreset is not picked yet: :attr:`resolve` turns it into
     ``(indices, weights)`` the first time the sampler reaches it.
 
+    Loader workers read batches ahead of training. :attr:`served` counts the batches handed out and
+    :meth:`served_since` returns the last ones, so that a checkpoint can keep those read but not yet trained;
+    :attr:`replay` holds such batches after a restore, and they are served again, first, before the plan goes on.
+
     :attr:`resume_step` is the in-epoch step the next epoch iterator starts from: ``0``, except after restoring a
     checkpoint saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps
     that are left. The iterator reads it once and sets it back to ``0``. An iterator that starts an epoch at step
@@ -33,6 +41,9 @@ class CoresetPlan:
     def __init__(self) -> None:
         self.batches: list[tuple[Tensor, Tensor]] = []
         self.cursor = 0
+        self.served = 0
+        self.replay: list[tuple[Tensor, Tensor]] = []
+        self._recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=_RECENT)
         self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
         self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
@@ -46,8 +57,28 @@ class CoresetPlan:
         self.batches = [(idx.cpu(), w.cpu()) for idx, w in batches]
         self.cursor = cursor
 
+    def served_since(self, count: int) -> list[tuple[Tensor, Tensor]]:
+        """The last ``count`` batches served (at most the last 1024)."""
+        if count > len(self._recent):
+            raise RuntimeError(
+                f"{count} batches are read ahead of training, more than the {len(self._recent)} the plan keeps; "
+                "lower the data loader's `prefetch_factor * num_workers`."
+            )
+        return list(self._recent)[len(self._recent) - count :] if count > 0 else []
+
+    def restart(self) -> None:
+        """Forget what was served: a new data loader starts reading."""
+        self.served = 0
+        self._recent.clear()
+
     def next(self, steps_left: int) -> tuple[Tensor, Tensor]:
-        """The next global batch; refills the plan first when it is empty."""
+        """The next global batch: a replayed one, else the plan's next (refilled first when it is empty)."""
+        batch = self.replay.pop(0) if self.replay else self._next_planned(steps_left)
+        self.served += 1
+        self._recent.append(batch)
+        return batch
+
+    def _next_planned(self, steps_left: int) -> tuple[Tensor, Tensor]:
         if not self.batches and self.refill is not None:
             self.refill(steps_left)
         if not self.batches:

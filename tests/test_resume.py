@@ -102,16 +102,19 @@ def same_parameters(a: L.LightningModule, b: L.LightningModule) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize("selection", ["crest", "random"])
-def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(tmp_path: Path, selection: str) -> None:
+@pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0), ("crest", 2)])
+def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(
+    tmp_path: Path, selection: str, num_workers: int
+) -> None:
     # One uninterrupted run saves a checkpoint after every 3rd step (mid-epoch at steps 3, 6, 13, ..., and on an
     # epoch's last step at 30) and one after every epoch; resuming from any of them must give the same later
     # selections, the same batches and bit-identical final parameters. On CPU with one thread-count and the same
-    # data order every operation is repeated in the same order, so exact equality is the right test.
+    # data order every operation is repeated in the same order, so exact equality is the right test. With loader
+    # workers, the batches read ahead of training at a checkpoint are saved with it and served first on resume.
     steps = ModelCheckpoint(tmp_path / "steps", filename="{step}", every_n_train_steps=3, save_top_k=-1)
     epochs = ModelCheckpoint(tmp_path / "epochs", filename="{epoch}", every_n_epochs=1, save_top_k=-1)
     full = crest(selection=selection)
-    trainer, reference = run(full, extra=[steps, epochs], enable_checkpointing=True)
+    trainer, reference = run(full, extra=[steps, epochs], enable_checkpointing=True, num_workers=num_workers)
     assert trainer.global_step == EPOCHS * STEPS
     if selection == "crest":
         assert len(full.selections) > 3  # re-selections happen after the resume points
@@ -119,7 +122,7 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(tmp_path: Path, selecti
     for ckpt in ("steps/step=12.ckpt", "steps/step=15.ckpt", "epochs/epoch=0.ckpt"):
         resumed = crest(selection=selection)
         start = torch.load(tmp_path / ckpt, weights_only=True)["global_step"]
-        trainer, model = run(resumed, ckpt_path=str(tmp_path / ckpt))
+        trainer, model = run(resumed, ckpt_path=str(tmp_path / ckpt), num_workers=num_workers)
         assert trainer.global_step == EPOCHS * STEPS, ckpt
         assert resumed.trained == [t for t in full.trained if t[0] > start], ckpt
         # Checkpoints are written after CREST's on_train_batch_end and before the next on_train_epoch_start.
@@ -128,7 +131,7 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(tmp_path: Path, selecti
         assert same_parameters(model, reference), ckpt
 
 
-@pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0)])
+@pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0), ("crest", 2)])
 def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str, num_workers: int) -> None:
     # every_n_train_steps = steps per epoch saves on the last batch of each epoch (in on_train_batch_end, before
     # on_train_epoch_end). Lightning then resumes straight into the next epoch without calling

@@ -309,8 +309,12 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
     """
     steps = int(budgets.max())
     budgets = budgets.to(sim.device)
-    picks, gains = _greedy_steps(sim, valid, steps, mask=False)
     spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
+    num_blocks, size, _ = sim.shape
+    if size > 4 * _LAZY_WIDTH and num_blocks * size * size >= _LAZY_MIN_PAIRS:
+        picks, gains = _lazy_greedy_steps(sim, valid, spent, _LAZY_WIDTH)
+        return picks, gains.masked_fill_(spent, -torch.inf)
+    picks, gains = _greedy_steps(sim, valid, steps, mask=False)
     # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
     # argmax can only return one when every gain of its block is zero. The masked greedy settles those cases.
     if bool((gains <= 0).logical_and_(~spent).any()):
@@ -342,6 +346,51 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
         best_gain, best = gain.max(dim=1)
         if excluded is not None:
             excluded[rows, best] = -torch.inf
+        torch.maximum(coverage, sim[rows, best], out=coverage)
+        pick_list.append(best)
+        gain_list.append(best_gain)
+    return torch.stack(pick_list, dim=1), torch.stack(gain_list, dim=1)
+
+
+# The lazy greedy evaluates this many candidates per block and step; it pays off on large batches of blocks.
+_LAZY_WIDTH = 16
+_LAZY_MIN_PAIRS = 200_000
+
+
+def _lazy_greedy_steps(sim: Tensor, valid: Tensor, spent: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """The masked naive greedy of :func:`_greedy_steps`, same picks and gains, evaluating few candidates per step.
+
+    Gains only shrink as the coverage grows (submodularity), so a gain computed at an earlier step bounds the
+    current one from above. Each step computes the exact gains of the ``width`` candidates of largest bound in
+    every block; the best of them is the greedy pick when its gain exceeds every other bound, and then the
+    candidates of equal gain are all among those evaluated, so taking the lowest index among them breaks ties
+    as the naive greedy does. Blocks whose budget is ``spent`` at a step need no exact pick. When some block's
+    best is not certain, every gain of that block is computed, as in the naive greedy.
+    """
+    num_blocks, size, _ = sim.shape
+    steps = spent.shape[1]
+    rows = torch.arange(num_blocks, device=sim.device)
+    coverage = sim.new_zeros(num_blocks, size)
+    # Exact gains at zero coverage (similarities are non-negative); -inf marks padded and picked candidates.
+    bound = sim.sum(dim=2).masked_fill_(~valid, -torch.inf)
+    pick_list: list[Tensor] = []
+    gain_list: list[Tensor] = []
+    for step in range(steps):
+        top_bounds, top = bound.topk(width + 1, dim=1)
+        candidates = top[:, :width].sort(dim=1).values
+        gain = torch.sub(sim[rows.unsqueeze(1), candidates], coverage.unsqueeze(1)).clamp_(min=0).sum(dim=2)
+        gain.masked_fill_(bound.gather(1, candidates) == -torch.inf, -torch.inf)
+        best_gain, best_slot = gain.max(dim=1)
+        best = candidates.gather(1, best_slot.unsqueeze(1)).squeeze(1)
+        bound.scatter_(1, candidates, gain)
+        unsure = ~((best_gain > top_bounds[:, width]) | spent[:, step])
+        if bool(unsure.any()):
+            redo = torch.nonzero(unsure).flatten()
+            full = torch.sub(sim[redo], coverage[redo].unsqueeze(1)).clamp_(min=0).sum(dim=2)
+            full.masked_fill_(bound[redo] == -torch.inf, -torch.inf)
+            bound[redo] = full
+            best_gain[redo], best[redo] = full.max(dim=1)
+        bound[rows, best] = -torch.inf
         torch.maximum(coverage, sim[rows, best], out=coverage)
         pick_list.append(best)
         gain_list.append(best_gain)
