@@ -191,30 +191,6 @@ def test_greedy_on_precomputed_similarity_matches_apricot(apricot_selection: typ
     assert gains[0].numpy() == pytest.approx(apricot.gains, rel=1e-9)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_lazy_greedy_equals_naive_greedy(seed: int) -> None:
-    """Same picks and bitwise the same gains, ties (duplicate points) and padded blocks included."""
-    from lightning_crest.selection._facility_location import _greedy_steps, _lazy_greedy_steps
-
-    gen = torch.Generator().manual_seed(seed)
-    num_blocks, size = 12, 90
-    points = torch.randn(num_blocks, size, 4, generator=gen)
-    if seed % 2 == 0:
-        points[:, : size // 3] = 0.0  # a third of each block is one repeated point: exact ties
-    sizes = torch.randint(size // 2, size + 1, (num_blocks,), generator=gen)
-    valid = torch.arange(size) < sizes.unsqueeze(1)
-    dist = torch.cdist(points, points)
-    sim = dist.amax(dim=(1, 2), keepdim=True) - dist
-    sim.masked_fill_(~valid.unsqueeze(1), 0.0).masked_fill_(~valid.unsqueeze(2), 0.0)
-    budgets = torch.minimum(torch.randint(5, 45, (num_blocks,), generator=gen), sizes)
-    steps = int(budgets.max())
-    spent = torch.arange(steps) >= budgets.unsqueeze(1)
-    naive_picks, naive_gains = _greedy_steps(sim, valid, steps, mask=True)
-    lazy_picks, lazy_gains = _lazy_greedy_steps(sim, valid, spent, width=8)
-    assert torch.equal(lazy_picks[~spent], naive_picks[~spent])
-    assert torch.equal(lazy_gains[~spent], naive_gains[~spent])
-
-
 # --- kNN similarity -------------------------------------------------------------------------------------------
 
 

@@ -251,15 +251,13 @@ def _dense_selection(
         members = torch.from_numpy(order[starts[ids][:, None] + np.where(valid_np, slots, 0)]).to(device)
         valid = torch.from_numpy(valid_np).to(device)
         points = points_all[members]
-        # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns are zero, so a padded
-        # candidate has no gain and a padded point adds none.
+        # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns copy the first member's; the
+        # greedy starts padded points fully covered, so they add no gain (see _greedy_steps).
         dist = torch.cdist(points, points)
         if similarity == "distance":
             sim = torch.sub(dist.amax(dim=(1, 2), keepdim=True), dist, out=dist)
         else:
             sim = dist.div_(-dim).exp_()
-        padding = ~valid
-        sim.masked_fill_(padding.unsqueeze(1), 0.0).masked_fill_(padding.unsqueeze(2), 0.0)
         group_picks, group_gains = _dense_greedy(sim, valid, torch.from_numpy(block_budgets[ids]))
         taken = group_picks.shape[1]
         target = torch.from_numpy(ids).to(device)
@@ -302,18 +300,14 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
     """Exact greedy on ``(K, n, n)`` similarity blocks, ``sim[b, j, i]`` = how well ``j`` covers ``i``.
 
     All blocks are advanced together, one pick per block and step, up to the largest budget; a block whose own
-    budget is spent keeps picking and the extra picks are discarded at the end. ``sim`` must be zero in padded
-    rows and columns (``valid`` false).
+    budget is spent keeps picking and the extra picks are discarded at the end. A padded row or column
+    (``valid`` false) must be zero or a copy of the block's first member's.
 
     Returns ``(K, max budget)`` picks (slots in the block) and gains, ``-inf`` where a block's budget is spent.
     """
     steps = int(budgets.max())
     budgets = budgets.to(sim.device)
     spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
-    num_blocks, size, _ = sim.shape
-    if size > 4 * _LAZY_WIDTH and num_blocks * size * size >= _LAZY_MIN_PAIRS:
-        picks, gains = _lazy_greedy_steps(sim, valid, spent, _LAZY_WIDTH)
-        return picks, gains.masked_fill_(spent, -torch.inf)
     picks, gains = _greedy_steps(sim, valid, steps, mask=False)
     # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
     # argmax can only return one when every gain of its block is zero. The masked greedy settles those cases.
@@ -328,12 +322,14 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
     The gain of ``j`` is ``sum_i max(s_ji - c_i, 0)`` with ``c`` the current coverage, recomputed for every
     candidate at every step (on small blocks a handful of batched passes beats a lazy priority queue). It is
     computed directly, not as a difference of two large sums, so that small late gains keep their precision.
-    Without ``mask`` picked and padded candidates are not excluded (they have a zero gain); with ``mask`` they
-    get ``-inf``.
+    Padded points start with an infinite coverage, so they never add gain. Without ``mask`` picked and padded
+    candidates are not excluded: a picked one has a zero gain, a padded one a zero gain or that of the first
+    member, whose lower index wins the tie. With ``mask`` they get ``-inf``.
     """
     num_blocks, size, _ = sim.shape
     rows = torch.arange(num_blocks, device=sim.device)
-    coverage = sim.new_zeros(num_blocks, size)
+    coverage = sim.new_zeros(num_blocks, size).masked_fill_(~valid, torch.inf)
+    flat_rows, row_starts = sim.reshape(num_blocks * size, size), rows * size  # sim[b, j] = flat_rows[b n + j]
     scratch = torch.empty_like(sim)
     excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf) if mask else None
     pick_list: list[Tensor] = []
@@ -346,52 +342,7 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
         best_gain, best = gain.max(dim=1)
         if excluded is not None:
             excluded[rows, best] = -torch.inf
-        torch.maximum(coverage, sim[rows, best], out=coverage)
-        pick_list.append(best)
-        gain_list.append(best_gain)
-    return torch.stack(pick_list, dim=1), torch.stack(gain_list, dim=1)
-
-
-# The lazy greedy evaluates this many candidates per block and step; it pays off on large batches of blocks.
-_LAZY_WIDTH = 16
-_LAZY_MIN_PAIRS = 200_000
-
-
-def _lazy_greedy_steps(sim: Tensor, valid: Tensor, spent: Tensor, width: int) -> tuple[Tensor, Tensor]:
-    """The masked naive greedy of :func:`_greedy_steps`, same picks and gains, evaluating few candidates per step.
-
-    Gains only shrink as the coverage grows (submodularity), so a gain computed at an earlier step bounds the
-    current one from above. Each step computes the exact gains of the ``width`` candidates of largest bound in
-    every block; the best of them is the greedy pick when its gain exceeds every other bound, and then the
-    candidates of equal gain are all among those evaluated, so taking the lowest index among them breaks ties
-    as the naive greedy does. Blocks whose budget is ``spent`` at a step need no exact pick. When some block's
-    best is not certain, every gain of that block is computed, as in the naive greedy.
-    """
-    num_blocks, size, _ = sim.shape
-    steps = spent.shape[1]
-    rows = torch.arange(num_blocks, device=sim.device)
-    coverage = sim.new_zeros(num_blocks, size)
-    # Exact gains at zero coverage (similarities are non-negative); -inf marks padded and picked candidates.
-    bound = sim.sum(dim=2).masked_fill_(~valid, -torch.inf)
-    pick_list: list[Tensor] = []
-    gain_list: list[Tensor] = []
-    for step in range(steps):
-        top_bounds, top = bound.topk(width + 1, dim=1)
-        candidates = top[:, :width].sort(dim=1).values
-        gain = torch.sub(sim[rows.unsqueeze(1), candidates], coverage.unsqueeze(1)).clamp_(min=0).sum(dim=2)
-        gain.masked_fill_(bound.gather(1, candidates) == -torch.inf, -torch.inf)
-        best_gain, best_slot = gain.max(dim=1)
-        best = candidates.gather(1, best_slot.unsqueeze(1)).squeeze(1)
-        bound.scatter_(1, candidates, gain)
-        unsure = ~((best_gain > top_bounds[:, width]) | spent[:, step])
-        if bool(unsure.any()):
-            redo = torch.nonzero(unsure).flatten()
-            full = torch.sub(sim[redo], coverage[redo].unsqueeze(1)).clamp_(min=0).sum(dim=2)
-            full.masked_fill_(bound[redo] == -torch.inf, -torch.inf)
-            bound[redo] = full
-            best_gain[redo], best[redo] = full.max(dim=1)
-        bound[rows, best] = -torch.inf
-        torch.maximum(coverage, sim[rows, best], out=coverage)
+        torch.maximum(coverage, flat_rows.index_select(0, row_starts + best), out=coverage)
         pick_list.append(best)
         gain_list.append(best_gain)
     return torch.stack(pick_list, dim=1), torch.stack(gain_list, dim=1)
