@@ -329,7 +329,8 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
     num_blocks, size, _ = sim.shape
     rows = torch.arange(num_blocks, device=sim.device)
     coverage = sim.new_zeros(num_blocks, size).masked_fill_(~valid, torch.inf)
-    flat_rows, row_starts = sim.reshape(num_blocks * size, size), rows * size  # sim[b, j] = flat_rows[b n + j]
+    # sim[b, j] is row b * size + j of flat_rows.
+    flat_rows, row_starts = sim.reshape(num_blocks * size, size), rows * size
     scratch = torch.empty_like(sim)
     excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf) if mask else None
     pick_list: list[Tensor] = []
