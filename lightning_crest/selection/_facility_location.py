@@ -84,8 +84,7 @@ def _class_budgets(counts: np.ndarray[Any, Any], budget: int) -> np.ndarray[Any,
     leftover = budget - base.sum(-1, keepdims=True)
     # Rank classes by remainder (a stable sort of the negated remainders keeps lower class indices first on ties).
     order = np.argsort(-remainder, axis=-1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(counts.shape[-1]), order.shape), axis=-1)
+    rank = np.argsort(order, axis=-1)  # the inverse permutation: each class's place in that order
     budgets: np.ndarray[Any, Any] = base + (rank < leftover)
     starved = (counts > 0) & (budgets == 0)
     if bool(starved.any()):
@@ -333,20 +332,21 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
     flat_rows, row_starts = sim.reshape(num_blocks * size, size), rows * size
     scratch = torch.empty_like(sim)
     excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf) if mask else None
-    pick_list: list[Tensor] = []
-    gain_list: list[Tensor] = []
-    for _ in range(steps):
+    gain = sim.new_empty(num_blocks, size)
+    # Written in place, one contiguous row per step: no per-step allocations and no stacking at the end.
+    gains = sim.new_empty(steps, num_blocks)
+    picks = torch.empty(steps, num_blocks, dtype=torch.long, device=sim.device)
+    for step in range(steps):
         torch.sub(sim, coverage.unsqueeze(1), out=scratch).clamp_(min=0)
-        gain = scratch.sum(dim=2)
+        torch.sum(scratch, dim=2, out=gain)
         if excluded is not None:
             gain.add_(excluded)
-        best_gain, best = gain.max(dim=1)
+        best = picks[step]
+        torch.max(gain, dim=1, out=(gains[step], best))
         if excluded is not None:
             excluded[rows, best] = -torch.inf
         torch.maximum(coverage, flat_rows.index_select(0, row_starts + best), out=coverage)
-        pick_list.append(best)
-        gain_list.append(best_gain)
-    return torch.stack(pick_list, dim=1), torch.stack(gain_list, dim=1)
+    return picks.t(), gains.t()
 
 
 def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> Tensor:
