@@ -230,6 +230,9 @@ class CrestCallback(Callback):
             return
         self._started_epoch = epoch
         self._epoch_step = 0
+        # Batches that loader workers read beyond a shortened epoch (`limit_train_batches`) are never trained.
+        self._trained = self._dm.plan.served
+        self._dm.plan.replay.clear()
         if (
             self._dropping
             and epoch > 0
@@ -417,6 +420,12 @@ class CrestCallback(Callback):
             raise ValueError(
                 f"The global batch of {global_batch} is smaller than the {present} classes; every class of a "
                 "random subset needs a pick. Raise `batch_size`."
+            )
+        limit = trainer.limit_train_batches
+        if limit is not None and (isinstance(limit, int) or limit < 1.0):
+            rank_zero_warn(
+                f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
+                "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
             )
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         self._labels = labels

@@ -146,6 +146,20 @@ def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str,
     assert same_parameters(model, reference)
 
 
+def test_resume_after_epochs_cut_short_with_loader_workers(tmp_path: Path) -> None:
+    # With `limit_train_batches`, workers read batches beyond each epoch's end that are never trained; a mid-epoch
+    # checkpoint of a later epoch must save only the batches read ahead in that epoch.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    full = crest()
+    with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
+        run(full, extra=[steps], enable_checkpointing=True, num_workers=2, limit_train_batches=7)
+    resumed = crest()
+    _, model = run(resumed, ckpt_path=str(tmp_path / "step=9.ckpt"), num_workers=2, limit_train_batches=7)
+    assert resumed.trained == [t for t in full.trained if t[0] > 9]
+    _, reference = run(crest(), num_workers=2, limit_train_batches=7)
+    assert same_parameters(model, reference)
+
+
 def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Path) -> None:
     def extras(name: str) -> list[Any]:
         return [
