@@ -1,7 +1,9 @@
 """One CREST fit on CUDA with the torch kNN backend: selection time per coreset and step time.
 
-Usage: ``python benchmarks/gpu_check.py [--steps 200]``. Synthetic CIFAR-sized data, so it needs no download. It
-prints one table and exits non-zero if CUDA is missing. faiss-GPU is used only where faiss reports GPUs.
+Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10]``. Synthetic CIFAR-sized data, so it needs no
+download. It prints one table and exits non-zero if CUDA is missing. faiss-GPU is used only where faiss reports
+GPUs. ``--device cpu`` runs the same code on CPU (the test suite does, on small sizes, so that the script is known
+to work before a GPU is at hand).
 """
 
 from __future__ import annotations
@@ -22,17 +24,23 @@ from lightning_crest.selection import facility_location
 from lightning_crest.selection.knn import faiss_available
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer(L.Callback):
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.times: list[float] = []
         self._start = 0.0
 
     def on_train_batch_start(self, *args: Any) -> None:
-        torch.cuda.synchronize()
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, *args: Any) -> None:
-        torch.cuda.synchronize()
+        synchronize(self.device)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -41,8 +49,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--knn", type=int, default=32)
+    parser.add_argument("--large", type=int, default=60_000, help="pool size of the kNN selection")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")
     warnings.filterwarnings("ignore")
     gen = torch.Generator().manual_seed(0)
@@ -51,30 +61,30 @@ def main() -> None:
     train = TensorDataset(inputs, targets)
     train.targets = targets  # type: ignore[attr-defined]
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     proxies = torch.randn(10, 600, 10, device=device).softmax(-1)
     labels = torch.randint(0, 10, (10, 600), device=device)
     facility_location(proxies, 128, labels)
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(20):
         facility_location(proxies, 128, labels)
-    torch.cuda.synchronize()
+    synchronize(device)
     dense_ms = (time.perf_counter() - start) / 20 / 10 * 1000
-    large = torch.randn(60_000, 10, device=device)
-    torch.cuda.synchronize()
+    large = torch.randn(args.large, 10, device=device)
+    synchronize(device)
     start = time.perf_counter()
     facility_location(large, 1000, knn=args.knn, backend="torch")
-    torch.cuda.synchronize()
+    synchronize(device)
     knn_s = time.perf_counter() - start
 
-    timer = StepTimer()
+    timer = StepTimer(device)
     crest = CrestCallback(fraction=0.1, random_subset_size=0.03, knn=args.knn, backend="torch")
     trainer = L.Trainer(
-        accelerator="cuda",
+        accelerator=args.device,
         devices=1,
         max_epochs=args.epochs,
-        callbacks=[crest, timer],
+        callbacks=[timer, crest],  # the timer ends before CREST's checks and selections run
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -87,10 +97,10 @@ def main() -> None:
     metrics = trainer.callback_metrics
     selections = int(metrics["crest/selections"])
     rows = [
-        ("GPU", torch.cuda.get_device_name()),
+        ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         ("faiss reports GPUs", str(faiss_available() and __import__("faiss").get_num_gpus() > 0)),
         ("dense selection, ms per coreset (P=10, m=128 of r=600)", f"{dense_ms:.3f}"),
-        (f"kNN selection, 1000 of 60000, knn={args.knn}, s", f"{knn_s:.2f}"),
+        (f"kNN selection, 1000 of {args.large}, knn={args.knn}, s", f"{knn_s:.2f}"),
         ("fit wall time, s", f"{wall:.1f}"),
         ("median step time, ms", f"{1000 * sorted(timer.times)[len(timer.times) // 2]:.2f}"),
         ("selections", str(selections)),

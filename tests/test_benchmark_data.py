@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +254,19 @@ def test_subset_of_in_memory_dataset_loads_batches(fashion: tuple[Dataset[Any], 
     x, y = next(iter(DataLoader(sub, batch_size=64)))
     assert x.shape == (64, 1, 28, 28)
     assert torch.equal(y, sub.targets[:64])
+
+
+def test_gpu_check_script_runs_on_cpu() -> None:
+    # The GPU check is run by hand where a GPU is lent; its code path is exercised here on CPU and small sizes.
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
+    args = ["--device", "cpu", "--n", "1500", "--epochs", "1", "--large", "3000", "--knn", "8"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()]
+    rows = {row[0]: row[1] for row in cells if len(row) == 2}
+    assert rows["device"] == "cpu"
+    assert float(rows["dense selection, ms per coreset (P=10, m=128 of r=600)"]) > 0
+    assert float(rows["median step time, ms"]) > 0
+    assert int(rows["selections"]) >= 1
