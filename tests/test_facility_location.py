@@ -238,6 +238,28 @@ def test_knn_quality_close_to_dense() -> None:
     assert float(sparse.weights.sum()) == 1500
 
 
+def test_knn_merges_a_blob_of_near_duplicates() -> None:
+    # 600 points within 1e-5 of each other and 400 spread ones: dense greedy spends one or two picks on the blob.
+    # On a plain kNN graph a pick covers only the 8 points listing it, so covering the blob would take ~75 picks;
+    # merged into one weighted point it takes one, and the other picks cover the spread points.
+    gen = torch.Generator().manual_seed(11)
+    blob = 1e-5 * torch.randn(600, 4, generator=gen)
+    spread = torch.randn(400, 4, generator=gen) + 3.0
+    points = torch.cat([blob, spread])
+    dense = facility_location(points, 40)
+    sparse = facility_location(points, 40, knn=8, backend="torch")
+    assert int((sparse.indices < 600).sum()) <= int((dense.indices < 600).sum()) + 1
+    blob_weight = float(sparse.weights[sparse.indices < 600].sum())
+    assert blob_weight == 600  # every blob point is owned by a blob pick, and every weight is a real count
+    assert float(sparse.weights.sum()) == 1000
+    assert len(set(sparse.indices.tolist())) == 40
+
+    def medoid_cost(indices: torch.Tensor) -> float:
+        return float(torch.cdist(points, points[indices]).min(dim=1).values.sum())
+
+    assert medoid_cost(sparse.indices) <= 1.05 * medoid_cost(dense.indices)
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
 
 

@@ -117,7 +117,10 @@ def facility_location(
         knn: ``None`` for the exact dense similarity. An integer ``k`` keeps only each point's ``k`` nearest
             neighbours (itself included) as the picks that can cover it, so no ``r x r`` matrix is built. With
             ``"distance"``, ``D`` is then the bound ``2 max_i ||f_i - mean||`` of the class diameter (the exact one
-            needs all pairs): a point that no pick covers counts as farther than any real distance.
+            needs all pairs): a point that no pick covers counts as farther than any real distance. Points of a
+            class in the same cell of a grid of side ``1e-3`` of that bound are first merged into one point
+            weighted by their number (near-duplicate proxies of learned examples would otherwise take one pick
+            per ``k`` of them); the gains are those of the merged objective.
         backend: kNN search for ``knn``: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and the
             pool is large).
 
@@ -393,17 +396,23 @@ def _sparse_selection(
     for cls in torch.nonzero(budgets).flatten().tolist():
         members = torch.nonzero(classes == cls).flatten()
         points = pool[members]
-        k = min(knn, len(members))
-        dist, neighbours = knn_graph(points, k, search)
-        if similarity == "distance":
-            # With k = n the graph holds every pair and the exact diameter is free; otherwise bound it.
-            full_graph = k == len(members)
-            radius = (points - points.mean(0)).norm(dim=1).amax()
-            diameter = dist.amax() if full_graph else 2 * radius
-            sim = _similarity(dist.to(pool.dtype), diameter, similarity, pool.shape[1])
-        else:
-            sim = _similarity(dist.to(pool.dtype), 0.0, similarity, pool.shape[1])
+        radius = (points - points.mean(0)).norm(dim=1).amax()
+        # With k >= n the graph holds every pair: exact, nothing merged, and the exact diameter is free.
+        full_graph = knn >= len(members)
+        cells, multiplicity = (
+            (None, None)
+            if full_graph
+            else _merge_near_duplicates(points, _MERGE_RESOLUTION * 2 * float(radius), int(budgets[cls]))
+        )
+        candidates = points if cells is None else points[cells]
+        dist, neighbours = knn_graph(candidates, min(knn, len(candidates)), search)
+        diameter = dist.amax() if full_graph else 2 * radius
+        sim = _similarity(dist.to(pool.dtype), diameter, similarity, pool.shape[1])
+        if multiplicity is not None:
+            sim = sim * multiplicity.unsqueeze(1)  # row i stands for all the points merged into it
         picks, pick_gains = _sparse_greedy(sim, neighbours, int(budgets[cls]))
+        if cells is not None:
+            picks = cells[picks]
         # The most similar pick of a point is its nearest pick, among its neighbours or not.
         _, owner = search.search(points[picks], points, 1)
         owner = owner.flatten()
@@ -415,6 +424,32 @@ def _sparse_selection(
         gains[0, cls, :n] = pick_gains.cpu()
     result = _greedy_order(indices, weights, gains, budget)
     return Selection(result.indices[0].to(pool.device), result.weights[0].to(pool.device), result.gains[0])
+
+
+# Points of a class that fall in the same cell of a grid this fine (relative to the class's diameter bound) are
+# merged into one weighted point before the kNN graph is built.
+_MERGE_RESOLUTION = 1e-3
+
+
+def _merge_near_duplicates(points: Tensor, side: float, budget: int) -> tuple[Tensor | None, Tensor | None]:
+    """Positions of one representative per occupied grid cell of ``side``, and how many points each stands for.
+
+    On a kNN graph a pick covers only the points that list it among their ``k`` neighbours, so a blob of many
+    near-identical points (confidently learned examples have proxies near zero) would take one pick per ``k`` of
+    them where the dense objective needs one. Merging each blob into a weighted point removes that waste. Returns
+    ``(None, None)`` when nothing merges, when the grid is degenerate, or when fewer cells than ``budget`` remain.
+    """
+    if side <= 0.0:
+        return None, None
+    _, inverse, counts = torch.unique(
+        torch.round(points / side), dim=0, return_inverse=True, return_counts=True
+    )
+    if len(counts) == len(points) or len(counts) < budget:
+        return None, None
+    positions = torch.arange(len(points), device=points.device)
+    first = torch.full((len(counts),), len(points), dtype=torch.long, device=points.device)
+    first.scatter_reduce_(0, inverse, positions, "amin")
+    return first, counts.to(points.dtype)
 
 
 def _sparse_greedy(sim: Tensor, neighbours: Tensor, budget: int) -> tuple[Tensor, Tensor]:
