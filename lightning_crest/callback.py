@@ -184,7 +184,6 @@ class CrestCallback(Callback):
         Indices point into the training set; weights average 1 within a coreset. Empty before the first selection.
         A selection's coresets after the first are picked when first trained on, so they appear one by one.
         """
-        # Entries with empty weights are random subsets whose coreset is picked when first trained on.
         return [] if self._dm is None else [(i, w) for i, w in self._dm.plan.batches if w.numel() > 0]
 
     @property
@@ -273,6 +272,8 @@ class CrestCallback(Callback):
         if self._pool is None:
             return {}
         plan = self._dm.plan
+        # Batches loader workers read ahead but training has not reached: served first after a restore.
+        in_flight = plan.served_since(plan.served - self._trained)
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -292,9 +293,8 @@ class CrestCallback(Callback):
             "plan_indices": [idx for idx, _ in plan.batches],
             "plan_weights": [w for _, w in plan.batches],
             "plan_cursor": plan.cursor,
-            # Batches loader workers read ahead but training has not reached: served first after a restore.
-            "in_flight_indices": [idx for idx, _ in plan.served_since(plan.served - self._trained)],
-            "in_flight_weights": [w for _, w in plan.served_since(plan.served - self._trained)],
+            "in_flight_indices": [idx for idx, _ in in_flight],
+            "in_flight_weights": [w for _, w in in_flight],
             "epoch_step": self._epoch_step,
             # The epoch whose start-of-epoch work ran, and whether all its steps were trained.
             "epoch": self._started_epoch,

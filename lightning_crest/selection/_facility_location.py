@@ -159,8 +159,10 @@ def facility_location(
     else:
         search = get_backend(backend, device=pools.device, pool_size=pools.shape[1])
         parts = [
-            _sparse_selection(pool, torch.from_numpy(cls).to(pool.device), budget, similarity, knn, search)
-            for pool, cls in zip(pools, classes)
+            _sparse_selection(
+                pool, torch.from_numpy(cls).to(pool.device), count, budget, similarity, knn, search
+            )
+            for pool, cls, count in zip(pools, classes, counts)
         ]
         result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
     if batched:
@@ -311,8 +313,8 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
     budgets = budgets.to(sim.device)
     spent = torch.arange(steps, device=sim.device) >= budgets.unsqueeze(1)
     picks, gains = _greedy_steps(sim, valid, steps, mask=False)
-    # A picked or padded candidate has a gain of exactly zero (its row is covered, or zero), so the unmasked
-    # argmax can only return one when every gain of its block is zero. The masked greedy settles those cases.
+    # A picked candidate has a gain of exactly zero and a padded one loses its tie with the first member, so the
+    # unmasked argmax can only return either when every gain of its block is zero. The masked greedy settles those.
     if bool((gains <= 0).logical_and_(~spent).any()):
         picks, gains = _greedy_steps(sim, valid, steps, mask=True)
     return picks, gains.masked_fill_(spent, -torch.inf)
@@ -382,18 +384,22 @@ def _greedy_order(indices: Tensor, weights: Tensor, gains: Tensor, budget: int) 
 
 
 def _sparse_selection(
-    pool: Tensor, classes: Tensor, budget: int, similarity: str, knn: int, search: KnnBackend
+    pool: Tensor,
+    classes: Tensor,
+    counts: np.ndarray[Any, Any],
+    budget: int,
+    similarity: str,
+    knn: int,
+    search: KnnBackend,
 ) -> Selection:
-    """Greedy on each class's k-nearest-neighbour graph of one pool ``(r, d)``."""
-    num_classes = int(classes.max()) + 1
-    counts = torch.bincount(classes.cpu(), minlength=num_classes)
-    budgets = class_budgets(counts, budget)
+    """Greedy on each class's k-nearest-neighbour graph of one pool ``(r, d)`` with class sizes ``counts``."""
+    budgets = _class_budgets(counts, budget)
     steps = int(budgets.max())
-    shape = (1, num_classes, steps)
+    shape = (1, len(counts), steps)
     indices = torch.zeros(shape, dtype=torch.long)
     weights = torch.zeros(shape, dtype=torch.float32)
     gains = torch.full(shape, -torch.inf, dtype=torch.float64)
-    for cls in torch.nonzero(budgets).flatten().tolist():
+    for cls in np.flatnonzero(budgets).tolist():
         members = torch.nonzero(classes == cls).flatten()
         points = pool[members]
         radius = (points - points.mean(0)).norm(dim=1).amax()
