@@ -24,6 +24,7 @@ from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relat
 from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 
 
 class CrestCallback(Callback):
@@ -187,6 +188,17 @@ class CrestCallback(Callback):
         return [] if self._dm is None else [(i, w) for i, w in self._dm.plan.batches if w.numel() > 0]
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of CREST's own work in the current fit, by part.
+
+        ``proxies``: forward passes over the random subsets for the gradient proxies (data loading included);
+        ``greedy``: facility location; ``hessian``: the quadratic model's coreset gradient and Hutchinson probes;
+        ``checks``: forward passes and predictions of the checks; ``exclusion``: dropping learned examples. The
+        rest of ``crest/overhead`` (drawing subsets, bookkeeping) is not itemised.
+        """
+        return dict(self._timings)
+
+    @property
     def pool(self) -> Tensor:
         """``(n,)`` bool mask of the training examples still drawn into random subsets (not excluded as learned)."""
         return torch.empty(0, dtype=torch.bool) if self._pool is None else self._pool.clone()
@@ -207,6 +219,7 @@ class CrestCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._crest_time = 0.0
+        self._timings = dict.fromkeys(_PHASES, 0.0)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -370,6 +383,8 @@ class CrestCallback(Callback):
         self._rho = math.nan
         self._selection_time = 0.0
         self._crest_time = 0.0
+        self._timings = dict.fromkeys(_PHASES, 0.0)
+        self._timing_depth = 0
         self._fit_start = time.perf_counter()
         self._last_drop_epoch = -1
         self._weights_checked = False
@@ -502,7 +517,8 @@ class CrestCallback(Callback):
         positions = torch.randperm(self._subset, generator=self._generator)[: self.check_size or self._subset]
         self._check_indices = subsets[0][positions]
         self._check_batches = None
-        self._build_model(coresets, weights, float(losses[positions].mean()))
+        with self._timed("hessian"):
+            self._build_model(coresets, weights, float(losses[positions].mean()))
         self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
         if self._selections > 0:
             self._interval = self._adapted_interval()
@@ -511,7 +527,8 @@ class CrestCallback(Callback):
     def _pick(self, subsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One weighted coreset from each random subset ``(k, r)``: indices and weights ``(k, m)``, losses ``(k r,)``."""
         count, flat = len(subsets), subsets.flatten()
-        logits, losses = self._forward(flat)
+        with self._timed("proxies"):
+            logits, losses = self._forward(flat)
         targets = self._labels[flat].to(logits.device)
         proxies = gradient_proxy(logits, targets)
         if not bool(torch.isfinite(proxies).all()):
@@ -520,14 +537,15 @@ class CrestCallback(Callback):
                 f"{self._trainer.global_step if self._trainer else '?'}): the model's logits contain NaN or inf."
             )
         self._record_losses(flat, losses)
-        picked = facility_location(
-            proxies.view(count, self._subset, -1),
-            self._global_batch,
-            targets.view(count, self._subset),
-            similarity=self.similarity,
-            knn=self.knn,
-            backend=self.backend,
-        )
+        with self._timed("greedy"):
+            picked = facility_location(
+                proxies.view(count, self._subset, -1),
+                self._global_batch,
+                targets.view(count, self._subset),
+                similarity=self.similarity,
+                knn=self.knn,
+                backend=self.backend,
+            )
         coresets = subsets.gather(1, picked.indices.cpu())
         # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
         weights = picked.weights.cpu().float() * (self._global_batch / self._subset)
@@ -655,7 +673,7 @@ class CrestCallback(Callback):
         """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""
         trainer = self._trainer
         assert trainer is not None
-        with self._timed():
+        with self._timed("checks"):
             indices = self._check_indices
             if self._check_batches is None:
                 self._check_batches = self._fetch_share(indices)
@@ -681,7 +699,7 @@ class CrestCallback(Callback):
     def _drop_learned_examples(self) -> None:
         """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
         assert self._pool is not None
-        with self._timed():
+        with self._timed("exclusion"):
             dropped = learned_examples(
                 self._window_max_loss,
                 self._pool,
@@ -715,15 +733,21 @@ class CrestCallback(Callback):
             )
 
     @contextmanager
-    def _timed(self, selection: bool = False) -> Iterator[None]:
+    def _timed(self, phase: str | None = None, *, selection: bool = False) -> Iterator[None]:
+        """Time CREST's own work: into ``phase`` of :attr:`timings`, and once (outermost) into the totals."""
         start = time.perf_counter()
+        self._timing_depth += 1
         try:
             yield
         finally:
+            self._timing_depth -= 1
             elapsed = time.perf_counter() - start
-            self._crest_time += elapsed
-            if selection:
-                self._selection_time += elapsed
+            if phase is not None:
+                self._timings[phase] += elapsed
+            if self._timing_depth == 0:
+                self._crest_time += elapsed
+                if selection:
+                    self._selection_time += elapsed
 
     def _log(self, pl_module: L.LightningModule) -> None:
         elapsed = time.perf_counter() - self._fit_start

@@ -100,6 +100,8 @@ def run_one(
         "selections": int(metrics.get("crest/selections", 0)) if method.startswith("crest") else 0,
         "overhead": float(metrics.get("crest/overhead", 0.0)) if method.startswith("crest") else 0.0,
         "peak_memory_mb": _peak_memory_mb(args.device),
+        # Seconds of CREST's own work by part (forward passes for proxies, facility location, Hessian probes, ...).
+        "crest_time_s": callback.timings if callback is not None and method.startswith("crest") else {},
         "selection_trace": trace.trace,
     }
 
@@ -164,6 +166,27 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 _COLUMNS = ("test_acc", "rel_error", "train_time_s", "speedup", "selections", "overhead", "peak_memory_mb")
+
+
+def format_time_table(runs: list[dict[str, Any]]) -> str:
+    """A markdown table of where CREST's own time went: mean seconds per part over the seeds of each CREST run."""
+    crest_runs = [r for r in runs if r.get("crest_time_s")]
+    if not crest_runs:
+        return ""
+    parts = list(crest_runs[0]["crest_time_s"])
+    lines = [
+        "| method | budget | train time (s) | " + " | ".join(f"{p} (s)" for p in parts) + " | selections |",
+        "|" + "---|" * (len(parts) + 4),
+    ]
+    for key in dict.fromkeys((r["method"], r["budget"]) for r in crest_runs):
+        group = [r for r in crest_runs if (r["method"], r["budget"]) == key]
+        means = [statistics.mean(r["crest_time_s"][p] for r in group) for p in parts]
+        lines.append(
+            f"| {key[0]} | {key[1]:.0%} | {statistics.mean(r['train_time_s'] for r in group):.1f} | "
+            + " | ".join(f"{m:.1f}" for m in means)
+            + f" | {statistics.mean(r['selections'] for r in group):.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -308,6 +331,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     table = format_table(summarize(runs))
     print()
     print(table)
+    times = format_time_table(runs)
+    if times:
+        print("\nCREST's own time by part (mean over seeds):\n")
+        print(times)
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "output"} | {"output": str(args.output)},
         "machine": {

@@ -1,0 +1,89 @@
+"""The benchmark command end to end on small synthetic images: its records, relative metrics, tables and plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from lightning_crest.benchmark import __main__ as bench
+from lightning_crest.benchmark.data import InMemoryVisionDataset
+
+REQUIRED_KEYS = {
+    "method",
+    "budget",
+    "seed",
+    "test_acc",
+    "rel_error",
+    "train_time_s",
+    "speedup",
+    "selections",
+    "overhead",
+    "peak_memory_mb",
+}
+PARTS = {"proxies", "greedy", "hessian", "checks", "exclusion"}
+
+
+def _images(n: int, seed: int) -> InMemoryVisionDataset:
+    """Ten classes of 28x28 grey images: a class-specific bright square on noise, learnable in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % 10
+    data = 0.5 * torch.randn(n, 1, 28, 28, generator=gen)
+    for cls in range(10):
+        row, col = divmod(cls, 5)
+        data[targets == cls, :, 4 + 12 * row : 12 + 12 * row, 2 + 5 * col : 6 + 5 * col] += 2.0
+    return InMemoryVisionDataset(data, targets)
+
+
+def test_benchmark_records_tables_and_plot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def load(name: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
+        return _images(640, seed=0), _images(200, seed=1), 10
+
+    monkeypatch.setattr(bench, "load_dataset", load)
+    output = tmp_path / "results.json"
+    argv = ["--epochs", "2", "--seeds", "2", "--batch-size", "32", "--budget", "0.25"]
+    argv += ["--random-subset-size", "64", "--check-size", "32", "--output", str(output)]
+    bench.main(argv)
+
+    runs = json.loads(output.read_text())["runs"]
+    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in bench.METHODS]
+    for run in runs:
+        assert set(run) >= REQUIRED_KEYS
+        assert 0.0 <= run["test_acc"] <= 1.0
+        assert run["train_time_s"] > 0
+        assert run["peak_memory_mb"] > 0
+        full = next(r for r in runs if r["method"] == "full" and r["seed"] == run["seed"])
+        assert run["rel_error"] == pytest.approx(abs(run["test_acc"] - full["test_acc"]) / full["test_acc"])
+        assert run["speedup"] == pytest.approx(full["train_time_s"] / run["train_time_s"])
+        if run["method"] == "full":
+            assert (run["budget"], run["rel_error"], run["speedup"]) == (1.0, 0, 1)
+        if run["method"].startswith("crest"):
+            assert run["budget"] == 0.25
+            assert run["selections"] >= 1
+            assert 0 < run["overhead"] < 1
+            parts = run["crest_time_s"]
+            assert set(parts) == PARTS
+            assert all(parts[p] > 0 for p in ("proxies", "greedy", "hessian", "checks"))
+            # The parts are pieces of CREST's own time, itself a share (overhead) of the training time.
+            assert sum(parts.values()) <= run["overhead"] * run["train_time_s"]
+            assert run["selection_trace"]
+            assert run["selection_trace"][-1][1] <= run["selections"]
+        else:
+            assert (run["crest_time_s"], run["selections"], run["overhead"]) == ({}, 0, 0)
+    # Full data trains 20 steps per epoch, the budgeted methods a quarter of that.
+    assert {r["method"]: r["steps"] for r in runs if r["seed"] == 0} == {
+        "full": 40,
+        **{m: 10 for m in bench.METHODS if m != "full"},
+    }
+
+    printed = capsys.readouterr().out
+    assert "| crest | 25% | 2 |" in printed
+    assert "| crest-first-order | 25% |" in printed.split("CREST's own time by part")[1]
+    assert output.with_suffix(".png").stat().st_size > 0
