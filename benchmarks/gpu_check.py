@@ -1,8 +1,9 @@
 """One CREST fit on CUDA with the torch kNN backend: selection time per coreset and step time.
 
-Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10]``. Synthetic CIFAR-sized data, so it needs no
-download. It prints one table and exits non-zero if CUDA is missing. faiss-GPU is used only where faiss reports
-GPUs. ``--device cpu`` runs the same code on CPU (the test suite does, on small sizes, so that the script is known
+Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N]``. Synthetic
+CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing. faiss-GPU is
+used only where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
+table names the process group's backend). ``--device cpu`` runs the same code on CPU (the test suite does, on small sizes, so that the script is known
 to work before a GPU is at hand).
 """
 
@@ -29,6 +30,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Backend(L.Callback):
+    """Records the process group's backend (nccl, gloo) while the fit runs; ``-`` without one."""
+
+    name = "-"
+
+    def on_train_start(self, *args: Any) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.name = str(torch.distributed.get_backend())
+
+
 class StepTimer(L.Callback):
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -51,6 +62,8 @@ def main() -> None:
     parser.add_argument("--knn", type=int, default=32)
     parser.add_argument("--large", type=int, default=60_000, help="pool size of the kNN selection")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    parser.add_argument("--devices", type=int, default=1)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available")
@@ -78,13 +91,14 @@ def main() -> None:
     synchronize(device)
     knn_s = time.perf_counter() - start
 
-    timer = StepTimer(device)
+    timer, backend = StepTimer(device), Backend()
     crest = CrestCallback(fraction=0.1, random_subset_size=0.03, knn=args.knn, backend="torch")
     trainer = L.Trainer(
         accelerator=args.device,
-        devices=1,
+        devices=args.devices,
+        strategy=args.strategy,
         max_epochs=args.epochs,
-        callbacks=[timer, crest],  # the timer ends before CREST's checks and selections run
+        callbacks=[timer, crest, backend],  # the timer ends before CREST's checks and selections run
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -94,10 +108,13 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(model, datamodule=CrestDataModule(train, batch_size=128))
     wall = time.perf_counter() - start
+    if not trainer.is_global_zero:
+        return
     metrics = trainer.callback_metrics
     selections = int(metrics["crest/selections"])
     rows = [
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
+        ("strategy, processes, process group", f"{args.strategy}, {trainer.world_size}, {backend.name}"),
         ("faiss reports GPUs", str(faiss_available() and __import__("faiss").get_num_gpus() > 0)),
         ("dense selection, ms per coreset (P=10, m=128 of r=600)", f"{dense_ms:.3f}"),
         (f"kNN selection, 1000 of {args.large}, knn={args.knn}, s", f"{knn_s:.2f}"),
@@ -106,6 +123,7 @@ def main() -> None:
         ("selections", str(selections)),
         ("CREST selection time, s", f"{float(metrics['crest/selection_time']):.2f}"),
         ("CREST overhead", f"{float(metrics['crest/overhead']):.1%}"),
+        *((f"CREST {part} time, s", f"{seconds:.2f}") for part, seconds in crest.timings.items()),
     ]
     print("| measure | value |\n|---|---|")
     for name, value in rows:

@@ -259,7 +259,20 @@ def test_subset_of_in_memory_dataset_loads_batches(fashion: tuple[Dataset[Any], 
 def test_gpu_check_script_runs_on_cpu() -> None:
     # The GPU check is run by hand where a GPU is lent; its code path is exercised here on CPU and small sizes.
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    args = ["--device", "cpu", "--n", "1500", "--epochs", "1", "--large", "3000", "--knn", "8"]
+    args = [
+        "--device",
+        "cpu",
+        "--n",
+        "1500",
+        "--epochs",
+        "1",
+        "--large",
+        "3000",
+        "--knn",
+        "8",
+        "--strategy",
+        "ddp",
+    ]
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
     )
@@ -267,6 +280,8 @@ def test_gpu_check_script_runs_on_cpu() -> None:
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()]
     rows = {row[0]: row[1] for row in cells if len(row) == 2}
     assert rows["device"] == "cpu"
+    assert rows["strategy, processes, process group"] == "ddp, 1, gloo"
+    assert float(rows["CREST proxies time, s"]) > 0
     assert float(rows["dense selection, ms per coreset (P=10, m=128 of r=600)"]) > 0
     assert float(rows["median step time, ms"]) > 0
     assert int(rows["selections"]) >= 1
