@@ -3,8 +3,8 @@
 Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N]``. Synthetic
 CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing. faiss-GPU is
 used only where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
-table names the process group's backend). ``--device cpu`` runs the same code on CPU (the test suite does, on small sizes, so that the script is known
-to work before a GPU is at hand).
+table names the process group's backend). ``--device cpu`` runs the same code on CPU (the test suite does, on
+small sizes, so that the script is known to work before a GPU is at hand).
 """
 
 from __future__ import annotations

@@ -147,11 +147,16 @@ def add_relative_metrics(runs: list[dict[str, Any]]) -> None:
         run["speedup"] = reference["train_time_s"] / run["train_time_s"]
 
 
+def _by_method_and_budget(runs: list[dict[str, Any]]) -> list[tuple[tuple[str, float], list[dict[str, Any]]]]:
+    """The runs grouped by ``(method, budget)``, in the order the groups first appear."""
+    keys = dict.fromkeys((r["method"], r["budget"]) for r in runs)
+    return [(key, [r for r in runs if (r["method"], r["budget"]) == key]) for key in keys]
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation per (method, budget)."""
     rows = []
-    for key in dict.fromkeys((r["method"], r["budget"]) for r in runs):
-        group = [r for r in runs if (r["method"], r["budget"]) == key]
+    for key, group in _by_method_and_budget(runs):
 
         def stat(name: str, group: list[dict[str, Any]] = group) -> tuple[float, float]:
             values = [r[name] for r in group if r[name] is not None]
@@ -178,8 +183,7 @@ def format_time_table(runs: list[dict[str, Any]]) -> str:
         "| method | budget | train time (s) | " + " | ".join(f"{p} (s)" for p in parts) + " | selections |",
         "|" + "---|" * (len(parts) + 4),
     ]
-    for key in dict.fromkeys((r["method"], r["budget"]) for r in crest_runs):
-        group = [r for r in crest_runs if (r["method"], r["budget"]) == key]
+    for key, group in _by_method_and_budget(crest_runs):
         means = [statistics.mean(r["crest_time_s"][p] for r in group) for p in parts]
         lines.append(
             f"| {key[0]} | {key[1]:.0%} | {statistics.mean(r['train_time_s'] for r in group):.1f} | "
