@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(PY) -m lightning_crest.benchmark --methods random,crest --budget 0.1 --seeds 1 --epochs 10 --output outputs/demo.json
 
 lint: $(STAMP)
-	$(PY) -m ruff check lightning_crest tests benchmarks
-	$(PY) -m ruff format --check lightning_crest tests benchmarks
+	$(PY) -m ruff check lightning_crest tests benchmarks notebooks
+	$(PY) -m ruff format --check lightning_crest tests benchmarks notebooks
 	$(PY) -m mypy lightning_crest
 
 test: lint
