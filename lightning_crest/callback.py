@@ -19,7 +19,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_crest.datamodule import CrestDataModule
-from lightning_crest.distributed import gather_shares, mean_over_processes, share
+from lightning_crest.distributed import batch_share, gather_shares, mean_over_processes, share
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
 from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
 
@@ -54,7 +54,9 @@ class CrestCallback(Callback):
             every check (the same examples both times); ``None`` uses the whole subset (``r``, the paper). Each
             check is a forward pass over them, every ``T1`` steps.
         interval_mul: ``h``, scale of the adaptive check interval ``T1``.
-        coreset_mul: ``b``, coresets per selection per step of ``T1``.
+        coreset_mul: ``b``, coresets per selection per step of ``T1``. Unlike the paper, ``P`` is not capped by the
+            steps left in the epoch: a selection carries over the epoch's end, and coresets are picked only when
+            first reached, so unused ones cost nothing.
         drop_learned: Exclude learned examples from future random subsets.
         drop_threshold: ``alpha``, the loss under which an example counts as learned.
         drop_interval: ``T2``, epochs per exclusion window.
@@ -63,8 +65,10 @@ class CrestCallback(Callback):
         hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
             trainable parameters, in registration order) for large models.
         hessian_probes: Hutchinson probes per selection, one per coreset batch up to this many; ``None`` probes
-            every coreset batch.
-        second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation.
+            as many coreset batches as the previous selection planned (``P`` is known only after the probes).
+        second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
+            curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` stays at
+            ``ceil(interval_mul)``).
         knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
         backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
         similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
@@ -173,7 +177,11 @@ class CrestCallback(Callback):
         return pl_module(inputs)  # type: ignore[no-any-return]
 
     def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Per-example training loss ``(B,)``; override for a loss other than cross-entropy."""
+        """Per-example training loss ``(B,)``; override for a loss other than cross-entropy.
+
+        The gradient proxies stay ``softmax(logits) - onehot(targets)``, the gradient of cross-entropy with respect
+        to the logits, whatever this returns.
+        """
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
     # --- what it selected -----------------------------------------------------------------------------------
@@ -216,7 +224,17 @@ class CrestCallback(Callback):
             self._setup_fit(trainer, pl_module)
 
     @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Leave the data module as a plain one: a later fit without this callback trains on full shuffled epochs.
+        # The plan's batches stay readable through `coresets`.
+        if stage == "fit" and self._dm is not None:
+            self._dm.use_plan(None)
+            self._dm.plan.refill = self._dm.plan.resolve = self._dm.plan.on_epoch_start = None
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning restores checkpointed tensors on the device they were saved from.
+        self._quadratic.to(pl_module.device)
         self._fit_start = time.perf_counter()
         self._crest_time = 0.0
         self._timings = dict.fromkeys(_PHASES, 0.0)
@@ -267,7 +285,10 @@ class CrestCallback(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._weights_checked:
+        skipped = outputs is None or (
+            isinstance(outputs, dict) and not outputs
+        )  # training_step returned None
+        if not self._weights_checked and not skipped:
             self._check_weights_used(batch)
         self._trained += 1
         self._steps_since_selection += 1
@@ -429,6 +450,16 @@ class CrestCallback(Callback):
                 f"`check_size`={self.check_size} exceeds the random subset size r={subset} it is drawn from; "
                 "lower it, raise `random_subset_size`, or pass None to check on the whole subset."
             )
+        if self.check_size is not None and self.check_size < trainer.world_size:
+            raise ValueError(
+                f"`check_size`={self.check_size} is smaller than the {trainer.world_size} processes that share each "
+                "check; raise it."
+            )
+        if self.selection == "crest" and not self._model_parameters(pl_module):
+            raise ValueError(
+                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
+                f"{type(pl_module).__name__}: the quadratic model needs some."
+            )
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
         if self.selection == "crest" and present > global_batch:
@@ -495,40 +526,47 @@ class CrestCallback(Callback):
                 batches = self._draw(steps_left, self._global_batch).unbind(0)
                 self._dm.plan.replace([(b, torch.ones(len(b))) for b in batches])
             else:
-                self._select_coresets(self._num_coresets)
+                self._select_coresets()
             self._selections += 1
             self._steps_since_selection = 0
 
-    def _select_coresets(self, count: int) -> None:
-        """Draw ``count`` random subsets, pick the first coresets now and the others when first trained on.
+    def _select_coresets(self) -> None:
+        """Pick the coresets probed for the quadratic model, then plan ``P = b T1`` coresets with this selection's
+        ``T1``: the probed ones, and random subsets whose coresets are picked when the sampler first reaches them.
 
-        The coresets probed for the quadratic model (``hessian_probes``) are picked at once, the rest lazily: the
-        sampler asks for each the first time it reaches it, so the proxies are computed with the weights of that
-        step. In measured runs the check failed before a selection's last coresets were reached about half the
-        time, and their forward passes were the largest part of CREST's cost.
+        Lazy picks compute their proxies with the weights of the step that trains them. In measured runs the check
+        failed before a selection's last coresets were reached about half the time, and their forward passes were
+        the largest part of CREST's cost.
         """
-        subsets = self._draw(count, self._subset)
-        eager = min(count, self.hessian_probes or count)
-        coresets, weights, losses = self._pick(subsets[:eager])
-        pending = [(subset, torch.empty(0)) for subset in subsets[eager:]]
-        self._dm.plan.replace([*zip(coresets.unbind(0), weights.unbind(0)), *pending])
-
-        # The check sample: a random part of the first subset, whose losses at this point are already known.
-        positions = torch.randperm(self._subset, generator=self._generator)[: self.check_size or self._subset]
-        self._check_indices = subsets[0][positions]
-        self._check_batches = None
+        probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
+        subsets = self._draw(probed, self._subset)
+        # The check sample: a random part of the first subset, put first and loaded once, so that the loss at the
+        # selection (L0) and at every check are measured on the same inputs, random augmentations included.
+        subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
+        checked = self.check_size or self._subset
+        self._check_indices = subsets[0][:checked]
+        self._check_batches = self._fetch_share(self._check_indices)
+        coresets, weights, losses = self._pick(subsets, self._check_batches)
         with self._timed("hessian"):
-            self._build_model(coresets, weights, float(losses[positions].mean()))
+            self._build_model(coresets, weights, float(losses[:checked].mean()))
         self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
         if self._selections > 0:
             self._interval = self._adapted_interval()
             self._num_coresets = self.coreset_mul * self._interval
+        planned = list(zip(coresets.unbind(0), weights.unbind(0)))[: self._num_coresets]
+        pending = max(0, self._num_coresets - len(planned))
+        if pending:
+            planned += [(subset, torch.empty(0)) for subset in self._draw(pending, self._subset)]
+        self._dm.plan.replace(planned)
 
-    def _pick(self, subsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """One weighted coreset from each random subset ``(k, r)``: indices and weights ``(k, m)``, losses ``(k r,)``."""
+    def _pick(self, subsets: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """One weighted coreset from each random subset ``(k, r)``: indices and weights ``(k, m)``, losses ``(k r,)``.
+
+        ``check_batches``: the loaded check sample, with which the first subset starts (see :meth:`_forward`).
+        """
         count, flat = len(subsets), subsets.flatten()
         with self._timed("proxies"):
-            logits, losses = self._forward(flat)
+            logits, losses = self._forward(flat, check_batches)
         targets = self._labels[flat].to(logits.device)
         proxies = gradient_proxy(logits, targets)
         if not bool(torch.isfinite(proxies).all()):
@@ -589,12 +627,22 @@ class CrestCallback(Callback):
 
     # --- forward passes ------------------------------------------------------------------------------------
 
-    def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes."""
+    def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes.
+
+        With ``check_batches`` (this process's loaded share of the check sample), ``indices`` starts with the
+        check sample, which is evaluated from those batches instead of being loaded again.
+        """
         trainer = self._trainer
         assert trainer is not None
-        logits, losses = self._evaluate(self._fetch_share(indices))
-        return gather_shares(trainer, logits, len(indices)), gather_shares(trainer, losses, len(indices))
+        head = 0 if check_batches is None else len(self._check_indices)
+        parts = [(head, check_batches)] if check_batches is not None else []
+        if len(indices) > head:
+            parts.append((len(indices) - head, self._fetch_share(indices[head:])))
+        outputs = [(self._evaluate(batches), total) for total, batches in parts]
+        logits = torch.cat([gather_shares(trainer, logits, total) for (logits, _), total in outputs])
+        losses = torch.cat([gather_shares(trainer, losses, total) for (_, losses), total in outputs])
+        return logits, losses
 
     def _fetch_share(self, indices: Tensor) -> list[Any]:
         """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples."""
@@ -610,11 +658,20 @@ class CrestCallback(Callback):
         all_logits, all_losses = [], []
         with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context():
             for batch in batches:
-                inputs, targets = move_data_to_device(batch, module.device)
+                inputs, targets = self._on_device(batch)
                 logits = self._logits(module, inputs, targets)
                 all_logits.append(logits.float())
                 all_losses.append(self.per_example_loss(logits, targets).float())
         return torch.cat(all_logits), torch.cat(all_losses)
+
+    def _on_device(self, batch: Any) -> tuple[Any, Tensor]:
+        """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` in the precision and on the device that
+        training batches get (the module's batch-transfer hooks are not applied: they expect training batches)."""
+        assert self._trainer is not None
+        assert self._module is not None
+        batch = self._trainer.precision_plugin.convert_input(batch)
+        inputs, targets = move_data_to_device(batch, self._module.device)
+        return inputs, targets
 
     def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
         logits = self.compute_logits(module, inputs)
@@ -634,14 +691,13 @@ class CrestCallback(Callback):
 
     # --- quadratic model -----------------------------------------------------------------------------------
 
-    def _model_parameters(self) -> list[Tensor]:
-        assert self._module is not None
+    def _model_parameters(self, module: torch.nn.Module | None = None) -> list[Tensor]:
+        module = module or self._module
+        assert module is not None
         if self.hessian_params == "all":
-            return [p for p in self._module.parameters() if p.requires_grad]
-        owners = [
-            m for m in self._module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
-        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad]
+            return [p for p in module.parameters() if p.requires_grad]
+        owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad] if owners else []
 
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
         """Update the smoothed gradient and Hessian on the new coresets and anchor the model here."""
@@ -650,10 +706,10 @@ class CrestCallback(Callback):
         assert module is not None
         params = self._model_parameters()
         probes = len(coresets) if self.hessian_probes is None else min(self.hessian_probes, len(coresets))
-        mine = share(self._global_batch, trainer.global_rank, trainer.world_size)
+        mine = batch_share(trainer.global_rank, trainer.world_size)
         for coreset, weight in zip(coresets[:probes], weights[:probes]):
-            inputs, targets = move_data_to_device(self._dm.fetch(coreset[mine].tolist()), module.device)
-            with _eval_mode(module), torch.enable_grad():
+            inputs, targets = self._on_device(self._dm.fetch(coreset[mine].tolist()))
+            with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
                 logits = self._logits(module, inputs, targets)
                 batch_loss = (weight[mine].to(module.device) * self.per_example_loss(logits, targets)).mean()
                 grads = torch.autograd.grad(
@@ -687,7 +743,8 @@ class CrestCallback(Callback):
                 )
             self._rho = relative_error(self._quadratic.predict(self._model_parameters()), actual)
             self._checks += 1
-        return self._rho > self.tau
+            # Every process computes the same rho; agreeing explicitly keeps them in step if rounding ever differs.
+            return bool(trainer.strategy.reduce_boolean_decision(self._rho > self.tau, all=False))
 
     # --- learned examples ----------------------------------------------------------------------------------
 
@@ -707,6 +764,7 @@ class CrestCallback(Callback):
                 threshold=self.drop_threshold,
                 min_pool_fraction=self.min_pool_fraction,
                 min_class_fraction=self.min_class_fraction,
+                min_pool=self._subset,  # random subsets are drawn from the pool
             )
             self._pool[dropped] = False
             self._pool_size = int(self._pool.sum())
@@ -776,12 +834,13 @@ def learned_examples(
     threshold: float,
     min_pool_fraction: float,
     min_class_fraction: float,
+    min_pool: int = 0,
 ) -> Tensor:
     """Pool examples to drop as learned: every loss recorded for them was at most ``threshold``.
 
     The most learned (lowest largest loss) go first. A class keeps at least ``ceil(min_class_fraction * n_c)``
-    members in the pool and the pool at least ``ceil(min_pool_fraction * n)`` examples; examples with no recorded
-    loss (``NaN``) stay.
+    members in the pool and the pool at least ``max(ceil(min_pool_fraction * n), min_pool)`` examples; examples with
+    no recorded loss (``NaN``) stay.
 
     Args:
         max_loss: ``(n,)`` largest loss recorded per example in the window, ``NaN`` where none was.
@@ -790,6 +849,7 @@ def learned_examples(
         threshold: Loss at or under which an example counts as learned.
         min_pool_fraction: Floor of the pool, as a fraction of ``n``.
         min_class_fraction: Floor of each class, as a fraction of its size.
+        min_pool: Floor of the pool, as a number of examples (the callback passes its random subset size).
 
     Returns:
         ``(k,)`` int64 indices of the examples to drop.
@@ -809,7 +869,7 @@ def learned_examples(
     rank = torch.empty_like(by_class)
     rank[by_class] = torch.arange(len(by_class)) - starts[classes[by_class]]
     dropped = candidates[rank < room[classes]]
-    global_room = max(0, int(pool.sum()) - math.ceil(min_pool_fraction * len(pool)))
+    global_room = max(0, int(pool.sum()) - max(math.ceil(min_pool_fraction * len(pool)), min_pool))
     return dropped[:global_room]
 
 

@@ -63,7 +63,8 @@ class CrestDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
+        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
@@ -74,7 +75,7 @@ class CrestDataModule(L.LightningDataModule):
         self.test_dataset = test_dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
         self.seed = seed
         self.plan = CoresetPlan()
@@ -190,9 +191,11 @@ def _check_item(dataset: Dataset[Any]) -> None:
 
 
 def _read_labels(dataset: Dataset[Any]) -> Tensor:
+    size = len(dataset)  # type: ignore[arg-type]
     targets = getattr(dataset, "targets", None)
+    from_attribute = targets is not None
     if targets is None:
-        targets = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+        targets = [int(dataset[i][1]) for i in range(size)]
     labels = torch.as_tensor(targets)
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(
@@ -203,4 +206,17 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
         raise ValueError(
             f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}."
         )
+    if from_attribute:
+        if len(labels) != size:
+            raise ValueError(
+                f"`train_dataset.targets` has {len(labels)} labels for {size} items; they must match one to one."
+            )
+        # A `target_transform` changes the items' targets but not the attribute: spot-check a few items.
+        for index in sorted({0, size // 2, size - 1}):
+            if int(dataset[index][1]) != int(labels[index]):
+                raise ValueError(
+                    f"`train_dataset.targets[{index}]` is {int(labels[index])} but item {index} has target "
+                    f"{int(dataset[index][1])} (a `target_transform`?). CREST selects by the `targets` attribute: "
+                    "make it hold the targets the items return."
+                )
     return labels.long()

@@ -12,9 +12,9 @@ from torch import Tensor
 
 
 def share(total: int, rank: int, world_size: int) -> slice:
-    """Contiguous rows of ``total`` that process ``rank`` computes: the first ranks take ``ceil(total / N)``."""
-    size = math.ceil(total / world_size)
-    return slice(min(rank * size, total), min((rank + 1) * size, total))
+    """Contiguous rows of ``total`` that process ``rank`` computes, balanced: sizes differ by at most one, and
+    none is empty when ``total >= world_size``."""
+    return slice(rank * total // world_size, (rank + 1) * total // world_size)
 
 
 def gather_shares(trainer: L.Trainer, rows: Tensor, total: int) -> Tensor:
@@ -30,7 +30,17 @@ def gather_shares(trainer: L.Trainer, rows: Tensor, total: int) -> Tensor:
     padded = rows.new_zeros((size, *rows.shape[1:]))
     padded[: len(rows)] = rows
     gathered = trainer.strategy.all_gather(padded)
-    return gathered.reshape(world_size * size, *rows.shape[1:])[:total]
+    parts = (share(total, rank, world_size) for rank in range(world_size))
+    return torch.cat([rows[: part.stop - part.start] for rows, part in zip(gathered, parts, strict=True)])
+
+
+def batch_share(rank: int, world_size: int) -> slice:
+    """The examples of a global coreset batch that process ``rank`` trains on: every ``world_size``-th pick.
+
+    Picks come in greedy order (decreasing gain, classes interleaved by gain), so contiguous slices would give
+    each process a different mix of classes and difficulty, and skewed statistics to unsynchronised batch norm.
+    """
+    return slice(rank, None, world_size)
 
 
 def mean_over_processes(trainer: L.Trainer, value: Tensor) -> Tensor:

@@ -19,7 +19,17 @@ def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> 
 
     Returns:
         A scalar tensor.
+
+    Raises:
+        ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``.
     """
+    if logits.ndim != 2:
+        raise ValueError(f"`logits` must have shape (B, C), got {tuple(logits.shape)}.")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"`targets` must have shape ({logits.shape[0]},) to match `logits` {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}."
+        )
     if weights.shape != targets.shape:
         raise ValueError(
             f"`weights` must have the shape of `targets` {tuple(targets.shape)}, got {tuple(weights.shape)}."

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
+from lightning_crest.distributed import batch_share
+
 # Batches a CoresetPlan remembers having served: far more than any loader reads ahead.
 _RECENT = 1024
 
@@ -99,8 +101,9 @@ class CoresetSampler(DistributedSampler[Key]):
     """Serves ``(index, weight)`` keys: whole coresets from a :class:`CoresetPlan`, or plain shuffled epochs.
 
     With a plan, an epoch is exactly ``steps_per_epoch`` batches of ``batch_size`` keys per process. Each global
-    batch (``num_replicas * batch_size`` examples) comes from the plan and process ``rank`` takes its contiguous
-    share, so every process trains on a disjoint part of the same coreset. Without a plan it behaves like
+    batch (``num_replicas * batch_size`` examples) comes from the plan and process ``rank`` takes every
+    ``num_replicas``-th example of it from position ``rank`` on (:func:`~lightning_crest.distributed.batch_share`),
+    so every process trains on a disjoint part of the same coreset with a similar mix of its picks. Without a plan it behaves like
     :class:`~torch.utils.data.DistributedSampler` over the whole dataset with weight 1.
 
     It subclasses :class:`~torch.utils.data.DistributedSampler` so that Lightning keeps it as it is under
@@ -150,7 +153,7 @@ class CoresetSampler(DistributedSampler[Key]):
                 yield index, 1.0
             return
         assert self.steps_per_epoch is not None
-        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        share = batch_share(self.rank, self.num_replicas)
         # After a mid-epoch resume Lightning counts the steps already trained and asks only for the rest.
         start, self.plan.resume_step = self.plan.resume_step % self.steps_per_epoch, 0
         if start == 0 and self.plan.on_epoch_start is not None:

@@ -95,8 +95,11 @@ class Audit(CrestCallback):
         indices, weights = plan.batches[
             (plan.cursor - 1) % len(plan)
         ]  # what the sampler served for this step
-        inputs = trainer.strategy.all_gather(batch[0]).reshape(-1, batch[0].shape[-1])
-        served = trainer.strategy.all_gather(batch[2]).reshape(-1)
+        # Process r trains picks r, r + W, r + 2W, ... of the global batch: interleave the gathered shares.
+        world = trainer.world_size
+        inputs = trainer.strategy.all_gather(batch[0]).reshape(world, *batch[0].shape).transpose(0, 1)
+        inputs = inputs.reshape(-1, batch[0].shape[-1])
+        served = trainer.strategy.all_gather(batch[2]).reshape(world, -1).transpose(0, 1).reshape(-1)
         assert len(torch.unique(indices)) == len(indices) == trainer.world_size * len(batch[0])
         assert torch.equal(inputs, self._dm.train_dataset.tensors[0][indices])  # type: ignore[attr-defined]
         assert torch.equal(served, weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
@@ -11,29 +12,50 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TinyClassifier, blobs, fit, make_trainer
+from conftest import LabelledTensors, TinyClassifier, blobs, fit, make_trainer
 from torch import Tensor
 
+import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.callback import learned_examples
+from lightning_crest.selection import facility_location, gradient_proxy
 
 
 class Recorder(CrestCallback):
-    """Keeps what happened at every selection and check, for assertions."""
+    """Keeps what happened at every selection, pick and check, for assertions."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.events: list[tuple[str, int]] = []
         self.adaptations: list[tuple[int, int, float, float]] = []
+        self.plans: list[list[tuple[Tensor, Tensor]]] = []  # the plan right after each selection
+        # (global step, subsets, their logits and targets at that moment, coresets, weights), one per `_pick`.
+        self.picks: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]] = []
         self.batches: list[tuple[Tensor, Tensor]] = []
 
-    def _select_coresets(self, count: int) -> None:
-        super()._select_coresets(count)
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
         self.events.append(("select", self._trainer.global_step if self._trainer else -1))
         q = self._quadratic
         self.adaptations.append(
             (self._interval, self._num_coresets, self._peak_curvature, q.curvature_norm())
         )
+        self.plans.append([(i.clone(), w.clone()) for i, w in self._dm.plan.batches])
+
+    def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        # The reference's input: logits of the module as it is now, in eval mode, read straight from the data set.
+        module, trainer = self._module, self._trainer
+        assert module is not None
+        assert trainer is not None
+        inputs, targets = self._dm.train_dataset[subsets]  # (k, r, d), (k, r)
+        training = module.training
+        module.eval()
+        with torch.no_grad():
+            logits = torch.stack([module(x) for x in inputs])
+        module.train(training)
+        coresets, weights, losses = super()._pick(subsets, *args)
+        self.picks.append((trainer.global_step, subsets.clone(), logits, targets, coresets, weights))
+        return coresets, weights, losses
 
     def _check(self) -> bool:
         drifted = super()._check()
@@ -46,6 +68,15 @@ class Recorder(CrestCallback):
         self.batches.append((batch[0].detach().clone(), batch[2].detach().clone()))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
 
+    def steps(self, kind: str) -> list[int]:
+        return [step for event, step in self.events if event == kind]
+
+
+def seeded_classifier(**kwargs: Any) -> TinyClassifier:
+    """A TinyClassifier whose initial weights do not depend on the tests that ran before (`fit` seeds after)."""
+    torch.manual_seed(0)
+    return TinyClassifier(**kwargs)
+
 
 def test_budget_is_exact() -> None:
     data = blobs(n=1000)
@@ -56,53 +87,97 @@ def test_budget_is_exact() -> None:
     assert trainer.num_training_batches == steps_per_epoch
 
 
-def test_batches_are_whole_weighted_coresets() -> None:
+def test_coresets_are_served_whole_and_round_robin() -> None:
+    # A huge tau never re-selects: the P = 5 coresets of the first selection serve all 2 x 4 steps, wrapping at 5.
     callback = Recorder(random_subset_size=0.1, tau=1e9)
-    fit(callback, max_epochs=1)
+    fit(callback, max_epochs=2)
+    assert callback.steps("select") == [0]
+    # T1 = 1: a check after every step, epoch ends included; none re-selects.
+    assert callback.steps("check") == list(range(1, 9))
     plan = callback._dm.plan
     assert len(plan) == 5  # P = b * T1 at the first selection
-    for inputs, weights in callback.batches:
-        assert inputs.shape[0] == 32
-        assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
-    # Served round-robin: step t trains on coreset t mod P.
+    assert len(callback.batches) == 8
     data = blobs()
-    for step, (inputs, _) in enumerate(callback.batches):
-        indices, _ = plan.batches[step % len(plan)]
+    for step, (inputs, weights) in enumerate(callback.batches):
+        indices, planned = plan.batches[step % len(plan)]  # step t trains on coreset t mod P
+        assert len(indices) == 32
         assert torch.equal(inputs, data.tensors[0][indices])
+        assert torch.equal(weights, planned)
+        assert weights.mean().item() == pytest.approx(1.0, rel=1e-5)
+    # `coresets` lists the plan: the first coreset picked at the selection, the others as training reached them.
+    picked = [(c, w) for *_, coresets, weights in callback.picks for c, w in zip(coresets, weights)]
+    assert [len(subsets) for _, subsets, *_ in callback.picks] == [1, 1, 1, 1, 1]
+    assert len(callback.coresets) == len(picked) == 5
+    for (indices, weights), (picked_indices, picked_weights) in zip(callback.coresets, picked):
+        assert torch.equal(indices, picked_indices)
+        assert torch.equal(weights, picked_weights)
+
+
+def test_coresets_are_facility_location_picks_at_the_weights_of_their_step() -> None:
+    # hessian_probes=2: two coresets picked in one call at each selection, the others one by one when reached.
+    callback = Recorder(random_subset_size=0.1, hessian_probes=2)
+    fit(callback, max_epochs=2)
+    selections = callback.steps("select")
+    assert len(selections) > 1
+    assert {len(subsets) for _, subsets, *_ in callback.picks} == {1, 2}
+    # Some coresets were picked at a step without a selection: with the weights of that step, not the selection's.
+    assert {step for step, *_ in callback.picks} > set(selections)
+    for _, subsets, logits, targets, coresets, weights in callback.picks:
+        for subset, z, y, coreset, weight in zip(subsets, logits, targets, coresets, weights):
+            reference = facility_location(gradient_proxy(z, y), 32, y)
+            assert torch.equal(coreset, subset[reference.indices])
+            expected = reference.weights.float() * 32 / len(subset)  # cluster sizes scaled to average 1
+            torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
 
 
 def test_tau_zero_reselects_at_every_check() -> None:
-    # interval_mul close to 0 keeps T1 = 1: a check after every step, epoch ends included.
+    # tau = 0 and interval_mul close to 0 keep T1 = 1: a check after every step, epoch ends included.
     callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)
     trainer, _ = fit(callback, max_epochs=2)
-    checks = [step for kind, step in callback.events if kind == "check"]
-    selections = [step for kind, step in callback.events if kind == "select"]
+    checks = callback.steps("check")
     assert checks == list(range(1, trainer.global_step + 1))
     # A failed check re-selects at once; on an epoch's last step the next epoch starts with the selection.
     # Either way the selection happens before the next step; the last step of training has none to feed.
-    assert selections == [0, *checks[:-1]]
+    assert callback.steps("select") == [0, *checks[:-1]]
 
 
-def test_huge_tau_selects_once() -> None:
-    callback = Recorder(random_subset_size=0.1, tau=1e9)
-    fit(callback, max_epochs=3)
-    assert [kind for kind, _ in callback.events].count("select") == 1
-    assert callback._checks > 0
-
-
-def test_adaptive_interval_and_coresets_follow_the_formulas() -> None:
-    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=3.0, coreset_mul=2)
-    fit(callback, max_epochs=2)
+@pytest.mark.parametrize(
+    ("tau", "interval_mul", "lr", "max_epochs"),
+    [(0.0, 3.0, 0.05, 2), (0.1, 2.0, 0.005, 7)],
+    ids=["every check fails", "checks pass at T1 = 1 and 3"],
+)
+def test_adaptive_interval_and_coresets_follow_the_formulas(
+    tau: float, interval_mul: float, lr: float, max_epochs: int
+) -> None:
+    callback = Recorder(random_subset_size=0.1, tau=tau, interval_mul=interval_mul, coreset_mul=2)
+    trainer, _ = fit(callback, model=seeded_classifier(lr=lr), max_epochs=max_epochs)
     first, *later = callback.adaptations
     assert first[:2] == (1, 2)  # T1 = 1, P = b at the first selection
+    assert len(callback.plans[0]) == 2
     assert later
     peak = first[2]
     for interval, num_coresets, reference, current in later:
         peak = max(peak, current)
         assert reference == peak  # the sharpest curvature so far
-        assert interval == max(1, math.ceil(3.0 * peak / current * (1 - 1e-6)))
+        assert interval == max(1, math.ceil(interval_mul * peak / current * (1 - 1e-6)))
         assert num_coresets == 2 * interval
-    assert len({interval for interval, *_ in later}) >= 1
+    # Checks come every T1 steps after a selection, T1 the interval it set, until the next one or the end.
+    selections = callback.steps("select")
+    ends = [*selections[1:], trainer.global_step]
+    intervals = [interval for interval, *_ in callback.adaptations]
+    expected = [
+        check
+        for start, end, interval in zip(selections, ends, intervals)
+        for check in range(start + interval, end + 1, interval)
+    ]
+    assert callback.steps("check") == expected
+    assert max(intervals) > 1
+
+
+def test_each_selection_plans_b_coresets_per_step_of_its_interval() -> None:
+    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=3.0, coreset_mul=2)
+    fit(callback, max_epochs=2)
+    assert [len(plan) for plan in callback.plans] == [p for _, p, *_ in callback.adaptations]
 
 
 class AnchorRecorder(Recorder):
@@ -112,13 +187,13 @@ class AnchorRecorder(Recorder):
         super().__init__(**kwargs)
         self.anchors: list[tuple[Tensor, Tensor, Tensor, float]] = []
 
-    def _pick(self, subsets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        coresets, weights, losses = super()._pick(subsets)
+    def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        coresets, weights, losses = super()._pick(subsets, *args)
         self._last_pick = (subsets[0].clone(), losses[: subsets.shape[1]].clone())
         return coresets, weights, losses
 
-    def _select_coresets(self, count: int) -> None:
-        super()._select_coresets(count)
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
         first, losses = self._last_pick
         anchor_loss = self._quadratic.anchor_loss
         assert anchor_loss is not None
@@ -146,6 +221,51 @@ def test_check_size_larger_than_the_subset() -> None:
         fit(CrestCallback(random_subset_size=0.1, check_size=500), max_epochs=1)
 
 
+class Augmented(LabelledTensors):
+    """Every read of an item adds fresh noise, like a random augmentation."""
+
+    def __getitem__(self, index: Any) -> tuple[Tensor, Tensor]:
+        inputs, targets = super().__getitem__(index)
+        return inputs + 0.5 * torch.randn_like(inputs), targets
+
+
+@pytest.mark.parametrize("check_size", [None, 16])
+def test_anchor_loss_and_checks_see_the_same_augmented_inputs(check_size: int | None) -> None:
+    # With a zero learning rate delta stays 0, so the model predicts L0 exactly and rho measures only whether
+    # L0 and the check losses come from the same inputs: they do, although every read of an item differs.
+    data = blobs()
+    callback = Recorder(random_subset_size=0.1, check_size=check_size, tau=1e9)
+    fit(callback, data=Augmented(*data.tensors), model=seeded_classifier(lr=0.0), max_epochs=1)
+    assert callback.steps("check")
+    assert callback._rho == 0.0
+
+
+def test_skipped_steps_do_not_count_as_ignoring_the_weights() -> None:
+    class SkipsFirst(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+            return None if batch_idx == 0 else super().training_step(batch, batch_idx)
+
+    callback = CrestCallback(random_subset_size=0.1)
+    trainer, _ = fit(callback, model=SkipsFirst(), max_epochs=1)
+    assert trainer.global_step == math.ceil(0.1 * 1200 / 32)
+    assert callback._weights_checked  # on the first step that had a loss
+
+
+def test_hessian_params_that_select_nothing_are_refused() -> None:
+    model = TinyClassifier()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="`hessian_params`='last_layer' selects no trainable parameters"):
+        fit(CrestCallback(hessian_params="last_layer"), model=model, max_epochs=1)
+
+
+def test_true_half_precision_reaches_the_selections() -> None:
+    callback = CrestCallback(random_subset_size=0.1, tau=0.02)
+    _, model = fit(callback, precision="bf16-true", max_epochs=2)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert callback._selections > 1
+    assert math.isfinite(callback._rho)
+
+
 def test_random_baseline_uses_weight_one_and_no_model() -> None:
     callback = Recorder(selection="random")
     trainer, _ = fit(callback, max_epochs=2)
@@ -158,66 +278,236 @@ def test_random_baseline_uses_weight_one_and_no_model() -> None:
     assert len(torch.unique(epoch, dim=0)) == len(epoch)
 
 
-def test_logged_statistics() -> None:
-    callback = CrestCallback(random_subset_size=0.1)
-    trainer, _ = fit(callback, max_epochs=1)
-    metrics = trainer.callback_metrics
-    for name in (
-        "selections",
-        "rho",
-        "check_interval",
-        "num_coresets",
-        "pool_size",
-        "selection_time",
-        "overhead",
-    ):
-        assert f"crest/{name}" in metrics
-    assert metrics["crest/selections"] >= 1
-    assert metrics["crest/pool_size"] == 1200
-    assert 0 < float(metrics["crest/overhead"]) < 1
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_logged_statistics_and_timings(selection: str) -> None:
+    callback = CrestCallback(random_subset_size=0.1, drop_interval=1, selection=selection)
+    trainer, _ = fit(callback, max_epochs=2)
+    logged = {
+        name.removeprefix("crest/"): float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith("crest/")
+    }
+    state = {
+        "selections": callback._selections,
+        "pool_size": int(callback.pool.sum()),
+        "selection_time": callback._selection_time,
+    }
+    if selection == "crest":  # random batches have no quadratic model: no rho, T1 or P
+        state |= {
+            "rho": callback._rho,
+            "check_interval": callback._interval,
+            "num_coresets": callback._num_coresets,
+        }
+        assert math.isfinite(callback._rho)
+    else:
+        assert callback._selections == 2  # one per epoch
+    assert logged.keys() == {*state, "overhead"}
+    assert {name: logged[name] for name in state} == pytest.approx(state, rel=1e-6)
+    timings = callback.timings
+    assert timings.keys() == {"proxies", "greedy", "hessian", "checks", "exclusion"}
+    assert min(timings.values()) >= 0
+    # The phases that ran took time, the others none (the exclusion ran at the start of epoch 1).
+    ran = set(timings) if selection == "crest" else set()
+    assert {name for name, seconds in timings.items() if seconds > 0} == ran
+    # Parts of CREST's own time, itself a part of the fit's.
+    assert sum(timings.values()) <= callback._crest_time
+    assert 0 < callback._selection_time <= callback._crest_time
+    assert 0 <= logged["overhead"] <= 1
 
 
-def test_exclusion_drops_learned_examples_within_floors() -> None:
+class ExclusionRecorder(CrestCallback):
+    """Keeps the losses recorded in each window, the pool around each drop and every random draw."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.window: list[tuple[Tensor, Tensor]] = []
+        self.drops: list[tuple[int, Tensor, Tensor, list[tuple[Tensor, Tensor]]]] = []  # epoch, before, after
+        self.draws: list[tuple[int, Tensor]] = []  # (drops so far, subsets)
+
+    def _record_losses(self, indices: Tensor, losses: Tensor) -> None:
+        super()._record_losses(indices, losses)
+        self.window.append((indices.clone(), losses.clone()))
+
+    def _drop_learned_examples(self) -> None:
+        before = self.pool
+        super()._drop_learned_examples()
+        assert self._trainer is not None
+        self.drops.append((self._trainer.current_epoch, before, self.pool, self.window))
+        self.window = []
+
+    def _draw(self, count: int, size: int) -> Tensor:
+        subsets = super()._draw(count, size)
+        self.draws.append((len(self.drops), subsets.clone()))
+        return subsets
+
+
+@pytest.mark.parametrize(
+    ("min_pool_fraction", "min_class_fraction"), [(0.9, 0.2), (0.5, 0.95)], ids=["pool floor", "class floors"]
+)
+def test_exclusion_drops_learned_examples_down_to_the_floors(
+    min_pool_fraction: float, min_class_fraction: float
+) -> None:
     data = blobs(n=1200, noise=0.3)  # separable: most examples are learned quickly
-    callback = CrestCallback(
-        random_subset_size=0.2, drop_interval=1, min_pool_fraction=0.6, min_class_fraction=0.7
+    callback = ExclusionRecorder(
+        random_subset_size=0.2,
+        drop_interval=2,
+        min_pool_fraction=min_pool_fraction,
+        min_class_fraction=min_class_fraction,
     )
-    trainer, _ = fit(callback, data=data, max_epochs=4, model=TinyClassifier(lr=0.2))
-    pool = callback._pool
-    assert pool is not None
-    assert int(pool.sum()) < 1200  # something was learned and dropped
-    assert int(pool.sum()) >= math.ceil(0.6 * 1200)
-    for cls in range(4):
-        size = int((data.targets == cls).sum())
-        assert int(pool[data.targets == cls].sum()) >= math.ceil(0.7 * size)
+    trainer, _ = fit(callback, data=data, max_epochs=5, model=seeded_classifier(lr=0.2))
+    assert [epoch for epoch, *_ in callback.drops] == [2, 4]  # every drop_interval epochs, none at the start
+    for _, before, after, window in callback.drops:
+        recorded, high = torch.zeros(1200, dtype=torch.bool), torch.zeros(1200, dtype=torch.bool)
+        for indices, losses in window:
+            recorded[indices] = True
+            high[indices[losses > 0.1]] = True
+        assert not bool((after & ~before).any())
+        # Every example dropped had losses recorded in the window, all of them at most drop_threshold.
+        assert bool((recorded & ~high)[before & ~after].all())
+    pool = callback.pool
+    class_floors = [math.ceil(min_class_fraction * int(size)) for size in torch.bincount(data.targets)]
+    kept = torch.bincount(data.targets[pool], minlength=4).tolist()
+    assert all(k >= floor for k, floor in zip(kept, class_floors))
+    # Far more examples were learned than the floors let go: the binding floor is reached exactly.
+    assert int(pool.sum()) == max(math.ceil(min_pool_fraction * 1200), sum(class_floors))
     assert trainer.callback_metrics["crest/pool_size"] == int(pool.sum())
+    # Random subsets (and so their coresets) drawn after a drop come from the pool it left.
+    pools = [torch.ones(1200, dtype=torch.bool), *(after for _, _, after, _ in callback.drops)]
+    assert {drops for drops, _ in callback.draws} == {0, 1, 2}
+    for drops, subsets in callback.draws:
+        assert bool(pools[drops][subsets].all())
 
 
-def test_learned_examples_rules() -> None:
-    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-    max_loss = torch.tensor([0.01, 0.05, 0.5, math.nan, 0.02, 0.03, 0.04, 0.09, 0.2, 0.0])
-    pool = torch.ones(10, dtype=torch.bool)
-    drop = learned_examples(
-        max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.0, min_class_fraction=0.0
+@pytest.mark.parametrize("drop_learned", [True, False])
+def test_drop_learned_switch(drop_learned: bool) -> None:
+    callback = CrestCallback(random_subset_size=0.2, drop_interval=1, drop_learned=drop_learned)
+    fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=seeded_classifier(lr=0.2))
+    assert bool(callback.pool.all()) is not drop_learned
+    assert (callback.timings["exclusion"] > 0) is drop_learned
+
+
+LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+MAX_LOSS = torch.tensor([0.01, 0.05, 0.5, math.nan, 0.02, 0.03, 0.04, 0.09, 0.2, 0.0])
+FULL = torch.ones(10, dtype=torch.bool)
+SHRUNK = torch.tensor([False, True, True, True, False, True, True, True, True, True])  # 0 and 4 already out
+
+
+def learned_reference(
+    max_loss: Tensor,
+    pool: Tensor,
+    labels: Tensor,
+    *,
+    threshold: float,
+    min_pool_fraction: float,
+    min_class_fraction: float,
+    min_pool: int = 0,
+) -> list[int]:
+    """The docstring's rule one example at a time: the most learned first, while its class and the pool keep
+    more than their floors (fractions of the full class and set sizes)."""
+    sizes = torch.bincount(labels).tolist()
+    kept = torch.bincount(labels[pool], minlength=len(sizes)).tolist()
+    left = int(pool.sum())
+    pool_floor = max(math.ceil(min_pool_fraction * len(pool)), min_pool)
+    learned = sorted(
+        (float(max_loss[i]), i) for i in range(len(pool)) if pool[i] and max_loss[i] <= threshold
     )
-    assert sorted(drop.tolist()) == [0, 1, 4, 5, 6, 7, 9]  # never-recorded (3) and high-loss (2, 8) stay
-    # Class floor: class 0 keeps ceil(0.75 * 4) = 3, so only its most learned example goes.
-    drop = learned_examples(
-        max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.0, min_class_fraction=0.75
-    )
-    assert 0 in drop.tolist()
-    assert 1 not in drop.tolist()
-    # Global floor: at most 10 - ceil(0.8 * 10) = 2 drops, the two most learned.
-    drop = learned_examples(
-        max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.8, min_class_fraction=0.0
-    )
-    assert sorted(drop.tolist()) == [0, 9]
-    # Examples already out of the pool are not dropped again.
-    pool[0] = False
-    drop = learned_examples(
-        max_loss, pool, labels, threshold=0.1, min_pool_fraction=0.0, min_class_fraction=0.0
-    )
-    assert 0 not in drop.tolist()
+    dropped = []
+    for _, i in learned:
+        cls = int(labels[i])
+        if kept[cls] > math.ceil(min_class_fraction * sizes[cls]) and left > pool_floor:
+            dropped.append(i)
+            kept[cls] -= 1
+            left -= 1
+    return sorted(dropped)
+
+
+@pytest.mark.parametrize(
+    ("pool", "floors", "expected"),
+    [
+        (FULL, {}, [0, 1, 4, 5, 6, 7, 9]),  # never recorded (3) and high-loss (2, 8) examples stay
+        (FULL, {"min_class_fraction": 0.75}, [0, 9]),  # classes keep 3 of 4 and 5 of 6: their most learned go
+        (FULL, {"min_pool_fraction": 0.7}, [0, 4, 9]),  # the pool keeps 7 of 10: the 3 most learned go
+        (FULL, {"min_pool": 9}, [9]),
+        (SHRUNK, {}, [1, 5, 6, 7, 9]),  # examples already out are not dropped again
+        # Floors count against the full sizes: class 0 keeps ceil(0.6 * 4) = 3 of its 3 left, class 1
+        # ceil(0.6 * 6) = 4 of 5 (against the sizes left it would be [1, 5, 9]).
+        (SHRUNK, {"min_class_fraction": 0.6}, [9]),
+        (SHRUNK, {"min_pool_fraction": 0.7}, [9]),  # 7 of all 10, not of the 8 left ([5, 9])
+    ],
+)
+def test_learned_examples_rules(pool: Tensor, floors: dict[str, Any], expected: list[int]) -> None:
+    args: dict[str, Any] = {"threshold": 0.1, "min_pool_fraction": 0.0, "min_class_fraction": 0.0, **floors}
+    drop = learned_examples(MAX_LOSS, pool.clone(), LABELS, **args)
+    assert sorted(drop.tolist()) == expected == learned_reference(MAX_LOSS, pool, LABELS, **args)
+
+
+def test_learned_examples_match_the_reference_on_random_cases() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(5, 40, (1,), generator=gen))
+        labels = torch.randint(0, 3, (n,), generator=gen)
+        max_loss = torch.rand(n, generator=gen) * 0.2
+        max_loss[torch.rand(n, generator=gen) < 0.2] = math.nan
+        pool = torch.rand(n, generator=gen) < 0.8
+        pool_fraction, class_fraction = torch.rand(2, generator=gen).tolist()
+        args: dict[str, Any] = {
+            "threshold": 0.1,
+            "min_pool_fraction": pool_fraction,
+            "min_class_fraction": class_fraction,
+        }
+        drop = learned_examples(max_loss, pool, labels, **args)
+        assert sorted(drop.tolist()) == learned_reference(max_loss, pool, labels, **args)
+
+
+@pytest.mark.parametrize("hessian_params", ["all", "last_layer"])
+def test_quadratic_model_parameters(hessian_params: str) -> None:
+    callback = CrestCallback(random_subset_size=0.1, hessian_params=hessian_params)  # type: ignore[arg-type]
+    _, model = fit(callback, max_epochs=1)
+    modelled = list(model.parameters() if hessian_params == "all" else model.net[-1].parameters())
+    assert [id(p) for p in callback._model_parameters()] == [id(p) for p in modelled]
+    assert callback._quadratic.gradient.numel() == sum(p.numel() for p in modelled)
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_second_order_switch(second_order: bool) -> None:
+    callback = CrestCallback(random_subset_size=0.1, second_order=second_order)
+    fit(callback, max_epochs=1)
+    q = callback._quadratic
+    # First order: no Hutchinson estimate, the curvature is the model's eps alone.
+    assert bool((q.hessian == q.eps).all()) is not second_order
+
+
+@pytest.mark.parametrize("hessian_probes", [1, 3, None])
+def test_hessian_probes(hessian_probes: int | None) -> None:
+    callback = Recorder(random_subset_size=0.1, hessian_probes=hessian_probes)
+    fit(callback, max_epochs=2)
+    # The probed coresets are picked at the selection (None: as many as the previous selection planned, since a
+    # selection's own P follows from its probes), the others when training reaches them; the quadratic model
+    # takes one update per probe.
+    picked = [sum(w.numel() > 0 for _, w in plan) for plan in callback.plans]
+    previous = [callback.coreset_mul] + [len(plan) for plan in callback.plans[:-1]]
+    limits = previous if hessian_probes is None else [hessian_probes] * len(previous)
+    assert picked == [min(limit, len(plan)) for limit, plan in zip(limits, callback.plans, strict=True)]
+    assert callback._quadratic.step == sum(picked)
+
+
+@pytest.mark.parametrize("options", [{}, {"knn": 8, "backend": "torch", "similarity": "exp"}])
+def test_selection_options_reach_facility_location(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        bound = inspect.signature(facility_location).bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(bound.arguments)
+        return facility_location(*args, **kwargs)
+
+    monkeypatch.setattr(crest_callback, "facility_location", spy)
+    fit(CrestCallback(random_subset_size=0.1, **options), max_epochs=1)
+    expected = {"knn": None, "backend": "auto", "similarity": "distance", **options}
+    assert calls
+    assert all({name: call[name] for name in expected} == expected for call in calls)
 
 
 def test_module_ignoring_weights_is_an_error() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -33,6 +35,65 @@ def _reference_greedy(sim: np.ndarray, budget: int) -> list[int]:
         values = [_objective(sim, [*picks, j]) for j in rest]
         picks.append(rest[int(np.argmax(values))])
     return picks
+
+
+def _assert_greedy_steps(sim: np.ndarray, picks: list[int], gains: np.ndarray) -> None:
+    """Every pick has the largest marginal gain on ``sim`` given the earlier ones, and its gain is that increment.
+
+    Exact ties may go either way: on a kNN graph two mutual nearest neighbours that nothing else covers tie
+    exactly, and the sparse greedy's incrementally summed gains need not break that tie by index.
+    """
+    for t, pick in enumerate(picks):
+        before = _objective(sim, picks[:t])
+        increments = [_objective(sim, [*picks[:t], j]) - before for j in range(len(sim))]
+        assert pick not in picks[:t]
+        assert increments[pick] >= max(increments) * (1 - 1e-6)
+        assert gains[t] == pytest.approx(increments[pick], rel=1e-5)
+
+
+def _ownership(points: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Brute-force cluster sizes: a pick owns itself; any other point goes to its nearest pick of its own class,
+    the earlier pick in greedy order on a tie."""
+    dist = torch.cdist(points.double(), points[indices].double())
+    picks = indices.tolist()
+    weights = torch.zeros(len(picks))
+    for i in range(len(points)):
+        if i in picks:
+            owner = picks.index(i)
+        else:
+            same = [t for t, j in enumerate(picks) if labels[j] == labels[i]]
+            owner = min(same, key=lambda t: (float(dist[i, t]), t))
+        weights[owner] += 1
+    return weights
+
+
+def _knn_similarity(points: torch.Tensor, k: int, similarity: str) -> np.ndarray:
+    """One class's zero-filled kNN similarity: row i holds the k nearest points (itself included) that cover i."""
+    dist = torch.cdist(points, points)
+    rows, nearest = torch.arange(len(points)).unsqueeze(1), dist.argsort(dim=1)[:, :k]
+    if similarity == "distance":
+        values = 2 * (points - points.mean(0)).norm(dim=1).max() - dist[rows, nearest]
+    else:
+        values = torch.exp(-dist[rows, nearest] / points.shape[1])
+    sim = torch.zeros(len(points), len(points), dtype=points.dtype)
+    sim[rows, nearest] = values
+    return sim.numpy()
+
+
+def _largest_remainder(counts: list[int], budget: int) -> list[int]:
+    """Plain-Python class_budgets: floors of the exact quotas, leftovers to the largest remainders (lower class
+    first on a tie), then each present class left at zero takes one pick from the class with the most (the
+    lower class on a tie)."""
+    quotas = [Fraction(budget * n, sum(counts)) for n in counts]
+    budgets = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(counts)), key=lambda c: (budgets[c] - quotas[c], c))
+    for c in by_remainder[: budget - sum(budgets)]:
+        budgets[c] += 1
+    for c, n in enumerate(counts):
+        if n > 0 and budgets[c] == 0:
+            budgets[budgets.index(max(budgets))] -= 1
+            budgets[c] = 1
+    return budgets
 
 
 def _pool(n: int, d: int = 3, seed: int = 0, clusters: int = 0) -> torch.Tensor:
@@ -80,13 +141,7 @@ def test_weights_are_cluster_sizes() -> None:
     points = _pool(40, seed=6)
     labels = torch.arange(40) % 3
     selection = facility_location(points, 7, labels)
-    dist = torch.cdist(points, points)
-    expected = torch.zeros(7)
-    for i in range(40):
-        same = [t for t, j in enumerate(selection.indices.tolist()) if labels[j] == labels[i]]
-        nearest = min(same, key=lambda t: (float(dist[i, selection.indices[t]]), t))
-        expected[nearest] += 1
-    assert torch.equal(selection.weights, expected)
+    assert torch.equal(selection.weights, _ownership(points, labels, selection.indices))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -125,18 +180,53 @@ def test_zero_gains_with_duplicates_match_exhaustive_greedy(similarity: str) -> 
 
 
 def test_class_budgets_largest_remainder() -> None:
-    # 128 picks over 600 points: quotas 21.33.., 12.8, ..; floors sum to 124, 4 go to the largest remainders.
-    counts = torch.tensor([100, 60, 60, 60, 60, 60, 50, 50, 50, 50])
-    budgets = class_budgets(counts, 128)
-    assert int(budgets.sum()) == 128
-    quota = 128 * counts / 600
-    assert bool(((budgets - quota).abs() < 1).all())
+    # 128 picks over 600 points: quotas 21.33, 12.8 (x5), 10.67 (x4); floors 21, 12, 10 sum to 121, and the 7
+    # leftovers go to the largest remainders: the five 0.8s, then two of the four tied 0.67s (lower index first).
+    counts = [100, 60, 60, 60, 60, 60, 50, 50, 50, 50]
+    expected = [21, 13, 13, 13, 13, 13, 11, 11, 10, 10]
+    assert _largest_remainder(counts, 128) == expected
+    assert class_budgets(torch.tensor(counts), 128).tolist() == expected
     # Batched rows are independent; ties go to the lower class index.
     assert class_budgets(torch.tensor([[3, 3], [1, 5]]), 3).tolist() == [[2, 1], [1, 2]]
     # A class that rounds to zero picks still gets one, taken from the largest class.
     assert class_budgets(torch.tensor([97, 2, 1]), 3).tolist() == [1, 1, 1]
     # A class never receives more picks than members, even with every point picked.
     assert class_budgets(torch.tensor([1, 5, 9]), 15).tolist() == [1, 5, 9]
+
+
+def test_class_budgets_match_plain_python_largest_remainder() -> None:
+    rng = random.Random(0)
+    starved = tied = 0
+    for _ in range(200):
+        counts = [rng.choice((0, 1, 2, 3, rng.randint(1, 40))) for _ in range(rng.randint(1, 6))]
+        counts[rng.randrange(len(counts))] += 1  # at least one class present
+        present = sum(n > 0 for n in counts)
+        budget = rng.randint(present, sum(counts))
+        got = class_budgets(torch.tensor(counts), budget).tolist()
+        assert got == _largest_remainder(counts, budget)
+        assert sum(got) == budget
+        assert all((n > 0) <= b <= n for b, n in zip(got, counts, strict=True))
+        starved += any(n > 0 and budget * n < sum(counts) for n in counts)
+        remainders = [budget * n % sum(counts) for n in counts if budget * n % sum(counts)]
+        tied += len(set(remainders)) < len(remainders)
+    assert starved >= 20  # the zero-pick rule and remainder ties are exercised, not just the plain rounding
+    assert tied >= 20
+    # A batch of pools gives each row its own split.
+    gen = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 10, (50, 4), generator=gen)
+    batch[:, 0] += 7
+    for budget in range(4, 8):
+        expected = [_largest_remainder(row, budget) for row in batch.tolist()]
+        assert class_budgets(batch, budget).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("counts", "budget"),
+    [([5, 1, 1], 2), ([5, 0, 1], 0), ([2, 1], 4), ([[3, 3], [1, 0]], 2), ([[3, 3], [1, 1]], 1)],
+)
+def test_class_budgets_outside_classes_present_and_pool_size(counts: list[int], budget: int) -> None:
+    with pytest.raises(ValueError, match="between the number of classes present and the pool size"):
+        class_budgets(torch.tensor(counts), budget)
 
 
 def test_batched_pools_equal_separate_calls() -> None:
@@ -203,8 +293,8 @@ def test_knn_equal_to_pool_size_matches_dense(backend: str, similarity: str) -> 
     points = torch.randn(150, 5, generator=gen, dtype=torch.float64)
     labels = torch.randint(0, 3, (150,), generator=gen)
     dense = facility_location(points, 20, labels, similarity=similarity)  # type: ignore[arg-type]
+    # k >= every class size: the exact full-graph branch (k below the class size is tested below).
     sparse = facility_location(points, 20, labels, similarity=similarity, knn=150, backend=backend)  # type: ignore[arg-type]
-    assert sorted(sparse.indices.tolist()) == sorted(dense.indices.tolist())
     assert torch.equal(sparse.indices, dense.indices)
     assert torch.equal(sparse.weights, dense.weights)
     assert torch.allclose(sparse.gains, dense.gains, rtol=1e-4)
@@ -223,6 +313,34 @@ def test_knn_greedy_matches_reference_on_sparse_similarity() -> None:
     rows = torch.arange(60).unsqueeze(1)
     sim[rows, nearest] = bound - dist[rows, nearest]  # row i: the candidates that can cover i
     assert selection.indices.tolist() == _reference_greedy(sim.numpy(), 8)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("similarity", ["distance", "exp"])
+def test_knn_below_class_size_matches_per_class_reference(backend: str, similarity: str) -> None:
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    gen = torch.Generator().manual_seed(13)
+    pools = torch.randn(3, 60, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (3, 60), generator=gen)
+    k, budget = 5, 9
+    counts = torch.stack([torch.bincount(row, minlength=3) for row in labels])
+    assert int(counts.min()) > k  # every class takes the kNN-graph branch, not the full graph
+    batched = facility_location(pools, budget, labels, similarity=similarity, knn=k, backend=backend)  # type: ignore[arg-type]
+    for p in range(3):
+        single = facility_location(pools[p], budget, labels[p], similarity=similarity, knn=k, backend=backend)  # type: ignore[arg-type]
+        assert torch.equal(batched.indices[p], single.indices)
+        assert torch.equal(batched.weights[p], single.weights)
+        assert torch.equal(batched.gains[p], single.gains)
+        assert torch.equal(single.weights, _ownership(pools[p], labels[p], single.indices))
+        budgets = class_budgets(counts[p], budget)
+        for cls in range(3):
+            members = torch.nonzero(labels[p] == cls).flatten()
+            sim = _knn_similarity(pools[p][members], k, similarity)
+            in_class = labels[p][single.indices] == cls
+            picks = torch.searchsorted(members, single.indices[in_class]).tolist()
+            assert len(picks) == int(budgets[cls])
+            _assert_greedy_steps(sim, picks, single.gains[in_class].double().numpy())
 
 
 def test_knn_quality_close_to_dense() -> None:
@@ -286,12 +404,14 @@ def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str
         facility_location(**args)  # type: ignore[arg-type]
 
 
-def test_faiss_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("knn_size", [None, 3])
+def test_faiss_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch, knn_size: int | None) -> None:
     from lightning_crest.selection import knn
 
     monkeypatch.setattr(knn, "faiss_available", lambda: False)
+    # Raised while validating, so also for the dense path that would never search.
     with pytest.raises(ImportError, match=r"lightning-crest\[faiss\]"):
-        facility_location(torch.randn(10, 2), 3, knn=3, backend="faiss")
+        facility_location(torch.randn(10, 2), 3, knn=knn_size, backend="faiss")
 
 
 def test_dense_too_large_asks_for_knn(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,8 +429,10 @@ def test_duplicate_picks_each_own_themselves(knn: int | None) -> None:
         [torch.zeros(6, 2), torch.randn(10, 2, generator=torch.Generator().manual_seed(0)) + 5]
     )
     selection = facility_location(points, 12, knn=knn, backend="torch")
-    assert bool((selection.weights >= 1).all())
-    assert float(selection.weights.sum()) == 16
+    # At least two picks are copies of the origin, so the ownership ties between them are exercised.
+    assert int((points[selection.indices] == 0).all(dim=1).sum()) >= 2
+    labels = torch.zeros(16, dtype=torch.long)
+    assert torch.equal(selection.weights, _ownership(points, labels, selection.indices))
 
 
 def test_many_uneven_blocks_are_solved_in_size_groups() -> None:

@@ -328,8 +328,8 @@ def test_bf16_mixed_precision_keeps_crest_in_float32() -> None:
     dtypes: set[torch.dtype] = set()
 
     class Watch(Tracer):
-        def _forward(self, indices: Tensor) -> tuple[Tensor, Tensor]:
-            logits, losses = super()._forward(indices)
+        def _forward(self, indices: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+            logits, losses = super()._forward(indices, *args)
             dtypes.update({logits.dtype, losses.dtype})
             return logits, losses
 

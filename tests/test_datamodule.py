@@ -1,0 +1,74 @@
+"""CrestDataModule on its own: argument checks, labels, and plain training once a CREST fit is over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
+from torch import Tensor
+
+from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.distributed import batch_share, share
+
+
+@pytest.mark.parametrize("eval_batch_size", [0, -4, 2.5])
+def test_eval_batch_size_must_be_positive(eval_batch_size: Any) -> None:
+    with pytest.raises(ValueError, match=f"`eval_batch_size` must be a positive int, got {eval_batch_size}"):
+        CrestDataModule(blobs(n=40), eval_batch_size=eval_batch_size)
+
+
+def test_eval_batch_size_defaults_to_the_batch_size() -> None:
+    assert CrestDataModule(blobs(n=40), batch_size=16).eval_batch_size == 16
+
+
+def test_targets_attribute_of_the_wrong_length() -> None:
+    data = blobs(n=40)
+    data.targets = data.targets[:30]
+    with pytest.raises(ValueError, match="has 30 labels for 40 items"):
+        _ = CrestDataModule(data).labels
+
+
+class Relabelled(LabelledTensors):
+    """Items whose targets a transform changes, while ``targets`` keeps the raw labels (torchvision's way)."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        return inputs, (target + 1) % 4
+
+
+def test_targets_attribute_that_disagrees_with_the_items() -> None:
+    data = blobs(n=40)
+    with pytest.raises(ValueError, match=r"`train_dataset.targets\[0\]` is .* but item 0 has target"):
+        _ = CrestDataModule(Relabelled(data.tensors[0], data.targets)).labels
+
+
+def test_labels_without_a_targets_attribute_are_read_from_the_items() -> None:
+    data = blobs(n=40)
+    plain = torch.utils.data.TensorDataset(*data.tensors)
+    assert torch.equal(CrestDataModule(plain).labels, data.targets)
+
+
+def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> None:
+    dm = CrestDataModule(blobs(n=320), batch_size=32)
+    crest = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=1)
+    crest.fit(TinyClassifier(), datamodule=dm)
+    assert crest.global_step == 2  # ceil(0.2 * 320 / 32)
+    plain = make_trainer(max_epochs=1)
+    plain.fit(TinyClassifier(), datamodule=dm)
+    assert plain.global_step == 10  # every example once
+
+
+@pytest.mark.parametrize(("total", "world_size"), [(20, 8), (18, 8), (128, 3), (5, 5), (300, 2)])
+def test_shares_are_balanced_and_cover_every_row(total: int, world_size: int) -> None:
+    parts = [range(total)[share(total, rank, world_size)] for rank in range(world_size)]
+    assert [i for part in parts for i in part] == list(range(total))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert min(map(len, parts)) >= 1
+
+
+def test_batch_shares_interleave_the_picks() -> None:
+    picks = list(range(12))
+    shares = [picks[batch_share(rank, 3)] for rank in range(3)]
+    assert shares == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]

@@ -1,0 +1,121 @@
+"""weighted_cross_entropy and gradient_proxy against autograd and the direct formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_crest import weighted_cross_entropy
+from lightning_crest.selection import gradient_proxy
+
+
+def _batch(b: int = 8, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(b, c, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, c, (b,), generator=gen)
+    return logits, targets, 2 * torch.rand(b, generator=gen, dtype=torch.float64)
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean_of_per_example_losses() -> None:
+    logits, targets, weights = _batch()
+    value = weighted_cross_entropy(logits, targets, weights)
+    torch.testing.assert_close(value, (weights * F.cross_entropy(logits, targets, reduction="none")).mean())
+    # The same in plain Python: log-sum-exp of the row minus the target's logit.
+    losses = [
+        math.log(sum(math.exp(z) for z in row)) - row[y]
+        for row, y in zip(logits.tolist(), targets.tolist(), strict=True)
+    ]
+    expected = sum(w * loss for w, loss in zip(weights.tolist(), losses, strict=True)) / len(losses)
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+
+
+def test_weighted_cross_entropy_with_unit_weights_is_cross_entropy() -> None:
+    logits, targets, _ = _batch(seed=1)
+    logits = logits.float()
+    value = weighted_cross_entropy(logits, targets, torch.ones(8))
+    torch.testing.assert_close(value, F.cross_entropy(logits, targets))
+
+
+def test_weighted_cross_entropy_gradients_reach_weights_and_logits() -> None:
+    logits, targets, weights = _batch(seed=2)
+    logits.requires_grad_()
+    weights.requires_grad_()
+    weighted_cross_entropy(logits, targets, weights).backward()
+    rows = torch.arange(8)
+    losses = torch.logsumexp(logits, dim=1) - logits[rows, targets]
+    torch.testing.assert_close(weights.grad, losses.detach() / 8)
+    onehot = torch.zeros(8, 5, dtype=torch.float64)
+    onehot[rows, targets] = 1
+    expected = weights.detach().unsqueeze(1) / 8 * (torch.softmax(logits.detach(), dim=1) - onehot)
+    torch.testing.assert_close(logits.grad, expected)
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "targets_shape", "weights_shape", "name"),
+    [
+        ((8, 5), (8,), (8, 1), "`weights`"),
+        ((8, 5), (8,), (7,), "`weights`"),
+        ((8, 5), (9,), (9,), "`targets`"),
+        ((8, 5), (8, 1), (8, 1), "`targets`"),
+        ((8,), (8,), (8,), "`logits`"),
+        ((8, 5, 2), (8,), (8,), "`logits`"),
+    ],
+    ids=["weights-2d", "weights-length", "targets-length", "targets-2d", "logits-1d", "logits-3d"],
+)
+def test_weighted_cross_entropy_bad_shapes_name_the_argument(
+    logits_shape: tuple[int, ...], targets_shape: tuple[int, ...], weights_shape: tuple[int, ...], name: str
+) -> None:
+    with pytest.raises(ValueError, match=name):
+        weighted_cross_entropy(
+            torch.randn(logits_shape), torch.zeros(targets_shape, dtype=torch.long), torch.ones(weights_shape)
+        )
+
+
+def test_gradient_proxy_is_the_cross_entropy_gradient_per_example() -> None:
+    logits, targets, _ = _batch(b=12, c=4, seed=3)
+    targets[:4] = torch.arange(4)  # every class is some row's target
+    logits.requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(logits, targets, reduction="sum"), logits)
+    proxy = gradient_proxy(logits.detach(), targets)
+    assert proxy.dtype == torch.float32
+    for row in range(12):
+        torch.testing.assert_close(proxy[row], expected[row].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradient_proxy_of_low_precision_logits_is_float32(dtype: torch.dtype) -> None:
+    logits, targets, _ = _batch(b=10, c=6, seed=4)
+    low = (4 * logits).to(dtype)  # up to ~40: exp overflows in float16, not in the float32 softmax
+    exact = low.double().requires_grad_()
+    (expected,) = torch.autograd.grad(F.cross_entropy(exact, targets, reduction="sum"), exact)
+    proxy = gradient_proxy(low, targets)
+    assert proxy.dtype == torch.float32
+    torch.testing.assert_close(proxy, expected.float(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "error", "match"),
+    [
+        (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), TypeError, "`logits`"),
+        ([[0.0, 1.0]], torch.zeros(1, dtype=torch.long), TypeError, "`logits`"),
+        (torch.zeros(3, 4), torch.zeros(3), TypeError, "`targets`"),
+        (torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool), TypeError, "`targets`"),
+        (torch.zeros(4), torch.zeros(4, dtype=torch.long), ValueError, r"`logits` must have shape \(r, C\)"),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(2, dtype=torch.long),
+            ValueError,
+            r"`targets` must have shape \(3,\)",
+        ),
+        (torch.zeros(3, 4), torch.tensor([0, 4, 1]), ValueError, r"`targets` must lie in \[0, 4\)"),
+        (torch.zeros(3, 4), torch.tensor([0, -1, 1]), ValueError, r"`targets` must lie in \[0, 4\)"),
+    ],
+)
+def test_gradient_proxy_bad_input(
+    logits: object, targets: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        gradient_proxy(logits, targets)  # type: ignore[arg-type]
