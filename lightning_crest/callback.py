@@ -285,9 +285,8 @@ class CrestCallback(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        skipped = outputs is None or (
-            isinstance(outputs, dict) and not outputs
-        )  # training_step returned None
+        # A training_step that returned None (a skipped step) leaves no loss to inspect.
+        skipped = outputs is None or (isinstance(outputs, dict) and not outputs)
         if not self._weights_checked and not skipped:
             self._check_weights_used(batch)
         self._trained += 1
@@ -692,7 +691,7 @@ class CrestCallback(Callback):
     # --- quadratic model -----------------------------------------------------------------------------------
 
     def _model_parameters(self, module: torch.nn.Module | None = None) -> list[Tensor]:
-        module = module or self._module
+        module = module if module is not None else self._module
         assert module is not None
         if self.hessian_params == "all":
             return [p for p in module.parameters() if p.requires_grad]

@@ -31,7 +31,7 @@ def gather_shares(trainer: L.Trainer, rows: Tensor, total: int) -> Tensor:
     padded[: len(rows)] = rows
     gathered = trainer.strategy.all_gather(padded)
     parts = (share(total, rank, world_size) for rank in range(world_size))
-    return torch.cat([rows[: part.stop - part.start] for rows, part in zip(gathered, parts, strict=True)])
+    return torch.cat([shared[: part.stop - part.start] for shared, part in zip(gathered, parts, strict=True)])
 
 
 def batch_share(rank: int, world_size: int) -> slice:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_crest.selection._gradients import check_logits_and_targets
+
 
 def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
     """Mean of ``weights * cross_entropy`` over a batch: the loss of a weighted mini-batch coreset.
@@ -23,13 +25,7 @@ def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> 
     Raises:
         ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``.
     """
-    if logits.ndim != 2:
-        raise ValueError(f"`logits` must have shape (B, C), got {tuple(logits.shape)}.")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(
-            f"`targets` must have shape ({logits.shape[0]},) to match `logits` {tuple(logits.shape)}, "
-            f"got {tuple(targets.shape)}."
-        )
+    check_logits_and_targets(logits, targets, rows="B")
     if weights.shape != targets.shape:
         raise ValueError(
             f"`weights` must have the shape of `targets` {tuple(targets.shape)}, got {tuple(weights.shape)}."

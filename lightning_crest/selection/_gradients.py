@@ -28,13 +28,7 @@ def gradient_proxy(logits: Tensor, targets: Tensor) -> Tensor:
         raise TypeError(f"`logits` must be a floating-point tensor, got {_describe(logits)}.")
     if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"`targets` must be an integer tensor of class indices, got {_describe(targets)}.")
-    if logits.ndim != 2:
-        raise ValueError(f"`logits` must have shape (r, C), got {tuple(logits.shape)}.")
-    if targets.shape != logits.shape[:1]:
-        raise ValueError(
-            f"`targets` must have shape ({logits.shape[0]},) to match `logits` {tuple(logits.shape)}, "
-            f"got {tuple(targets.shape)}."
-        )
+    check_logits_and_targets(logits, targets, rows="r")
     num_classes = logits.shape[1]
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         raise ValueError(
@@ -49,3 +43,14 @@ def _describe(value: object) -> str:
     if isinstance(value, Tensor):
         return f"a tensor of dtype {value.dtype} and shape {tuple(value.shape)}"
     return f"{type(value).__name__}"
+
+
+def check_logits_and_targets(logits: Tensor, targets: Tensor, rows: str) -> None:
+    """Raise a ``ValueError`` naming the argument unless ``logits`` is ``(rows, C)`` and ``targets`` ``(rows,)``."""
+    if logits.ndim != 2:
+        raise ValueError(f"`logits` must have shape ({rows}, C), got {tuple(logits.shape)}.")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"`targets` must have shape ({logits.shape[0]},) to match `logits` {tuple(logits.shape)}, "
+            f"got {tuple(targets.shape)}."
+        )
