@@ -699,14 +699,13 @@ class CrestCallback(Callback):
         return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad] if owners else []
 
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
-        """Update the smoothed gradient and Hessian on the new coresets and anchor the model here."""
+        """Update the smoothed gradient and Hessian with one probe per given coreset and anchor the model here."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
         params = self._model_parameters()
-        probes = len(coresets) if self.hessian_probes is None else min(self.hessian_probes, len(coresets))
         mine = batch_share(trainer.global_rank, trainer.world_size)
-        for coreset, weight in zip(coresets[:probes], weights[:probes]):
+        for coreset, weight in zip(coresets, weights, strict=True):
             inputs, targets = self._on_device(self._dm.fetch(coreset[mine].tolist()))
             with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
                 logits = self._logits(module, inputs, targets)
