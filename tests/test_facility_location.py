@@ -449,3 +449,41 @@ def test_many_uneven_blocks_are_solved_in_size_groups() -> None:
         single = facility_location(pools[p], 128, labels[p])  # ten blocks: one group
         assert torch.equal(batched.indices[p], single.indices)
         assert torch.equal(batched.weights[p], single.weights)
+
+
+def test_results_do_not_share_memory_with_later_calls() -> None:
+    """The dense path reuses host buffers between calls; nothing it returns may point into them."""
+    gen = torch.Generator().manual_seed(13)
+    first_pools, second_pools = torch.randn(2, 4, 90, 6, generator=gen)
+    labels = torch.randint(0, 3, (4, 90), generator=gen)
+    first = facility_location(first_pools, 20, labels)
+    kept = [field.clone() for field in (first.indices, first.weights, first.gains)]
+    facility_location(second_pools, 20, labels)
+    facility_location(second_pools[0] * 3, 40)
+    assert all(torch.equal(a, b) for a, b in zip(kept, (first.indices, first.weights, first.gains)))
+
+
+def test_concurrent_calls_from_threads_match_sequential_ones() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(14)
+    pools = torch.randn(8, 3, 150, 8, generator=gen)
+    labels = torch.randint(0, 5, (8, 3, 150), generator=gen)
+    expected = [facility_location(pools[k], 30, labels[k]) for k in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        results = list(executor.map(lambda k: facility_location(pools[k], 30, labels[k]), range(8)))
+    for want, got in zip(expected, results, strict=True):
+        assert torch.equal(want.indices, got.indices)
+        assert torch.equal(want.weights, got.weights)
+
+
+def test_pairwise_distances_match_float64_reference() -> None:
+    from lightning_crest.selection._facility_location import _pairwise_distances
+
+    gen = torch.Generator().manual_seed(15)
+    points = torch.randn(7, 40, 10, generator=gen) * torch.logspace(-3, 0, 7).view(7, 1, 1)
+    exact = torch.cdist(points.double(), points.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    got = _pairwise_distances(points)
+    scale = exact.amax(dim=(1, 2), keepdim=True)
+    assert got.dtype == torch.float32
+    assert float(((got.double() - exact) / scale).abs().max()) < 1e-3
