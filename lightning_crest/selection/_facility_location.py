@@ -284,8 +284,8 @@ _STEP_OVERHEAD_PAIRS = 400_000
 
 
 # Host memory reused between calls, per thread: the similarity blocks and the greedy's scratch are megabytes that a
-# fresh allocation gets as new pages from the system, and faulting them in took ~10% of a ten-pool call on a 2-core
-# VM. Buffers above this size are not kept.
+# fresh allocation gets as new pages from the system, and faulting them in took a quarter of a ten-pool call on a
+# 2-core VM. Buffers above this size are not kept.
 _MAX_KEPT_BYTES = 32 * 1024**2
 
 
