@@ -241,7 +241,10 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ylabel="selections so far",
         title="CREST selections over training (every seed)",
     )
-    right.legend()
+    if right.get_legend_handles_labels()[0]:
+        right.legend()
+    else:
+        right.text(0.5, 0.5, "no CREST run", ha="center", va="center", transform=right.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -312,7 +315,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
     if args.quick:
-        train, test = subset(train, 10_000, seed=0), subset(test, 2_000, seed=0)
+        train = subset(train, min(10_000, len(train)), seed=0)  # type: ignore[arg-type]
+        test = subset(test, min(2_000, len(test)), seed=0)  # type: ignore[arg-type]
+    if any(m.startswith("crest") for m in args.methods) and args.batch_size < num_classes:
+        raise SystemExit(
+            f"--batch-size {args.batch_size} is smaller than the {num_classes} classes of {args.dataset}: every "
+            "class of a random subset needs a pick in CREST's coresets. Raise --batch-size."
+        )
     sizes = len(train), len(test)  # type: ignore[arg-type]
     print(
         f"{args.dataset} / {args.model}: {sizes[0]} train, {sizes[1]} test, {args.epochs} reference epochs, "
