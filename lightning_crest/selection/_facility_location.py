@@ -130,6 +130,9 @@ def facility_location(
         A :class:`Selection`. Picks are in greedy order: by decreasing marginal gain, which is the order a greedy
         over all classes with per-class budgets takes them.
 
+    On CPU the dense path keeps two buffers per calling thread between calls (the similarity blocks and the
+    greedy's scratch, each only up to 32 MB), so that repeated selections do not fault in fresh memory each time.
+
     Raises:
         TypeError: If ``features`` is not floating point, ``labels`` not integer or ``budget`` not an ``int``.
         ValueError: On wrong shapes, a ``budget`` outside ``[number of classes present, r]``, non-finite
