@@ -4,7 +4,8 @@ Run with ``python benchmarks/selection.py`` (about two minutes) or ``--quick`` (
 markdown tables; it never asserts on time. Three scenarios:
 
 1. one mini-batch coreset: 128 picks from 600 gradient proxies (softmax - onehot, 10 classes), per class;
-2. ten such coresets in one batched call;
+2. ten such coresets in one batched call, on uniform random pools (class sizes vary) and on class-stratified
+   pools, the random subsets CREST draws;
 3. a large pool (60,000 proxies, no labels, 1,000 picks) on a ``knn=32`` graph, each method in a fresh
    subprocess so that its peak memory can be read from ``ru_maxrss``; plus the k-medoid quality of ``knn=32``
    against the dense greedy on a 4,000-point pool.
@@ -259,11 +260,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # --- scenarios 1 and 2 ------------------------------------------------------------------------------------------
 
 
-def small_pools(proxies: Tensor, labels: Tensor, seed: int) -> list[Pool]:
+def small_pools(proxies: Tensor, labels: Tensor, seed: int, stratified: bool = False) -> list[Pool]:
+    """Ten random pools of 600 proxies: uniform draws (class sizes vary), or class-stratified ones as CREST draws
+    its random subsets (60 of each class)."""
     gen = torch.Generator().manual_seed(seed + 1)
     pools = []
     for _ in range(NUM_POOLS):
-        idx = torch.randperm(len(proxies), generator=gen)[:POOL_SIZE]
+        if stratified:
+            quotas = class_budgets(torch.bincount(labels, minlength=NUM_CLASSES), POOL_SIZE).tolist()
+            idx = torch.cat(
+                [
+                    members[torch.randperm(len(members), generator=gen)[:quota]]
+                    for members, quota in zip(
+                        (torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)),
+                        quotas,
+                        strict=True,
+                    )
+                ]
+            )
+        else:
+            idx = torch.randperm(len(proxies), generator=gen)[:POOL_SIZE]
         pools.append(Pool.build(proxies[idx].contiguous(), labels[idx].contiguous(), BUDGET))
     return pools
 
@@ -329,7 +345,7 @@ def scenario_one(pools: list[Pool], runs: int) -> dict[str, float]:
     return timings
 
 
-def scenario_two(pools: list[Pool], runs: int, single: dict[str, float]) -> None:
+def scenario_two(pools: list[Pool], runs: int, single: dict[str, float], title: str) -> None:
     """Ten coresets per call, end to end and on the precomputed similarity that apricot is given."""
     features = torch.stack([pool.features for pool in pools])
     labels = torch.stack([pool.labels for pool in pools])
@@ -373,7 +389,7 @@ def scenario_two(pools: list[Pool], runs: int, single: dict[str, float]) -> None
         for name, ms in timings.items()
     ]
     shape = f"features {tuple(features.shape)}, labels {tuple(labels.shape)}"
-    print(f"\n### 2. P = {len(pools)} coresets in one call ({shape})\n")
+    print(f"\n### {title}: P = {len(pools)} coresets in one call ({shape})\n")
     print(
         f"Median of {runs} interleaved rounds. The greedy-only row gets the per-class similarity blocks of all ten pools in "
         "one padded batch, the input apricot gets; it includes the cluster-size weights, which apricot does "
@@ -559,7 +575,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     proxies, labels = load_proxies(args.fashion_mnist_dir, args.train_steps, args.seed)
     pools = small_pools(proxies, labels, args.seed)
     single = scenario_one(pools, runs)
-    scenario_two(pools, runs, single)
+    scenario_two(pools, runs, single, "2a. Uniform random pools, class sizes vary")
+    stratified = small_pools(proxies, labels, args.seed, stratified=True)
+    scenario_two(stratified, runs, single, "2b. Class-stratified pools, as CREST draws its random subsets")
     scenario_three(proxies, min(large_size, len(proxies)), large_runs, args.seed)
 
 

@@ -566,7 +566,7 @@ def _validate(
             f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
         )
     # The extremes are NaN when any value is (and a quarter of the cost of a full isfinite mask on the host).
-    if not all(bool(torch.isfinite(extreme)) for extreme in torch.aminmax(features)):
+    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(features)):
         raise ValueError(
             "`features` contains NaN or inf values; coresets of non-finite features are meaningless."
         )
