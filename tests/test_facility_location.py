@@ -386,6 +386,7 @@ def test_knn_merges_a_blob_of_near_duplicates() -> None:
     [
         ({"features": torch.ones(5, 2, dtype=torch.long)}, TypeError, "floating-point"),
         ({"features": torch.ones(5)}, ValueError, r"shape \(r, d\)"),
+        ({"features": torch.ones(0, 10, 2)}, ValueError, r"P, r, d >= 1"),
         ({"budget": 0}, ValueError, r"\[1, r\]"),
         ({"budget": 11}, ValueError, r"\[1, r\]"),
         ({"budget": 2.0}, TypeError, "`budget` must be an int"),
@@ -485,13 +486,45 @@ def test_concurrent_calls_from_threads_match_sequential_ones() -> None:
         assert torch.equal(want.weights, got.weights)
 
 
-def test_pairwise_distances_match_float64_reference() -> None:
+@pytest.mark.parametrize("size", [20, 40])  # both sides of the switch from differences to the expansion
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_pairwise_distances_match_float64_reference(size: int, offset: float) -> None:
     from lightning_crest.selection._facility_location import _pairwise_distances
 
     gen = torch.Generator().manual_seed(15)
-    points = torch.randn(7, 40, 10, generator=gen) * torch.logspace(-3, 0, 7).view(7, 1, 1)
+    scales = torch.logspace(-3, 0, 7).view(7, 1, 1)
+    points = torch.randn(7, size, 10, generator=gen) * scales + offset * scales
+    points[:, 1] = points[:, 0]  # an exact duplicate
     exact = torch.cdist(points.double(), points.double(), compute_mode="donot_use_mm_for_euclid_dist")
     got = _pairwise_distances(points)
-    scale = exact.amax(dim=(1, 2), keepdim=True)
     assert got.dtype == torch.float32
-    assert float(((got.double() - exact) / scale).abs().max()) < 1e-3
+    # The differences are exact to float32 rounding; the expansion loses about sqrt(eps) of the block's scale on
+    # near-duplicates (as torch.cdist's does), and more on far-off points unless they are centred.
+    tolerance = 1e-6 if size <= 25 else 1e-3
+    assert float(((got.double() - exact) / exact.amax(dim=(1, 2), keepdim=True)).abs().max()) < tolerance
+    assert not bool(got.diagonal(dim1=1, dim2=2).any())  # a point is at distance exactly 0 from itself
+
+
+def test_buffers_made_under_inference_mode_serve_later_calls() -> None:
+    import threading
+
+    gen = torch.Generator().manual_seed(16)
+    pools = torch.randn(2, 3, 60, 5, generator=gen)
+    labels = torch.randint(0, 3, (3, 60), generator=gen)
+    expected = [facility_location(pool, 12, labels) for pool in pools]
+    results: list[object] = []
+
+    def fresh_thread() -> None:  # a thread of its own: its buffers are created here, in inference mode
+        try:
+            with torch.inference_mode():
+                first = facility_location(pools[0], 12, labels)
+            results.extend([first, facility_location(pools[1] * 1.0, 12, labels)])
+        except RuntimeError as error:
+            results.append(error)
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert len(results) == 2, results
+    for want, got in zip(expected, results, strict=True):
+        assert torch.equal(want.indices, got.indices)  # type: ignore[attr-defined]

@@ -130,8 +130,9 @@ def facility_location(
         A :class:`Selection`. Picks are in greedy order: by decreasing marginal gain, which is the order a greedy
         over all classes with per-class budgets takes them.
 
-    On CPU the dense path keeps two buffers per calling thread between calls (the similarity blocks and the
-    greedy's scratch, each only up to 32 MB), so that repeated selections do not fault in fresh memory each time.
+    On CPU the dense path keeps two buffers per calling thread and dtype between calls (the similarity blocks and
+    the greedy's scratch, each only up to 32 MB), so that repeated selections do not fault in fresh memory each
+    time.
 
     Raises:
         TypeError: If ``features`` is not floating point, ``labels`` not integer or ``budget`` not an ``int``.
@@ -313,20 +314,31 @@ def _workspace(name: str, shape: tuple[int, ...] | torch.Size, like: Tensor) -> 
     key = (name, like.dtype)
     buffer = _WORKSPACE.buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = _WORKSPACE.buffers[key] = like.new_empty(numel)
+        # A buffer made under inference mode could not be written to outside it by later calls.
+        with torch.inference_mode(False):
+            buffer = _WORKSPACE.buffers[key] = like.new_empty(numel)
     return buffer[:numel].view(shape)
 
 
 def _pairwise_distances(points: Tensor) -> Tensor:
     """``(K, n, n)`` Euclidean distances within each of ``K`` blocks of points ``(K, n, d)``, in a workspace buffer.
 
-    The same expansion ``||a||^2 + ||b||^2 - 2 a.b`` that :func:`torch.cdist` uses for blocks of this size, written
-    into reused memory.
+    Up to 25 points per block (where :func:`torch.cdist` does the same) from the differences; above, by the
+    expansion ``||a||^2 + ||b||^2 - 2 a.b`` of the points taken relative to their block's first point (which
+    leaves the distances unchanged and avoids the cancellation of points far from the origin), with the diagonal
+    set to exactly zero.
     """
-    norms = points.square().sum(dim=2)
-    dist = _workspace("similarity", (points.shape[0], points.shape[1], points.shape[1]), points)
+    blocks, size, _ = points.shape
+    dist = _workspace("similarity", (blocks, size, size), points)
+    if size <= 25:
+        torch.linalg.vector_norm(points.unsqueeze(2) - points.unsqueeze(1), dim=3, out=dist)
+        return dist
+    centred = points - points[:, :1]
+    norms = centred.square().sum(dim=2)
     torch.add(norms.unsqueeze(2), norms.unsqueeze(1), out=dist)
-    return dist.baddbmm_(points, points.transpose(1, 2), alpha=-2).clamp_min_(0).sqrt_()
+    dist.baddbmm_(centred, centred.transpose(1, 2), alpha=-2).clamp_min_(0).sqrt_()
+    dist.diagonal(dim1=1, dim2=2).zero_()
+    return dist
 
 
 def _size_groups(sizes: list[int], blocks: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
@@ -554,9 +566,9 @@ def _validate(
         raise TypeError(
             f"`features` must be a floating-point tensor of shape (r, d) or (P, r, d), got {kind}."
         )
-    if features.ndim not in (2, 3) or features.shape[-1] == 0 or features.shape[-2] == 0:
+    if features.ndim not in (2, 3) or 0 in features.shape:
         raise ValueError(
-            f"`features` must have shape (r, d) or (P, r, d) with r, d >= 1, got {tuple(features.shape)}."
+            f"`features` must have shape (r, d) or (P, r, d) with P, r, d >= 1, got {tuple(features.shape)}."
         )
     if isinstance(budget, bool) or not isinstance(budget, int):
         raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
@@ -566,7 +578,7 @@ def _validate(
             f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
         )
     # The extremes are NaN when any value is (and a quarter of the cost of a full isfinite mask on the host).
-    if not all(math.isfinite(extreme.item()) for extreme in torch.aminmax(features)):
+    if not all(math.isfinite(extreme) for extreme in torch.stack(torch.aminmax(features)).tolist()):
         raise ValueError(
             "`features` contains NaN or inf values; coresets of non-finite features are meaningless."
         )
