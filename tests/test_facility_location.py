@@ -498,9 +498,8 @@ def test_pairwise_distances_match_float64_reference(size: int, offset: float) ->
     exact = torch.cdist(points.double(), points.double(), compute_mode="donot_use_mm_for_euclid_dist")
     got = _pairwise_distances(points)
     assert got.dtype == torch.float32
-    # The differences are exact to float32 rounding; the expansion loses about sqrt(eps) of the block's scale on
-    # near-duplicates (as torch.cdist's does), and more on far-off points unless they are centred.
-    tolerance = 1e-6 if size <= 25 else 1e-3
+    # torch.cdist's expansion is off by ~3e-4 of the block's scale here, and by ~3e-2 at the offset of 100.
+    tolerance = 1e-6 if size <= 25 else 1e-4
     assert float(((got.double() - exact) / exact.amax(dim=(1, 2), keepdim=True)).abs().max()) < tolerance
     assert not bool(got.diagonal(dim1=1, dim2=2).any())  # a point is at distance exactly 0 from itself
 
