@@ -271,6 +271,7 @@ def test_batch_below_the_classes_is_refused_before_any_run(
     assert not (tmp_path / "r.json").exists()
 
 
+@pytest.mark.filterwarnings("error:No artists with labels:UserWarning")  # the plot of a run without CREST
 def test_quick_takes_the_whole_of_a_small_dataset(
     fake_root: tuple[Path, dict[str, FakeCifar]],
     monkeypatch: pytest.MonkeyPatch,
