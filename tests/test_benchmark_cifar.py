@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,18 @@ def _dump(path: Path, obj: dict[str, Any]) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _write_cifar10(root: Path, rng: np.random.Generator) -> FakeCifar:
-    folder = root / datasets.CIFAR10.base_folder
+def _splits(
+    root: Path, name: str, rng: np.random.Generator
+) -> tuple[Path, np.ndarray, list[int], np.ndarray, list[int]]:
+    """The (new) folder torchvision reads ``name`` from, and fake train and test images and labels."""
+    folder = root / (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100).base_folder
     folder.mkdir(parents=True)
-    per_train, per_test = PER_CLASS["cifar10"]
-    train_images, train_labels = _split(10, per_train, rng)
-    test_images, test_labels = _split(10, per_test, rng)
+    per_train, per_test = PER_CLASS[name]
+    return folder, *_split(NUM_CLASSES[name], per_train, rng), *_split(NUM_CLASSES[name], per_test, rng)
+
+
+def _write_cifar10(root: Path, rng: np.random.Generator) -> FakeCifar:
+    folder, train_images, train_labels, test_images, test_labels = _splits(root, "cifar10", rng)
     classes = [f"class{c}" for c in range(10)]
     md5 = {}
     # Five training batches of uneven sizes; torchvision concatenates them in order.
@@ -88,11 +95,7 @@ def _write_cifar10(root: Path, rng: np.random.Generator) -> FakeCifar:
 
 
 def _write_cifar100(root: Path, rng: np.random.Generator) -> FakeCifar:
-    folder = root / datasets.CIFAR100.base_folder
-    folder.mkdir(parents=True)
-    per_train, per_test = PER_CLASS["cifar100"]
-    train_images, train_labels = _split(100, per_train, rng)
-    test_images, test_labels = _split(100, per_test, rng)
+    folder, train_images, train_labels, test_images, test_labels = _splits(root, "cifar100", rng)
     classes = [f"fine{c}" for c in range(100)]
     md5 = {}
     for file, images, labels in (("train", train_images, train_labels), ("test", test_images, test_labels)):
@@ -255,14 +258,24 @@ def test_default_cifar_models(name: str) -> None:
     assert bench.parse_args(["--dataset", name, "--model", "small-cnn"]).model == "small-cnn"
 
 
+@pytest.fixture
+def use_fake(
+    fake_root: tuple[Path, dict[str, FakeCifar]], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[str], tuple[Path, FakeCifar]]:
+    """Selects one fake dataset by name: its data directory and what was written, md5 sums expected."""
+
+    def use(name: str) -> tuple[Path, FakeCifar]:
+        root, fakes = fake_root
+        _expect_fake_md5(monkeypatch, fakes[name])
+        return root, fakes[name]
+
+    return use
+
+
 def test_batch_below_the_classes_is_refused_before_any_run(
-    fake_root: tuple[Path, dict[str, FakeCifar]],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    use_fake: Callable[[str], tuple[Path, FakeCifar]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root, fakes = fake_root
-    _expect_fake_md5(monkeypatch, fakes["cifar100"])
+    root, _ = use_fake("cifar100")
     argv = ["--dataset", "cifar100", "--data-dir", str(root), "--methods", "full,crest", "--batch-size", "64"]
     argv += ["--epochs", "1", "--seeds", "1", "--model", "resnet20", "--output", str(tmp_path / "r.json")]
     with pytest.raises(SystemExit, match="--batch-size 64 is smaller than the 100 classes"):
@@ -273,14 +286,9 @@ def test_batch_below_the_classes_is_refused_before_any_run(
 
 @pytest.mark.filterwarnings("error:No artists with labels:UserWarning")  # the plot of a run without CREST
 def test_quick_takes_the_whole_of_a_small_dataset(
-    fake_root: tuple[Path, dict[str, FakeCifar]],
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    use_fake: Callable[[str], tuple[Path, FakeCifar]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    root, fakes = fake_root
-    fake = fakes["cifar10"]
-    _expect_fake_md5(monkeypatch, fake)
+    root, fake = use_fake("cifar10")
     output = tmp_path / "quick.json"
     argv = ["--dataset", "cifar10", "--data-dir", str(root), "--methods", "random", "--quick"]
     argv += ["--epochs", "1", "--batch-size", "20", "--output", str(output)]
