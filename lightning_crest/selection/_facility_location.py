@@ -330,9 +330,8 @@ def _pairwise_distances(points: Tensor) -> Tensor:
     """
     blocks, size, _ = points.shape
     dist = _workspace("similarity", (blocks, size, size), points)
-    if size <= 25:
-        torch.linalg.vector_norm(points.unsqueeze(2) - points.unsqueeze(1), dim=3, out=dist)
-        return dist
+    if size <= 25:  # torch.cdist takes the differences here, without a (K, n, n, d) temporary
+        return dist.copy_(torch.cdist(points, points))
     centred = points - points[:, :1]
     norms = centred.square().sum(dim=2)
     torch.add(norms.unsqueeze(2), norms.unsqueeze(1), out=dist)
