@@ -1,6 +1,6 @@
 """Benchmark CREST's facility-location selection against apricot-select and a plain torch greedy.
 
-Run with ``python benchmarks/selection.py`` (about two and a half minutes) or ``--quick`` (under a minute). It prints
+Run with ``python benchmarks/selection.py`` (about two minutes) or ``--quick`` (under a minute). It prints
 markdown tables; it never asserts on time. Three scenarios:
 
 1. one mini-batch coreset: 128 picks from 600 gradient proxies (softmax - onehot, 10 classes), per class;
