@@ -264,18 +264,15 @@ def small_pools(proxies: Tensor, labels: Tensor, seed: int, stratified: bool = F
     """Ten random pools of 600 proxies: uniform draws (class sizes vary), or class-stratified ones as CREST draws
     its random subsets (class sizes in proportion to the data's: 60 of each class on Fashion-MNIST)."""
     gen = torch.Generator().manual_seed(seed + 1)
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
+    quotas = class_budgets(torch.bincount(labels, minlength=NUM_CLASSES), POOL_SIZE).tolist()
     pools = []
     for _ in range(NUM_POOLS):
         if stratified:
-            quotas = class_budgets(torch.bincount(labels, minlength=NUM_CLASSES), POOL_SIZE).tolist()
             idx = torch.cat(
                 [
                     members[torch.randperm(len(members), generator=gen)[:quota]]
-                    for members, quota in zip(
-                        (torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)),
-                        quotas,
-                        strict=True,
-                    )
+                    for members, quota in zip(by_class, quotas, strict=True)
                 ]
             )
         else:
