@@ -42,7 +42,7 @@ _TINY = 1e-12
 # by one because it came out as ``2.0000001``.
 _CEIL_SLACK = 1e-6
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
@@ -198,6 +198,7 @@ class QuadraticModel:
         self.beta2 = float(beta2)
         self.eps = float(eps)
         self._step = 0
+        self._hess_step = 0  # updates that carried a Hessian probe
         self._grad_avg: Tensor | None = None  # bias-corrected EMA of g, shape (P,)
         self._hess_sq_avg: Tensor | None = None  # bias-corrected EMA of diag(H)^2, shape (P,)
         self._w0: Tensor | None = None  # parameters at the last anchor, shape (P,)
@@ -209,6 +210,11 @@ class QuadraticModel:
     def step(self) -> int:
         """Number of :meth:`update` calls so far."""
         return self._step
+
+    @property
+    def curvature_steps(self) -> int:
+        """Number of :meth:`update` calls that carried a Hessian probe."""
+        return self._hess_step
 
     @property
     def is_anchored(self) -> bool:
@@ -244,33 +250,44 @@ class QuadraticModel:
         return self._require_stats()[1].sqrt().add_(self.eps)
 
     # ------------------------------------------------------------------ updates
-    def update(self, grads: Sequence[Tensor], hess_diag: Sequence[Tensor]) -> None:
-        """Fold one gradient and one Hutchinson probe into the EMAs.
+    def update(self, grads: Sequence[Tensor], hess_diag: Sequence[Tensor] | None = None) -> None:
+        """Fold one gradient, and one Hutchinson probe when given, into the EMAs.
+
+        Each EMA keeps its own step count for the bias correction, so updates without a probe (AdaHessian's
+        ``update_each``: the curvature changes slowly and a probe costs a double backward) leave the curvature
+        average exactly as it was.
 
         Args:
             grads: Coreset gradient per parameter (any shapes; detached here).
-            hess_diag: Hessian-diagonal estimate per parameter, e.g. from :func:`hutchinson_diagonal`.
+            hess_diag: Hessian-diagonal estimate per parameter, e.g. from :func:`hutchinson_diagonal`; ``None``
+                updates the gradient alone (not allowed for the first update).
 
         Raises:
-            ValueError: If the flattened sizes differ from each other or from earlier updates.
+            ValueError: If the flattened sizes differ from each other or from earlier updates, or if the first
+                update has no probe.
         """
         device = self._grad_avg.device if self._grad_avg is not None else None
         g = _flatten(grads, device)
-        h = _flatten(hess_diag, g.device)
-        if g.numel() != h.numel():
-            raise ValueError(f"gradient has {g.numel()} entries but Hessian diagonal has {h.numel()}")
         self._check_size(g.numel(), "update")
+        h = None if hess_diag is None else _flatten(hess_diag, g.device)
+        if h is not None and g.numel() != h.numel():
+            raise ValueError(f"gradient has {g.numel()} entries but Hessian diagonal has {h.numel()}")
+        if h is None and self._hess_sq_avg is None:
+            raise ValueError("the first update() needs a Hessian diagonal: pass `hess_diag`")
 
         self._step += 1
-        w1 = (1.0 - self.beta1) / (1.0 - self.beta1**self._step)
-        w2 = (1.0 - self.beta2) / (1.0 - self.beta2**self._step)
-        if self._grad_avg is None or self._hess_sq_avg is None:
-            # First update: the bias-corrected weight is exactly 1, so the average is the observation.
+        # The bias-corrected weight of a first observation is exactly 1: the average becomes the observation.
+        if self._grad_avg is None:
             self._grad_avg = g
+        else:
+            self._grad_avg.lerp_(g, (1.0 - self.beta1) / (1.0 - self.beta1**self._step))
+        if h is None:
+            return
+        self._hess_step += 1
+        if self._hess_sq_avg is None:
             self._hess_sq_avg = h.square()
         else:
-            self._grad_avg.lerp_(g, w1)
-            self._hess_sq_avg.lerp_(h.square_(), w2)
+            self._hess_sq_avg.lerp_(h.square_(), (1.0 - self.beta2) / (1.0 - self.beta2**self._hess_step))
 
     def anchor(self, params: Sequence[Tensor], loss: float | Tensor) -> None:
         """Record the selection point ``w0`` and its loss ``L0``.
@@ -386,6 +403,7 @@ class QuadraticModel:
             "beta2": self.beta2,
             "eps": self.eps,
             "step": self._step,
+            "hess_step": self._hess_step,
             "grad_avg": None if self._grad_avg is None else self._grad_avg.clone(),
             "hess_sq_avg": None if self._hess_sq_avg is None else self._hess_sq_avg.clone(),
             "w0": None if self._w0 is None else self._w0.clone(),
@@ -417,6 +435,10 @@ class QuadraticModel:
                 raise ValueError(f"state[{name!r}] must be None or a 1-D tensor")
         if (grad_avg is None) != (hess_sq_avg is None) or (grad_avg is None) != (step == 0):
             raise ValueError("inconsistent state: EMAs must be present exactly when step > 0")
+        # States of version 1 probed the curvature at every update.
+        hess_step = int(state.get("hess_step", step))
+        if (step == 0) != (hess_step == 0) or not 0 <= hess_step <= step:
+            raise ValueError(f"inconsistent state: {hess_step} curvature probes in {step} updates")
         sizes = {t.numel() for t in (grad_avg, hess_sq_avg, w0) if t is not None}
         if len(sizes) > 1:
             raise ValueError(f"inconsistent state: tensor sizes differ {sorted(sizes)}")
@@ -424,7 +446,7 @@ class QuadraticModel:
             raise ValueError("inconsistent state: w0 and loss0 must both be set or both be None")
 
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
-        self._step = step
+        self._step, self._hess_step = step, hess_step
         self._grad_avg = None if grad_avg is None else grad_avg.detach().to(torch.float32).clone()
         self._hess_sq_avg = None if hess_sq_avg is None else hess_sq_avg.detach().to(torch.float32).clone()
         self._w0 = None if w0 is None else w0.detach().to(torch.float32).clone()

@@ -87,3 +87,28 @@ def test_benchmark_records_tables_and_plot(
     assert "| crest | 25% | 2 |" in printed
     assert "| crest-first-order | 25% |" in printed.split("CREST's own time by part")[1]
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_benchmark_options_and_seed_reach_the_callback() -> None:
+    argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1", "--hessian-every", "4"]
+    args = bench.parse_args([*argv, "--random-subset-size", "300", "--check-size", "none"])
+    for method in ("crest", "crest-no-drop", "crest-first-order"):
+        callback = bench.make_callback(method, 0.1, 7, args)
+        assert callback is not None
+        assert (callback.tau, callback.interval_mul, callback.coreset_mul, callback.hessian_every) == (
+            0.1,
+            2,
+            1,
+            4,
+        )
+        assert (callback.random_subset_size, callback.check_size, callback.fraction) == (300, None, 0.1)
+        assert (callback.drop_learned, callback.second_order) == (
+            method != "crest-no-drop",
+            method != "crest-first-order",
+        )
+        # Each seed draws its own random subsets, not only its own initial weights.
+        assert callback.seed == 7
+    random = bench.make_callback("random", 0.2, 3, args)
+    assert random is not None
+    assert (random.selection, random.fraction, random.seed) == ("random", 0.2, 3)
+    assert bench.make_callback("full", 1.0, 0, args) is None

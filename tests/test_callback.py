@@ -491,6 +491,17 @@ def test_hessian_probes(hessian_probes: int | None) -> None:
     assert callback._quadratic.step == sum(picked)
 
 
+@pytest.mark.parametrize("hessian_every", [1, 3])
+def test_hessian_every(hessian_every: int) -> None:
+    callback = CrestCallback(random_subset_size=0.1, hessian_every=hessian_every)
+    fit(callback, max_epochs=2)
+    q, selections = callback._quadratic, callback._selections
+    assert selections > hessian_every
+    # One gradient per selection (hessian_probes=1), a curvature probe at selections 0, k, 2k, ...
+    assert q.step == selections
+    assert q.curvature_steps == math.ceil(selections / hessian_every)
+
+
 @pytest.mark.parametrize("options", [{}, {"knn": 8, "backend": "torch", "similarity": "exp"}])
 def test_selection_options_reach_facility_location(
     monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
@@ -543,6 +554,7 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"tau": -1.0}, "`tau`"),
         ({"random_subset_size": 0}, "`random_subset_size`"),
         ({"coreset_mul": 0}, "`coreset_mul`"),
+        ({"hessian_every": 0}, "`hessian_every`"),
         ({"hessian_params": "first"}, "`hessian_params`"),
         ({"selection": "craig"}, "`selection`"),
         ({"knn": -3}, "`knn`"),

@@ -374,6 +374,53 @@ def test_load_state_dict_rejects_malformed_state() -> None:
         QuadraticModel().load_state_dict({**good, "beta1": 1.5})
 
 
+def test_updates_without_a_probe_leave_the_curvature_and_its_bias_correction() -> None:
+    beta1, beta2 = 0.9, 0.99
+    gen = _gen(5)
+    model = QuadraticModel(beta1, beta2)
+    m = torch.zeros(3, dtype=torch.float64)
+    v = torch.zeros(3, dtype=torch.float64)
+    probes = 0
+    for t, probed in enumerate([True, False, False, True, False, True], start=1):
+        g, h = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+        model.update([g], [h] if probed else None)
+        m = beta1 * m + (1 - beta1) * g.double()
+        if probed:
+            probes += 1
+            v = beta2 * v + (1 - beta2) * h.double() ** 2
+        assert (model.step, model.curvature_steps) == (t, probes)
+        torch.testing.assert_close(model.gradient.double(), m / (1 - beta1**t), rtol=1e-6, atol=1e-7)
+        # The curvature is corrected by its own count of probes, not by the count of updates.
+        expected_h = (v / (1 - beta2**probes)).sqrt() + EPS
+        torch.testing.assert_close(model.hessian.double(), expected_h, rtol=1e-6, atol=1e-7)
+
+
+def test_first_update_needs_a_probe() -> None:
+    model = QuadraticModel()
+    with pytest.raises(ValueError, match=r"first update\(\) needs a Hessian diagonal"):
+        model.update([torch.ones(3)])
+    assert model.step == 0
+
+
+def test_state_dict_keeps_the_count_of_probes() -> None:
+    model = QuadraticModel()
+    model.update([torch.ones(2)], [torch.ones(2)])
+    model.update([torch.zeros(2)])
+    state = model.state_dict()
+    restored = QuadraticModel()
+    restored.load_state_dict(state)
+    assert (restored.step, restored.curvature_steps) == (2, 1)
+    restored.update([torch.ones(2)], [3 * torch.ones(2)])
+    model.update([torch.ones(2)], [3 * torch.ones(2)])
+    assert torch.equal(restored.hessian, model.hessian)
+    # A state saved before probes were counted separately had one probe per update.
+    old = {k: v for k, v in state.items() if k != "hess_step"}
+    restored.load_state_dict(old)
+    assert restored.curvature_steps == 2
+    with pytest.raises(ValueError, match="3 curvature probes in 2 updates"):
+        QuadraticModel().load_state_dict({**state, "hess_step": 3})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [

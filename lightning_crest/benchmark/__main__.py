@@ -41,20 +41,23 @@ class SelectionTrace(L.Callback):
             self.trace.append((trainer.global_step, int(selections)))
 
 
-def make_callback(method: str, budget: float, args: argparse.Namespace) -> CrestCallback | None:
+def make_callback(method: str, budget: float, seed: int, args: argparse.Namespace) -> CrestCallback | None:
     """The CREST callback of a benchmark method (``None`` for full-data training)."""
     if method == "full":
         return None
     if method == "random":
-        return CrestCallback(fraction=budget, selection="random", seed=args.seed_offset)
+        return CrestCallback(fraction=budget, selection="random", seed=seed)
     options: dict[str, Any] = {
         "fraction": budget,
         "tau": args.tau,
         "interval_mul": args.interval_mul,
+        "coreset_mul": args.coreset_mul,
+        "hessian_every": args.hessian_every,
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
         "drop_learned": method != "crest-no-drop",
         "second_order": method != "crest-first-order",
+        "seed": seed,
     }
     return CrestCallback(**options)
 
@@ -68,7 +71,7 @@ def run_one(
     in_channels, size = train[0][0].shape[0], train[0][0].shape[-1]
     model = build_model(args.model, num_classes, in_channels, image_size=size)
     module = Classifier(model, num_classes, lr=args.lr)
-    callback = make_callback(method, budget, args)
+    callback = make_callback(method, budget, seed, args)
     trace = SelectionTrace()
     trainer = L.Trainer(
         max_epochs=args.epochs,
@@ -275,6 +278,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--tau", type=float, default=0.05, help="CREST check tolerance")
     parser.add_argument("--interval-mul", type=float, default=1.0, help="CREST h")
+    parser.add_argument(
+        "--hessian-every", type=int, default=1, help="CREST: probe the curvature at every k-th selection"
+    )
+    parser.add_argument(
+        "--coreset-mul", type=int, default=5, help="CREST b: coresets per selection per step of T1"
+    )
     parser.add_argument(
         "--random-subset-size",
         type=_fraction_or_count,
