@@ -102,25 +102,29 @@ def same_parameters(a: L.LightningModule, b: L.LightningModule) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
-@pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0), ("crest", 2)])
+@pytest.mark.parametrize(
+    ("selection", "num_workers", "hessian_every"),
+    [("crest", 0, 1), ("random", 0, 1), ("crest", 2, 1), ("crest", 0, 2)],
+)
 def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(
-    tmp_path: Path, selection: str, num_workers: int
+    tmp_path: Path, selection: str, num_workers: int, hessian_every: int
 ) -> None:
     # One uninterrupted run saves a checkpoint after every 3rd step (mid-epoch at steps 3, 6, 13, ..., and on an
     # epoch's last step at 30) and one after every epoch; resuming from any of them must give the same later
     # selections, the same batches and bit-identical final parameters. On CPU with one thread-count and the same
     # data order every operation is repeated in the same order, so exact equality is the right test. With loader
     # workers, the batches read ahead of training at a checkpoint are saved with it and served first on resume.
+    # With hessian_every the resumed run must also keep the schedule of curvature probes.
     steps = ModelCheckpoint(tmp_path / "steps", filename="{step}", every_n_train_steps=3, save_top_k=-1)
     epochs = ModelCheckpoint(tmp_path / "epochs", filename="{epoch}", every_n_epochs=1, save_top_k=-1)
-    full = crest(selection=selection)
+    full = crest(selection=selection, hessian_every=hessian_every)
     trainer, reference = run(full, extra=[steps, epochs], enable_checkpointing=True, num_workers=num_workers)
     assert trainer.global_step == EPOCHS * STEPS
     if selection == "crest":
         assert len(full.selections) > 3  # re-selections happen after the resume points
 
     for ckpt in ("steps/step=12.ckpt", "steps/step=15.ckpt", "epochs/epoch=0.ckpt"):
-        resumed = crest(selection=selection)
+        resumed = crest(selection=selection, hessian_every=hessian_every)
         start = torch.load(tmp_path / ckpt, weights_only=True)["global_step"]
         trainer, model = run(resumed, ckpt_path=str(tmp_path / ckpt), num_workers=num_workers)
         assert trainer.global_step == EPOCHS * STEPS, ckpt
