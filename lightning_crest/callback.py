@@ -64,11 +64,13 @@ class CrestCallback(Callback):
         min_class_fraction: Never shrink a class below this fraction of its size.
         hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
             trainable parameters, in registration order) for large models.
-        hessian_probes: Hutchinson probes per selection, one per coreset batch up to this many; ``None`` probes
-            as many coreset batches as the previous selection planned (``P`` is known only after the probes).
-        hessian_every: Probe the curvature at every ``k``-th selection only (AdaHessian's ``update_each``). The
-            other selections update the smoothed gradient with one backward pass instead of a double backward
-            (about a third of the cost); the curvature average moves slowly anyway (``beta2 = 0.999``).
+        hessian_probes: Coreset batches that update the quadratic model at each selection (their gradients, and a
+            Hutchinson probe each where the curvature is probed); ``None`` takes as many as the previous selection
+            planned (``P`` is known only after the probes).
+        hessian_every: Probe the curvature at every ``k``-th selection only, as AdaHessian's ``update_each`` does
+            (unlike it, the curvature average is left untouched in between, not fed the stale probe). The other
+            selections update the smoothed gradient with a plain backward pass instead of a double backward, about
+            a third of the cost. No effect with ``second_order=False``.
         second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
             curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` stays at
             ``ceil(interval_mul)``).
@@ -713,26 +715,28 @@ class CrestCallback(Callback):
         params = self._model_parameters()
         mine = batch_share(trainer.global_rank, trainer.world_size)
         probe = self._selections % self.hessian_every == 0
-        second_order = self.second_order and probe
+        double_backward = probe and self.second_order
         for coreset, weight in zip(coresets, weights, strict=True):
             inputs, targets = self._on_device(self._dm.fetch(coreset[mine].tolist()))
             with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
                 logits = self._logits(module, inputs, targets)
                 batch_loss = (weight[mine].to(module.device) * self.per_example_loss(logits, targets)).mean()
-                grads = torch.autograd.grad(batch_loss, params, create_graph=second_order, allow_unused=True)
-                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
-                # The first-order model has no curvature beyond the model's eps.
-                curvature = (
-                    hutchinson_diagonal(grads, params, self._generator)
-                    if second_order
-                    else [torch.zeros_like(p) for p in params]
+                grads = torch.autograd.grad(
+                    batch_loss, params, create_graph=double_backward, allow_unused=True
                 )
+                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+                curvature = hutchinson_diagonal(grads, params, self._generator) if double_backward else None
             flat_grad = mean_over_processes(trainer, torch.cat([g.detach().flatten() for g in grads]))
-            if probe:
-                flat_curv = mean_over_processes(trainer, torch.cat([h.flatten() for h in curvature]))
-                self._quadratic.update([flat_grad], [flat_curv])
-            else:
+            if not probe:
                 self._quadratic.update([flat_grad])
+                continue
+            # The first-order model has no curvature beyond the model's eps.
+            flat_curv = (
+                torch.zeros_like(flat_grad)
+                if curvature is None
+                else torch.cat([h.flatten() for h in curvature])
+            )
+            self._quadratic.update([flat_grad], [mean_over_processes(trainer, flat_curv)])
         self._quadratic.anchor(params, loss)
 
     def _check(self) -> bool:

@@ -253,9 +253,10 @@ class QuadraticModel:
     def update(self, grads: Sequence[Tensor], hess_diag: Sequence[Tensor] | None = None) -> None:
         """Fold one gradient, and one Hutchinson probe when given, into the EMAs.
 
-        Each EMA keeps its own step count for the bias correction, so updates without a probe (AdaHessian's
-        ``update_each``: the curvature changes slowly and a probe costs a double backward) leave the curvature
-        average exactly as it was.
+        Each EMA keeps its own step count for the bias correction, so updates without a probe leave the curvature
+        average exactly as it was. (AdaHessian's ``update_each`` also probes only every few steps, but feeds the
+        stale probe into its average at every step.) The curvature changes slowly, and a probe costs a double
+        backward.
 
         Args:
             grads: Coreset gradient per parameter (any shapes; detached here).
@@ -394,8 +395,9 @@ class QuadraticModel:
         """Serializable state: only tensors and plain Python values (``torch.load(weights_only=True)``-safe).
 
         Returns:
-            Dict with hyperparameters, step count, the bias-corrected EMAs (``None`` before the first
-            update), ``w0``/``L0`` (``None`` before the first anchor) and the reference norm.
+            Dict with the format version, hyperparameters, the step counts (updates, and those with a probe), the
+            bias-corrected EMAs (``None`` before the first update), ``w0``/``L0`` (``None`` before the first anchor)
+            and the reference norm.
         """
         return {
             "version": _STATE_VERSION,
@@ -422,7 +424,15 @@ class QuadraticModel:
         Raises:
             ValueError: If the state is malformed or inconsistent.
         """
+        version = int(state.get("version", 1))
+        if version > _STATE_VERSION:
+            raise ValueError(
+                f"QuadraticModel state of version {version} is newer than this library reads ({_STATE_VERSION}); "
+                "upgrade lightning-crest"
+            )
         required = {"beta1", "beta2", "eps", "step", "grad_avg", "hess_sq_avg", "w0", "loss0", "ref_norm"}
+        if version >= 2:
+            required.add("hess_step")
         missing = required - state.keys()
         if missing:
             raise ValueError(f"QuadraticModel state is missing keys {sorted(missing)}")
@@ -435,8 +445,8 @@ class QuadraticModel:
                 raise ValueError(f"state[{name!r}] must be None or a 1-D tensor")
         if (grad_avg is None) != (hess_sq_avg is None) or (grad_avg is None) != (step == 0):
             raise ValueError("inconsistent state: EMAs must be present exactly when step > 0")
-        # States of version 1 probed the curvature at every update.
-        hess_step = int(state.get("hess_step", step))
+        # Version 1 probed the curvature at every update; version 2 counts the probes.
+        hess_step = int(state["hess_step"]) if version >= 2 else step
         if (step == 0) != (hess_step == 0) or not 0 <= hess_step <= step:
             raise ValueError(f"inconsistent state: {hess_step} curvature probes in {step} updates")
         sizes = {t.numel() for t in (grad_avg, hess_sq_avg, w0) if t is not None}
@@ -487,7 +497,7 @@ class QuadraticModel:
     def __repr__(self) -> str:
         return (
             f"QuadraticModel(beta1={self.beta1}, beta2={self.beta2}, eps={self.eps}, step={self._step}, "
-            f"anchored={self.is_anchored})"
+            f"curvature_steps={self._hess_step}, anchored={self.is_anchored})"
         )
 
 

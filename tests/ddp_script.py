@@ -50,6 +50,8 @@ def setting(batch_size: int, **kwargs: Any) -> tuple[CrestDataModule, dict[str, 
         "tau": 0.02,
         "drop_interval": 1,
         "drop_threshold": 0.3,
+        # Selections with and without a curvature probe: every process must make the same collective calls.
+        "hessian_every": 2,
     }
     options.update(kwargs)
     return dm, options

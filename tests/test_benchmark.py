@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 
+from lightning_crest import CrestCallback
 from lightning_crest.benchmark import __main__ as bench
 from lightning_crest.benchmark.data import InMemoryVisionDataset
 
@@ -112,3 +113,25 @@ def test_benchmark_options_and_seed_reach_the_callback() -> None:
     assert random is not None
     assert (random.selection, random.fraction, random.seed) == ("random", 0.2, 3)
     assert bench.make_callback("full", 1.0, 0, args) is None
+
+
+def test_benchmark_defaults_are_the_callbacks() -> None:
+    args, callback = bench.parse_args([]), CrestCallback()
+    assert (args.tau, args.interval_mul, args.coreset_mul, args.hessian_every) == (
+        callback.tau,
+        callback.interval_mul,
+        callback.coreset_mul,
+        callback.hessian_every,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [(["--hessian-every", "0"], "`hessian_every`"), (["--coreset-mul", "0"], "`coreset_mul`")],
+)
+def test_benchmark_refuses_bad_crest_options_before_training(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert match in capsys.readouterr().err

@@ -491,15 +491,28 @@ def test_hessian_probes(hessian_probes: int | None) -> None:
     assert callback._quadratic.step == sum(picked)
 
 
-@pytest.mark.parametrize("hessian_every", [1, 3])
-def test_hessian_every(hessian_every: int) -> None:
-    callback = CrestCallback(random_subset_size=0.1, hessian_every=hessian_every)
+@pytest.mark.parametrize(("hessian_every", "second_order"), [(1, True), (3, True), (3, False)])
+def test_hessian_every(monkeypatch: pytest.MonkeyPatch, hessian_every: int, second_order: bool) -> None:
+    callback = CrestCallback(random_subset_size=0.1, hessian_every=hessian_every, second_order=second_order)
+    gradients: list[tuple[int, bool]] = []  # (selection, with a graph for the probe) of each coreset gradient
+    grad = torch.autograd.grad
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if "create_graph" in kwargs:  # the coreset gradient of _build_model (the probe's own call sets none)
+            gradients.append((callback._selections, kwargs["create_graph"]))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
     fit(callback, max_epochs=2)
     q, selections = callback._quadratic, callback._selections
     assert selections > hessian_every
-    # One gradient per selection (hessian_probes=1), a curvature probe at selections 0, k, 2k, ...
-    assert q.step == selections
-    assert q.curvature_steps == math.ceil(selections / hessian_every)
+    # One gradient per selection (hessian_probes=1); a double backward only at selections 0, k, 2k, ...
+    probed = list(range(0, selections, hessian_every))
+    assert [s for s, _ in gradients] == list(range(selections))
+    assert [s for s, graph in gradients if graph] == (probed if second_order else [])
+    assert (q.step, q.curvature_steps) == (selections, len(probed))
+    # The first-order model's curvature is its eps alone, probed or not.
+    assert bool((q.hessian == q.eps).all()) is not second_order
 
 
 @pytest.mark.parametrize("options", [{}, {"knn": 8, "backend": "torch", "similarity": "exp"}])

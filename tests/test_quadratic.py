@@ -383,7 +383,11 @@ def test_updates_without_a_probe_leave_the_curvature_and_its_bias_correction() -
     probes = 0
     for t, probed in enumerate([True, False, False, True, False, True], start=1):
         g, h = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+        before = model.hessian.clone() if t > 1 else None
         model.update([g], [h] if probed else None)
+        if not probed:
+            assert before is not None
+            assert torch.equal(model.hessian, before)
         m = beta1 * m + (1 - beta1) * g.double()
         if probed:
             probes += 1
@@ -413,12 +417,17 @@ def test_state_dict_keeps_the_count_of_probes() -> None:
     restored.update([torch.ones(2)], [3 * torch.ones(2)])
     model.update([torch.ones(2)], [3 * torch.ones(2)])
     assert torch.equal(restored.hessian, model.hessian)
-    # A state saved before probes were counted separately had one probe per update.
+    # A state saved before probes were counted separately (version 1) had one probe per update.
     old = {k: v for k, v in state.items() if k != "hess_step"}
-    restored.load_state_dict(old)
+    restored.load_state_dict({**old, "version": 1})
     assert restored.curvature_steps == 2
-    with pytest.raises(ValueError, match="3 curvature probes in 2 updates"):
-        QuadraticModel().load_state_dict({**state, "hess_step": 3})
+    with pytest.raises(ValueError, match="missing keys \\['hess_step'\\]"):
+        QuadraticModel().load_state_dict(old)
+    for probes in (0, 3):
+        with pytest.raises(ValueError, match=f"{probes} curvature probes in 2 updates"):
+            QuadraticModel().load_state_dict({**state, "hess_step": probes})
+    with pytest.raises(ValueError, match="version 3 is newer"):
+        QuadraticModel().load_state_dict({**state, "version": 3})
 
 
 @pytest.mark.parametrize(

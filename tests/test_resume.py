@@ -133,6 +133,8 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(
         later = [s for s in full.selections if s[0] > start or (s[0] == start and s[1] == "epoch_start")]
         assert resumed.selections == later, ckpt
         assert same_parameters(model, reference), ckpt
+        counts = (resumed._quadratic.step, resumed._quadratic.curvature_steps)
+        assert counts == (full._quadratic.step, full._quadratic.curvature_steps), ckpt
 
 
 @pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0), ("crest", 2)])

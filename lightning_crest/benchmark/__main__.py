@@ -279,10 +279,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=0.05, help="CREST check tolerance")
     parser.add_argument("--interval-mul", type=float, default=1.0, help="CREST h")
     parser.add_argument(
-        "--hessian-every", type=int, default=1, help="CREST: probe the curvature at every k-th selection"
+        "--coreset-mul", type=int, default=5, help="CREST b: coresets per selection per step of T1"
     )
     parser.add_argument(
-        "--coreset-mul", type=int, default=5, help="CREST b: coresets per selection per step of T1"
+        "--hessian-every", type=int, default=1, help="CREST: probe the curvature at every k-th selection"
     )
     parser.add_argument(
         "--random-subset-size",
@@ -312,6 +312,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
     if any(not 0 < b <= 1 for b in args.budget):
         parser.error(f"--budget values must lie in (0, 1], got {args.budget}")
+    try:  # CrestCallback checks its options; a bad one is reported now, not after the full-data run
+        for method in args.methods:
+            for budget in args.budget:
+                make_callback(method, budget, args.seed_offset, args)
+    except ValueError as error:
+        parser.error(str(error))
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 5), 1
