@@ -225,9 +225,10 @@ def torch_naive_picks(pool: Pool) -> list[list[int]]:
 
 
 def padded_blocks(pools: Sequence[Pool]) -> tuple[Tensor, Tensor, Tensor]:
-    """The float32 class similarities of ``pools`` as one batch of zero-padded blocks, with budgets."""
+    """The float32 class similarities of ``pools`` as one batch of zero-padded blocks, with budgets. Blocks are
+    padded to a multiple of 8 points, as the engine pads its own."""
     sims = [sim for pool in pools for sim in pool.sims32]
-    size = max(len(sim) for sim in sims)
+    size = -(-max(len(sim) for sim in sims) // 8) * 8
     blocks = torch.zeros(len(sims), size, size)
     valid = torch.zeros(len(sims), size, dtype=torch.bool)
     for b, sim in enumerate(sims):

@@ -37,7 +37,7 @@ def _reference_greedy(sim: np.ndarray, budget: int) -> list[int]:
     return picks
 
 
-def _assert_greedy_steps(sim: np.ndarray, picks: list[int], gains: np.ndarray) -> None:
+def _assert_greedy_steps(sim: np.ndarray, picks: list[int], gains: np.ndarray, abs_tol: float = 0.0) -> None:
     """Every pick has the largest marginal gain on ``sim`` given the earlier ones, and its gain is that increment.
 
     Exact ties may go either way: on a kNN graph two mutual nearest neighbours that nothing else covers tie
@@ -48,7 +48,7 @@ def _assert_greedy_steps(sim: np.ndarray, picks: list[int], gains: np.ndarray) -
         increments = [_objective(sim, [*picks[:t], j]) - before for j in range(len(sim))]
         assert pick not in picks[:t]
         assert increments[pick] >= max(increments) * (1 - 1e-6)
-        assert gains[t] == pytest.approx(increments[pick], rel=1e-5)
+        assert gains[t] == pytest.approx(increments[pick], rel=1e-5, abs=abs_tol)
 
 
 def _ownership(points: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -177,6 +177,34 @@ def test_zero_gains_with_duplicates_match_exhaustive_greedy(similarity: str) -> 
     single = facility_location(points, 3, labels, similarity=similarity)  # type: ignore[arg-type]
     assert 7 in single.indices.tolist()
     assert single.indices.unique().numel() == 3
+
+
+def test_padded_blocks_with_duplicates_and_spent_gains() -> None:
+    """Classes above 25 points go through the expansion path, padded to a multiple of 8 points; one class has
+    fewer distinct points than picks, so its late gains are zero and the padding must still never be picked."""
+    gen = torch.Generator().manual_seed(21)
+    repeated = torch.randn(10, 4, generator=gen, dtype=torch.float64).repeat(3, 1)  # 30 points, 10 distinct
+    points = torch.cat([repeated, torch.randn(29, 4, generator=gen, dtype=torch.float64) + 4.0])
+    labels = torch.tensor([0] * 30 + [1] * 29)
+    selection = facility_location(points, 26, labels)
+    assert selection.indices.unique().numel() == 26
+    assert torch.equal(torch.bincount(labels[selection.indices]), torch.tensor([13, 13]))
+    assert torch.equal(selection.weights, _ownership(points, labels, selection.indices))
+    for cls in (0, 1):
+        members = torch.nonzero(labels == cls).flatten()
+        mine = labels[selection.indices] == cls
+        position = {int(j): k for k, j in enumerate(members)}
+        picks = [position[int(j)] for j in selection.indices[mine]]
+        _assert_greedy_steps(
+            _similarity_matrix(points[members].numpy()), picks, selection.gains[mine].numpy(), abs_tol=1e-6
+        )
+    # Class 0's last picks cover nothing new (up to the rounding of distances between duplicates).
+    assert float(selection.gains[-3:].abs().max()) < 1e-6
+    # In float32 (floored squared distances before the square root) the picks are still distinct, per class.
+    single = facility_location(points.float(), 26, labels)
+    assert single.indices.unique().numel() == 26
+    assert torch.equal(torch.bincount(labels[single.indices]), torch.tensor([13, 13]))
+    assert float(single.weights.sum()) == len(points)
 
 
 def test_class_budgets_largest_remainder() -> None:
