@@ -135,3 +135,26 @@ def test_benchmark_refuses_bad_crest_options_before_training(
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def load(name: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
+        return _images(256, seed=0), _images(64, seed=1), 10
+
+    seen: list[str] = []
+
+    class Trainer(bench.L.Trainer):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seen.append(self.precision)
+
+    monkeypatch.setattr(bench, "load_dataset", load)
+    monkeypatch.setattr(bench.L, "Trainer", Trainer)
+    output = tmp_path / "results.json"
+    argv = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "--budget", "0.5"]
+    argv += ["--random-subset-size", "64", "--check-size", "32", "--precision", "bf16-mixed"]
+    bench.main([*argv, "--output", str(output)])
+    result = json.loads(output.read_text())
+    assert result["config"]["precision"] == "bf16-mixed"
+    assert seen and set(seen) == {"bf16-mixed"}
+    assert result["runs"][0]["selections"] >= 1

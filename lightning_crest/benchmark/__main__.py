@@ -77,6 +77,7 @@ def run_one(
         max_epochs=args.epochs,
         accelerator=args.device,
         devices=1,
+        precision=args.precision,
         callbacks=[c for c in (callback, trace) if c is not None],
         logger=False,
         enable_checkpointing=False,
@@ -299,6 +300,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--precision",
+        default="32-true",
+        choices=("32-true", "bf16-mixed", "16-mixed"),
+        help="Lightning's Trainer precision; CREST's own forward passes run under it too",
+    )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="10k training images, 5 epochs, 1 seed")
     parser.add_argument(
