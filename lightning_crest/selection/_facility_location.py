@@ -255,7 +255,7 @@ def _dense_selection(
     for rows in _size_groups(block_sizes[by_size].tolist(), by_size):
         ids = block_ids[rows]
         size = int(flat_counts[ids].max())
-        if size > 25:  # the expansion path of _pairwise_distances: rows of a multiple of 8 floats
+        if size > _DIFFERENCES_MAX_POINTS:  # the expansion path of _pairwise_distances
             size = -(-size // _ROW_MULTIPLE) * _ROW_MULTIPLE
         # members[block, slot] = flat position of the point; padding repeats the block's first member, so that
         # it leaves the block's distances (and diameter) unchanged.
@@ -292,6 +292,10 @@ _STEP_OVERHEAD_PAIRS = 400_000
 # 80 points took 84 us on 2 cores, over 100 blocks of 77 points 96 us (every size between 73 and 79 took longer
 # than 80, and likewise below 64 and 72).
 _ROW_MULTIPLE = 8
+
+# Blocks of up to this many points get their distances from the differences (as torch.cdist does), larger ones from
+# the expansion; only the latter are padded to _ROW_MULTIPLE.
+_DIFFERENCES_MAX_POINTS = 25
 
 # Squared distances are floored here before the square root: on the measured CPU a float32 square root of zero (or
 # of anything below about 1e-32) takes a slow path, six times slower than other values, and padded blocks have many
@@ -346,7 +350,9 @@ def _pairwise_distances(points: Tensor) -> Tensor:
     """
     blocks, size, _ = points.shape
     dist = _workspace("similarity", (blocks, size, size), points)
-    if size <= 25:  # torch.cdist takes the differences here, without a (K, n, n, d) temporary
+    if (
+        size <= _DIFFERENCES_MAX_POINTS
+    ):  # torch.cdist takes the differences here, without a (K, n, n, d) temporary
         return dist.copy_(torch.cdist(points, points))
     centred = points - points[:, :1]
     norms = centred.square().sum(dim=2)
