@@ -14,6 +14,8 @@ pytest.importorskip("matplotlib")
 from lightning_crest import CrestCallback
 from lightning_crest.benchmark import __main__ as bench
 from lightning_crest.benchmark.data import InMemoryVisionDataset
+from lightning_crest.benchmark.models import SmallCNN
+from lightning_crest.benchmark.module import Classifier
 
 REQUIRED_KEYS = {
     "method",
@@ -159,3 +161,47 @@ def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch
     assert seen  # every Trainer the benchmark made (fit and test) got the precision
     assert set(seen) == {"bf16-mixed"}
     assert result["runs"][0]["selections"] >= 1
+
+
+@pytest.mark.parametrize(("name", "layout"), [("channels_last", torch.channels_last), ("contiguous", None)])
+def test_benchmark_memory_format_reaches_the_model(
+    name: str, layout: torch.memory_format | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def load(dataset: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
+        return _images(256, seed=0), _images(64, seed=1), 10
+
+    modules: list[Classifier] = []
+
+    class Recorded(Classifier):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            modules.append(self)
+
+    monkeypatch.setattr(bench, "load_dataset", load)
+    monkeypatch.setattr(bench, "Classifier", Recorded)
+    argv = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "--budget", "0.5"]
+    argv += ["--random-subset-size", "64", "--check-size", "32", "--memory-format", name]
+    result = bench.main([*argv, "--output", str(tmp_path / "results.json")])
+    assert result["config"]["memory_format"] == name
+    assert modules  # the full-data reference and CREST
+    for module in modules:
+        convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == 2
+        # After training: the optimizer's updates kept the layout (a 1-channel kernel is both layouts at once).
+        assert all(w.is_contiguous(memory_format=layout or torch.contiguous_format) for w in convs)
+        assert convs[1].is_contiguous() == (layout is None)
+
+
+def test_channels_last_classifier_computes_the_same_logits() -> None:
+    torch.manual_seed(0)
+    reference = Classifier(SmallCNN(), 10).eval()
+    fast = Classifier(SmallCNN(), 10, memory_format=torch.channels_last).eval()
+    fast.load_state_dict(reference.state_dict())
+    inputs = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(inputs), reference(inputs), rtol=1e-4, atol=1e-5)
+    # Inputs are converted in forward, whatever layout the caller gives.
+    hidden: list[torch.Tensor] = []
+    fast.model.features[0].register_forward_hook(lambda mod, args, out: hidden.append(out))
+    fast(inputs)
+    assert hidden[0].is_contiguous(memory_format=torch.channels_last)

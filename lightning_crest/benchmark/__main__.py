@@ -27,6 +27,7 @@ from lightning_crest.benchmark.module import Classifier
 
 METHODS = ("full", "random", "crest", "crest-no-drop", "crest-first-order")
 DEFAULT_MODEL = {"fashion-mnist": "small-cnn", "cifar10": "resnet20", "cifar100": "resnet18"}
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class SelectionTrace(L.Callback):
@@ -70,7 +71,7 @@ def run_one(
     L.seed_everything(seed, workers=True, verbose=False)
     in_channels, size = train[0][0].shape[0], train[0][0].shape[-1]
     model = build_model(args.model, num_classes, in_channels, image_size=size)
-    module = Classifier(model, num_classes, lr=args.lr)
+    module = Classifier(model, num_classes, lr=args.lr, memory_format=MEMORY_FORMATS[args.memory_format])
     callback = make_callback(method, budget, seed, args)
     trace = SelectionTrace()
     trainer = L.Trainer(
@@ -305,6 +306,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="32-true",
         choices=("32-true", "bf16-mixed", "16-mixed"),
         help="Lightning's Trainer precision; CREST's own forward passes run under it too",
+    )
+    parser.add_argument(
+        "--memory-format",
+        default="channels_last",
+        choices=tuple(MEMORY_FORMATS),
+        help="layout of the model's weights and input batches, for every method",
     )
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="10k training images, 5 epochs, 1 seed")
