@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from lightning_crest import CrestCallback
 from lightning_crest.benchmark import __main__ as bench
 from lightning_crest.benchmark.data import InMemoryVisionDataset
-from lightning_crest.benchmark.models import SmallCNN
+from lightning_crest.benchmark.models import build_model
 from lightning_crest.benchmark.module import Classifier
 
 REQUIRED_KEYS = {
@@ -192,16 +192,21 @@ def test_benchmark_memory_format_reaches_the_model(
         assert convs[1].is_contiguous() == (layout is None)
 
 
-def test_channels_last_classifier_computes_the_same_logits() -> None:
+@pytest.mark.parametrize(
+    ("name", "channels", "size"), [("small-cnn", 1, 28), ("resnet20", 3, 32), ("resnet18", 3, 32)]
+)
+def test_channels_last_classifier_computes_the_same_logits(name: str, channels: int, size: int) -> None:
     torch.manual_seed(0)
-    reference = Classifier(SmallCNN(), 10).eval()
-    fast = Classifier(SmallCNN(), 10, memory_format=torch.channels_last).eval()
+    reference = Classifier(build_model(name, 10, channels, image_size=size), 10).eval()
+    fast = Classifier(build_model(name, 10, channels, image_size=size), 10, memory_format=torch.channels_last)
     fast.load_state_dict(reference.state_dict())
-    inputs = torch.randn(16, 1, 28, 28)
+    fast.eval()
+    inputs = torch.randn(4, channels, size, size)
+    # Inputs are converted in forward, whatever layout the caller gives.
+    first_conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d))
+    hidden: list[torch.Tensor] = []
+    first_conv.register_forward_hook(lambda mod, args, out: hidden.append(out))
     with torch.no_grad():
         torch.testing.assert_close(fast(inputs), reference(inputs), rtol=1e-4, atol=1e-5)
-    # Inputs are converted in forward, whatever layout the caller gives.
-    hidden: list[torch.Tensor] = []
-    fast.model.features[0].register_forward_hook(lambda mod, args, out: hidden.append(out))
-    fast(inputs)
     assert hidden[0].is_contiguous(memory_format=torch.channels_last)
+    assert not hidden[0].is_contiguous()
