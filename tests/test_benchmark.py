@@ -165,7 +165,11 @@ def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(("name", "layout"), [("channels_last", torch.channels_last), ("contiguous", None)])
 def test_benchmark_memory_format_reaches_the_model(
-    name: str, layout: torch.memory_format | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    name: str,
+    layout: torch.memory_format | None,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     def load(dataset: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
         return _images(256, seed=0), _images(64, seed=1), 10
@@ -183,6 +187,8 @@ def test_benchmark_memory_format_reaches_the_model(
     argv += ["--random-subset-size", "64", "--check-size", "32", "--memory-format", name]
     result = bench.main([*argv, "--output", str(tmp_path / "results.json")])
     assert result["config"]["memory_format"] == name
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith(f"32-true, {name}")  # the run's settings are printed before it starts
     assert modules  # the full-data reference and CREST
     for module in modules:
         convs = [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -354,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = len(train), len(test)  # type: ignore[arg-type]
     print(
         f"{args.dataset} / {args.model}: {sizes[0]} train, {sizes[1]} test, {args.epochs} reference epochs, "
-        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {args.device}",
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {args.device}, {args.precision}, "
+        f"{args.memory_format}",
         flush=True,
     )
     runs = []
