@@ -43,13 +43,24 @@ def _images(n: int, seed: int) -> InMemoryVisionDataset:
     return InMemoryVisionDataset(data, targets)
 
 
+def _use_images(monkeypatch: pytest.MonkeyPatch, train: int, test: int) -> None:
+    """Make the benchmark load ``train`` and ``test`` synthetic images (:func:`_images`) for any data set."""
+
+    def load(name: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
+        return _images(train, seed=0), _images(test, seed=1), 10
+
+    monkeypatch.setattr(bench, "load_dataset", load)
+
+
+# One short CREST run on 256 images: the benchmark's options that other tests add to.
+_ONE_CREST_RUN = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "--budget", "0.5"]
+_ONE_CREST_RUN += ["--random-subset-size", "64", "--check-size", "32"]
+
+
 def test_benchmark_records_tables_and_plot(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def load(name: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
-        return _images(640, seed=0), _images(200, seed=1), 10
-
-    monkeypatch.setattr(bench, "load_dataset", load)
+    _use_images(monkeypatch, 640, 200)
     output = tmp_path / "results.json"
     argv = ["--epochs", "2", "--seeds", "2", "--batch-size", "32", "--budget", "0.25"]
     argv += ["--random-subset-size", "64", "--check-size", "32", "--output", str(output)]
@@ -140,9 +151,7 @@ def test_benchmark_refuses_bad_crest_options_before_training(
 
 
 def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def load(name: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
-        return _images(256, seed=0), _images(64, seed=1), 10
-
+    _use_images(monkeypatch, 256, 64)
     seen: list[str] = []
 
     class Trainer(bench.L.Trainer):  # type: ignore[misc, name-defined]
@@ -150,12 +159,9 @@ def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch
             super().__init__(*args, **kwargs)
             seen.append(self.precision)
 
-    monkeypatch.setattr(bench, "load_dataset", load)
     monkeypatch.setattr(bench.L, "Trainer", Trainer)
     output = tmp_path / "results.json"
-    argv = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "--budget", "0.5"]
-    argv += ["--random-subset-size", "64", "--check-size", "32", "--precision", "bf16-mixed"]
-    bench.main([*argv, "--output", str(output)])
+    bench.main([*_ONE_CREST_RUN, "--precision", "bf16-mixed", "--output", str(output)])
     result = json.loads(output.read_text())
     assert result["config"]["precision"] == "bf16-mixed"
     assert seen  # every Trainer the benchmark made (fit and test) got the precision
@@ -171,9 +177,7 @@ def test_benchmark_memory_format_reaches_the_model(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def load(dataset: str, root: Any, download: bool = False) -> tuple[Any, Any, int]:
-        return _images(256, seed=0), _images(64, seed=1), 10
-
+    _use_images(monkeypatch, 256, 64)
     modules: list[Classifier] = []
 
     class Recorded(Classifier):
@@ -181,11 +185,10 @@ def test_benchmark_memory_format_reaches_the_model(
             super().__init__(*args, **kwargs)
             modules.append(self)
 
-    monkeypatch.setattr(bench, "load_dataset", load)
     monkeypatch.setattr(bench, "Classifier", Recorded)
-    argv = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "--budget", "0.5"]
-    argv += ["--random-subset-size", "64", "--check-size", "32", "--memory-format", name]
-    result = bench.main([*argv, "--output", str(tmp_path / "results.json")])
+    result = bench.main(
+        [*_ONE_CREST_RUN, "--memory-format", name, "--output", str(tmp_path / "results.json")]
+    )
     assert result["config"]["memory_format"] == name
     header = capsys.readouterr().out.splitlines()[0]
     assert header.endswith(f"32-true, {name}")  # the run's settings are printed before it starts
