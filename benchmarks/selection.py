@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
-from lightning_crest.selection._facility_location import _ROW_MULTIPLE, _cluster_sizes, _dense_greedy
+from lightning_crest.selection._facility_location import _block_size, _cluster_sizes, _dense_greedy
 
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 NUM_CLASSES = 10
@@ -225,10 +225,10 @@ def torch_naive_picks(pool: Pool) -> list[list[int]]:
 
 
 def padded_blocks(pools: Sequence[Pool]) -> tuple[Tensor, Tensor, Tensor]:
-    """The float32 class similarities of ``pools`` as one batch of zero-padded blocks, with budgets. Blocks are
-    padded to a multiple of the engine's row width, as the engine pads its own."""
+    """The float32 class similarities of ``pools`` as one batch of zero-padded blocks, with budgets, padded to the
+    size the engine pads its own blocks to."""
     sims = [sim for pool in pools for sim in pool.sims32]
-    size = -(-max(len(sim) for sim in sims) // _ROW_MULTIPLE) * _ROW_MULTIPLE
+    size = _block_size(max(len(sim) for sim in sims))
     blocks = torch.zeros(len(sims), size, size)
     valid = torch.zeros(len(sims), size, dtype=torch.bool)
     for b, sim in enumerate(sims):

@@ -254,9 +254,7 @@ def _dense_selection(
     points_all = pools.reshape(num_pools * r, dim)
     for rows in _size_groups(block_sizes[by_size].tolist(), by_size):
         ids = block_ids[rows]
-        size = int(flat_counts[ids].max())
-        if size > _DIFFERENCES_MAX_POINTS:  # the expansion path of _pairwise_distances
-            size = -(-size // _ROW_MULTIPLE) * _ROW_MULTIPLE
+        size = _block_size(int(flat_counts[ids].max()))
         # members[block, slot] = flat position of the point; padding repeats the block's first member, so that
         # it leaves the block's distances (and diameter) unchanged.
         slots = np.arange(size)
@@ -302,6 +300,13 @@ _DIFFERENCES_MAX_POINTS = 25
 # zeros. The resulting distance of 1e-15 is below the expansion's own error (3.5e-4 of the block's spread, see
 # _pairwise_distances) for any spread above 3e-12, and a padded row stays a copy of its first member's up to it.
 _SQUARED_FLOOR_FLOAT32 = 1e-30
+
+
+def _block_size(points: int) -> int:
+    """Points per padded block for a largest class of ``points``: a multiple of _ROW_MULTIPLE on the expansion path."""
+    if points <= _DIFFERENCES_MAX_POINTS:
+        return points
+    return -(-points // _ROW_MULTIPLE) * _ROW_MULTIPLE
 
 
 # Host memory reused between calls, per thread: the similarity blocks and the greedy's scratch are megabytes that a
@@ -350,9 +355,8 @@ def _pairwise_distances(points: Tensor) -> Tensor:
     """
     blocks, size, _ = points.shape
     dist = _workspace("similarity", (blocks, size, size), points)
-    if (
-        size <= _DIFFERENCES_MAX_POINTS
-    ):  # torch.cdist takes the differences here, without a (K, n, n, d) temporary
+    # Up to _DIFFERENCES_MAX_POINTS, torch.cdist takes the differences, without a (K, n, n, d) temporary.
+    if size <= _DIFFERENCES_MAX_POINTS:
         return dist.copy_(torch.cdist(points, points))
     centred = points - points[:, :1]
     norms = centred.square().sum(dim=2)
