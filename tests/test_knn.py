@@ -124,7 +124,7 @@ def test_search_rejects_mixed_devices() -> None:
 
 
 def test_torch_rejects_non_positive_chunk_budget() -> None:
-    with pytest.raises(ValueError, match=r"max_chunk_bytes"):
+    with pytest.raises(ValueError, match=r"max_chunk_bytes must be positive, got 0"):
         TorchKnn(max_chunk_bytes=0)
 
 
