@@ -554,7 +554,10 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"tau": -1.0}, r"`tau` must lie in \[0.0, inf\], got -1.0"),
         ({"interval_mul": 0.0}, r"`interval_mul` must lie in \(0.0, inf\], got 0.0"),
         ({"random_subset_size": 0}, "`random_subset_size` as a count must be at least 1, got 0"),
-        ({"random_subset_size": "1%"}, "`random_subset_size` must be a float fraction or an int count, got '1%'"),
+        (
+            {"random_subset_size": "1%"},
+            "`random_subset_size` must be a float fraction or an int count, got '1%'",
+        ),
         ({"coreset_mul": 0}, "`coreset_mul` must be a positive int, got 0"),
         ({"hessian_every": 0}, "`hessian_every` must be a positive int, got 0"),
         ({"hessian_params": "first"}, "`hessian_params` must be 'all' or 'last_layer', got 'first'"),

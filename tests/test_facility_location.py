@@ -430,9 +430,9 @@ def test_knn_merges_a_blob_of_near_duplicates() -> None:
         ({"labels": torch.zeros(9, dtype=torch.long)}, ValueError, "`labels` must have shape"),
         ({"labels": torch.zeros(10)}, TypeError, "integer"),
         ({"labels": torch.arange(10) % 5, "budget": 4}, ValueError, "5 classes present"),
-        ({"similarity": "cosine"}, ValueError, r"`similarity` must be one of \('distance', 'exp'\), got 'cosine'"),
+        ({"similarity": "cosine"}, ValueError, r"`similarity` must be one of .*, got 'cosine'"),
         ({"knn": 0}, ValueError, r"`knn` must be None \(dense\) or a positive int, got 0"),
-        ({"backend": "annoy"}, ValueError, r"`backend` must be one of \('auto', 'torch', 'faiss'\), got 'annoy'"),
+        ({"backend": "annoy"}, ValueError, r"`backend` must be one of .*, got 'annoy'"),
     ],
 )
 def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str) -> None:

@@ -54,21 +54,21 @@ def test_weighted_cross_entropy_gradients_reach_weights_and_logits() -> None:
 
 
 @pytest.mark.parametrize(
-    ("logits_shape", "targets_shape", "weights_shape", "message"),
+    ("logits_shape", "targets_shape", "weights_shape", "match"),
     [
         ((8, 5), (8,), (8, 1), r"`weights` must have the shape of `targets` \(8,\), got \(8, 1\)"),
         ((8, 5), (8,), (7,), r"`weights` must have the shape of `targets` \(8,\), got \(7,\)"),
-        ((8, 5), (9,), (9,), r"`targets` must have shape \(8,\) to match `logits` \(8, 5\), got \(9,\)"),
-        ((8, 5), (8, 1), (8, 1), r"`targets` must have shape \(8,\) to match `logits` \(8, 5\), got \(8, 1\)"),
+        ((8, 5), (9,), (9,), r"`targets` must have shape \(8,\) to match .*, got \(9,\)"),
+        ((8, 5), (8, 1), (8, 1), r"`targets` must have shape \(8,\) to match .*, got \(8, 1\)"),
         ((8,), (8,), (8,), r"`logits` must have shape \(B, C\), got \(8,\)"),
         ((8, 5, 2), (8,), (8,), r"`logits` must have shape \(B, C\), got \(8, 5, 2\)"),
     ],
     ids=["weights-2d", "weights-length", "targets-length", "targets-2d", "logits-1d", "logits-3d"],
 )
-def test_weighted_cross_entropy_bad_shapes_name_the_argument_and_shapes(
-    logits_shape: tuple[int, ...], targets_shape: tuple[int, ...], weights_shape: tuple[int, ...], message: str
+def test_weighted_cross_entropy_bad_shapes_name_argument_and_shape(
+    logits_shape: tuple[int, ...], targets_shape: tuple[int, ...], weights_shape: tuple[int, ...], match: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=match):
         weighted_cross_entropy(
             torch.randn(logits_shape), torch.zeros(targets_shape, dtype=torch.long), torch.ones(weights_shape)
         )
@@ -99,10 +99,25 @@ def test_gradient_proxy_of_low_precision_logits_is_float32(dtype: torch.dtype) -
 @pytest.mark.parametrize(
     ("logits", "targets", "error", "match"),
     [
-        (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), TypeError, "`logits` must be a floating-point tensor, got a tensor of dtype torch.int64"),
-        ([[0.0, 1.0]], torch.zeros(1, dtype=torch.long), TypeError, "`logits` must be a floating-point tensor, got list"),
-        (torch.zeros(3, 4), torch.zeros(3), TypeError, "`targets` must be an integer tensor .* dtype torch.float32"),
-        (torch.zeros(3, 4), torch.zeros(3, dtype=torch.bool), TypeError, "`targets` must be an integer tensor .* dtype torch.bool"),
+        (
+            torch.zeros(3, 4, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long),
+            TypeError,
+            "`logits` must be a floating-point .* torch.int64",
+        ),
+        (
+            [[0.0, 1.0]],
+            torch.zeros(1, dtype=torch.long),
+            TypeError,
+            "`logits` must be a floating-point tensor, got list",
+        ),
+        (torch.zeros(3, 4), torch.zeros(3), TypeError, "`targets` must be an integer .* torch.float32"),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3, dtype=torch.bool),
+            TypeError,
+            "`targets` must be an integer .* torch.bool",
+        ),
         (torch.zeros(4), torch.zeros(4, dtype=torch.long), ValueError, r"`logits` must have shape \(r, C\)"),
         (
             torch.zeros(3, 4),
