@@ -71,6 +71,11 @@ class CrestCallback(Callback):
             (unlike it, the curvature average is left untouched in between, not fed the stale probe). The other
             selections update the smoothed gradient with a plain backward pass instead of a double backward, about
             a third of the cost. No effect with ``second_order=False``.
+        hessian_subsample: Run each Hutchinson probe on every ``k``-th example of the coreset only (picks in greedy
+            order, so the sample spans the gains and classes), and the coreset gradient on all of it, as Sophia and
+            Hessian-free optimisation take their curvature from a part of the gradient's batch. A probe's double
+            backward costs about twice a training step per example, so ``k = 4`` makes a probe about half as
+            costly. No effect with ``second_order=False``.
         second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
             curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` stays at
             ``ceil(interval_mul)``).
@@ -118,6 +123,7 @@ class CrestCallback(Callback):
         hessian_params: Literal["all", "last_layer"] = "all",
         hessian_probes: int | None = 1,
         hessian_every: int = 1,
+        hessian_subsample: int = 1,
         second_order: bool = True,
         knn: int | None = None,
         backend: Literal["auto", "torch", "faiss"] = "auto",
@@ -148,6 +154,7 @@ class CrestCallback(Callback):
         if hessian_probes is not None:
             _check_positive_int("hessian_probes", hessian_probes)
         _check_positive_int("hessian_every", hessian_every)
+        _check_positive_int("hessian_subsample", hessian_subsample)
         if knn is not None:
             _check_positive_int("knn", knn)
         if backend not in ("auto", "torch", "faiss"):
@@ -170,6 +177,7 @@ class CrestCallback(Callback):
         self.hessian_params = hessian_params
         self.hessian_probes = hessian_probes
         self.hessian_every = hessian_every
+        self.hessian_subsample = hessian_subsample
         self.second_order = second_order
         self.knn = knn
         self.backend = backend
@@ -709,35 +717,55 @@ class CrestCallback(Callback):
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
         """Update the smoothed gradient with each given coreset, and the curvature with one Hutchinson probe per
         coreset at every ``hessian_every``-th selection; then anchor the model here."""
-        trainer, module = self._trainer, self._module
+        trainer = self._trainer
         assert trainer is not None
-        assert module is not None
         params = self._model_parameters()
         mine = batch_share(trainer.global_rank, trainer.world_size)
         probe = self._selections % self.hessian_every == 0
         double_backward = probe and self.second_order
         for coreset, weight in zip(coresets, weights, strict=True):
-            inputs, targets = self._on_device(self._dm.fetch(coreset[mine].tolist()))
-            with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
-                logits = self._logits(module, inputs, targets)
-                batch_loss = (weight[mine].to(module.device) * self.per_example_loss(logits, targets)).mean()
-                grads = torch.autograd.grad(
-                    batch_loss, params, create_graph=double_backward, allow_unused=True
-                )
-                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
-                curvature = hutchinson_diagonal(grads, params, self._generator) if double_backward else None
-            flat_grad = mean_over_processes(trainer, torch.cat([g.detach().flatten() for g in grads]))
+            grad, curvature = self._coreset_derivatives(coreset[mine], weight[mine], params, double_backward)
+            flat_grad = mean_over_processes(trainer, grad)
             if not probe:
                 self._quadratic.update([flat_grad])
                 continue
             # The first-order model has no curvature beyond the model's eps.
-            flat_curv = (
-                torch.zeros_like(flat_grad)
-                if curvature is None
-                else torch.cat([h.flatten() for h in curvature])
-            )
+            flat_curv = torch.zeros_like(flat_grad) if curvature is None else curvature
             self._quadratic.update([flat_grad], [mean_over_processes(trainer, flat_curv)])
         self._quadratic.anchor(params, loss)
+
+    def _coreset_derivatives(
+        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Flat gradient of this process's share of a coreset's weighted mean loss, with a Hutchinson estimate of its
+        Hessian diagonal when ``probe``, taken on every ``hessian_subsample``-th example (see the argument)."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None
+        assert module is not None
+        rows = torch.arange(len(indices))
+        sampled = rows % self.hessian_subsample == 0 if probe else torch.zeros(len(indices), dtype=torch.bool)
+        grad = torch.zeros(sum(p.numel() for p in params), device=module.device)
+        curvature = None
+        # The probed examples first, with the graph for the double backward; then the rest with a plain backward.
+        for part, graph in ((rows[sampled], True), (rows[~sampled], False)):
+            if len(part) == 0:
+                continue
+            inputs, targets = self._on_device(self._dm.fetch(indices[part].tolist()))
+            with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
+                logits = self._logits(module, inputs, targets)
+                part_weights = weights[part].to(module.device)
+                # This part's share of the mean over all the examples.
+                part_loss = (part_weights * self.per_example_loss(logits, targets)).mean() * (
+                    len(part) / len(rows)
+                )
+                grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
+                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+                if graph:
+                    # The probe estimates the Hessian of the sample's own mean loss.
+                    hessian = hutchinson_diagonal(grads, params, self._generator)
+                    curvature = torch.cat([h.flatten() for h in hessian]).mul_(len(rows) / len(part))
+            grad += torch.cat([g.detach().flatten() for g in grads])
+        return grad, curvature
 
     def _check(self) -> bool:
         """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""

@@ -104,17 +104,24 @@ def test_benchmark_records_tables_and_plot(
 
 
 def test_benchmark_options_and_seed_reach_the_callback() -> None:
-    argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1", "--hessian-every", "4"]
+    argv = [
+        "--tau",
+        "0.1",
+        "--interval-mul",
+        "2",
+        "--coreset-mul",
+        "1",
+        "--hessian-every",
+        "4",
+        "--hessian-subsample",
+        "2",
+    ]
     args = bench.parse_args([*argv, "--random-subset-size", "300", "--check-size", "none"])
     for method in ("crest", "crest-no-drop", "crest-first-order"):
         callback = bench.make_callback(method, 0.1, 7, args)
         assert callback is not None
-        assert (callback.tau, callback.interval_mul, callback.coreset_mul, callback.hessian_every) == (
-            0.1,
-            2,
-            1,
-            4,
-        )
+        options = (callback.tau, callback.interval_mul, callback.coreset_mul)
+        assert (*options, callback.hessian_every, callback.hessian_subsample) == (0.1, 2, 1, 4, 2)
         assert (callback.random_subset_size, callback.check_size, callback.fraction) == (300, None, 0.1)
         assert (callback.drop_learned, callback.second_order) == (
             method != "crest-no-drop",
@@ -130,17 +137,17 @@ def test_benchmark_options_and_seed_reach_the_callback() -> None:
 
 def test_benchmark_defaults_are_the_callbacks() -> None:
     args, callback = bench.parse_args([]), CrestCallback()
-    assert (args.tau, args.interval_mul, args.coreset_mul, args.hessian_every) == (
-        callback.tau,
-        callback.interval_mul,
-        callback.coreset_mul,
-        callback.hessian_every,
-    )
+    names = ("tau", "interval_mul", "coreset_mul", "hessian_every", "hessian_subsample")
+    assert [getattr(args, name) for name in names] == [getattr(callback, name) for name in names]
 
 
 @pytest.mark.parametrize(
     ("argv", "match"),
-    [(["--hessian-every", "0"], "`hessian_every`"), (["--coreset-mul", "0"], "`coreset_mul`")],
+    [
+        (["--hessian-every", "0"], "`hessian_every`"),
+        (["--hessian-subsample", "0"], "`hessian_subsample`"),
+        (["--coreset-mul", "0"], "`coreset_mul`"),
+    ],
 )
 def test_benchmark_refuses_bad_crest_options_before_training(
     argv: list[str], match: str, capsys: pytest.CaptureFixture[str]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import subprocess
@@ -18,6 +19,7 @@ from torch import Tensor
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.callback import learned_examples
+from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
 
 
@@ -502,6 +504,49 @@ def test_hessian_every(monkeypatch: pytest.MonkeyPatch, hessian_every: int, seco
     assert bool((q.hessian == q.eps).all()) is not second_order
 
 
+@pytest.mark.parametrize("subsample", [1, 3])
+def test_hessian_subsample_probes_every_kth_example(monkeypatch: pytest.MonkeyPatch, subsample: int) -> None:
+    # At the first selection: the gradient of the whole weighted coreset, and z * (H_S z) with H_S the exact Hessian
+    # of the weighted mean loss of every k-th pick, from autograd on the flat parameters with the probe's own z.
+    calls: list[tuple[L.LightningModule, Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
+    derivatives = CrestCallback._coreset_derivatives
+
+    def spy(self: CrestCallback, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool) -> Any:
+        module, state = copy.deepcopy(self._module), self._generator.get_state()
+        grad, curvature = derivatives(self, indices, weights, params, probe)
+        calls.append((module, indices, weights, state, grad, curvature))
+        return grad, curvature
+
+    monkeypatch.setattr(CrestCallback, "_coreset_derivatives", spy)
+    data = blobs()
+    fit(CrestCallback(random_subset_size=0.1, hessian_subsample=subsample), data=data, max_epochs=1)
+    module, indices, weights, state, grad, curvature = calls[0]
+    assert curvature is not None
+    inputs, targets = data.tensors[0][indices], data.tensors[1][indices]
+    names = [name for name, _ in module.named_parameters()]
+    shapes = [p.shape for p in module.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    def loss(vector: Tensor, rows: slice) -> Tensor:
+        params = dict(zip(names, torch.split(vector, [math.prod(s) for s in shapes]), strict=True))
+        params = {name: p.view(shape) for (name, p), shape in zip(params.items(), shapes, strict=True)}
+        logits = torch.func.functional_call(module, params, (inputs[rows],))
+        per_example = torch.nn.functional.cross_entropy(logits, targets[rows], reduction="none")
+        return (weights[rows] * per_example).mean()
+
+    leaf = flat.clone().requires_grad_()
+    (expected_grad,) = torch.autograd.grad(loss(leaf, slice(None)), leaf)
+    generator = torch.Generator()
+    generator.set_state(state)
+    z = torch.cat([t.flatten() for t in rademacher_like(list(module.parameters()), generator)])
+    sampled = torch.autograd.functional.hessian(lambda v: loss(v, slice(None, None, subsample)), flat)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(curvature, z * (sampled @ z), rtol=1e-4, atol=1e-6)
+    if subsample > 1:  # the probe really is the sample's: the whole coreset's Hessian gives another estimate
+        whole = torch.autograd.functional.hessian(lambda v: loss(v, slice(None)), flat)
+        assert not torch.allclose(curvature, z * (whole @ z), rtol=1e-2, atol=1e-4)
+
+
 @pytest.mark.parametrize("options", [{}, {"knn": 8, "backend": "torch", "similarity": "exp"}])
 def test_selection_options_reach_facility_location(
     monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
@@ -560,6 +605,7 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ),
         ({"coreset_mul": 0}, "`coreset_mul` must be a positive int, got 0"),
         ({"hessian_every": 0}, "`hessian_every` must be a positive int, got 0"),
+        ({"hessian_subsample": 0}, "`hessian_subsample` must be a positive int, got 0"),
         ({"hessian_params": "first"}, "`hessian_params` must be 'all' or 'last_layer', got 'first'"),
         ({"selection": "craig"}, "`selection` must be 'crest' or 'random', got 'craig'"),
         ({"knn": -3}, "`knn` must be a positive int, got -3"),

@@ -54,6 +54,7 @@ def make_callback(method: str, budget: float, seed: int, args: argparse.Namespac
         "interval_mul": args.interval_mul,
         "coreset_mul": args.coreset_mul,
         "hessian_every": args.hessian_every,
+        "hessian_subsample": args.hessian_subsample,
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
         "drop_learned": method != "crest-no-drop",
@@ -285,6 +286,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--hessian-every", type=int, default=1, help="CREST: probe the curvature at every k-th selection"
+    )
+    parser.add_argument(
+        "--hessian-subsample",
+        type=int,
+        default=1,
+        help="CREST: run each curvature probe on every k-th example of the coreset",
     )
     parser.add_argument(
         "--random-subset-size",
