@@ -753,17 +753,16 @@ class CrestCallback(Callback):
             inputs, targets = self._on_device(self._dm.fetch(indices[part].tolist()))
             with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
                 logits = self._logits(module, inputs, targets)
-                part_weights = weights[part].to(module.device)
-                # This part's share of the mean over all the examples.
-                part_loss = (part_weights * self.per_example_loss(logits, targets)).mean() * (
-                    len(part) / len(rows)
-                )
+                share = len(part) / len(rows)  # of the mean over all the examples
+                part_loss = (
+                    weights[part].to(module.device) * self.per_example_loss(logits, targets)
+                ).mean() * share
                 grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
                 if graph:
                     # The probe estimates the Hessian of the sample's own mean loss.
                     hessian = hutchinson_diagonal(grads, params, self._generator)
-                    curvature = torch.cat([h.flatten() for h in hessian]).mul_(len(rows) / len(part))
+                    curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
         return grad, curvature
 
