@@ -137,7 +137,9 @@ def test_benchmark_options_and_seed_reach_the_callback() -> None:
 
 def test_benchmark_defaults_are_the_callbacks() -> None:
     args, callback = bench.parse_args([]), CrestCallback()
-    names = ("tau", "interval_mul", "coreset_mul", "hessian_every", "hessian_subsample")
+    # The paper's settings; the sizes of the samples CREST estimates from (r, the check, the probe) are the
+    # benchmark's own, chosen from measurements (README, Results).
+    names = ("tau", "interval_mul", "coreset_mul", "hessian_every")
     assert [getattr(args, name) for name in names] == [getattr(callback, name) for name in names]
 
 

@@ -290,8 +290,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--hessian-subsample",
         type=int,
-        default=1,
-        help="CREST: run each curvature probe on every k-th example of the coreset",
+        default=4,
+        help="CREST: run each curvature probe on every k-th example of the coreset (1: all of it, the paper)",
     )
     parser.add_argument(
         "--random-subset-size",
