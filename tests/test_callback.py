@@ -523,13 +523,12 @@ def test_hessian_subsample_probes_every_kth_example(monkeypatch: pytest.MonkeyPa
     module, indices, weights, state, grad, curvature = calls[0]
     assert curvature is not None
     inputs, targets = data.tensors[0][indices], data.tensors[1][indices]
-    names = [name for name, _ in module.named_parameters()]
-    shapes = [p.shape for p in module.parameters()]
-    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    named = list(module.named_parameters())
+    flat = torch.cat([p.detach().flatten() for _, p in named])
 
     def loss(vector: Tensor, rows: slice) -> Tensor:
-        params = dict(zip(names, torch.split(vector, [math.prod(s) for s in shapes]), strict=True))
-        params = {name: p.view(shape) for (name, p), shape in zip(params.items(), shapes, strict=True)}
+        chunks = torch.split(vector, [p.numel() for _, p in named])
+        params = {name: chunk.view_as(p) for (name, p), chunk in zip(named, chunks, strict=True)}
         logits = torch.func.functional_call(module, params, (inputs[rows],))
         per_example = torch.nn.functional.cross_entropy(logits, targets[rows], reduction="none")
         return (weights[rows] * per_example).mean()
