@@ -104,18 +104,8 @@ def test_benchmark_records_tables_and_plot(
 
 
 def test_benchmark_options_and_seed_reach_the_callback() -> None:
-    argv = [
-        "--tau",
-        "0.1",
-        "--interval-mul",
-        "2",
-        "--coreset-mul",
-        "1",
-        "--hessian-every",
-        "4",
-        "--hessian-subsample",
-        "2",
-    ]
+    argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1"]
+    argv += ["--hessian-every", "4", "--hessian-subsample", "2"]
     args = bench.parse_args([*argv, "--random-subset-size", "300", "--check-size", "none"])
     for method in ("crest", "crest-no-drop", "crest-first-order"):
         callback = bench.make_callback(method, 0.1, 7, args)
