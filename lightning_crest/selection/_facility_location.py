@@ -262,8 +262,8 @@ def _dense_selection(
         members = torch.from_numpy(order[starts[ids][:, None] + np.where(valid_np, slots, 0)]).to(device)
         valid = torch.from_numpy(valid_np).to(device)
         points = points_all.index_select(0, members.flatten()).view(*members.shape, dim)
-        # sim[b, i, j]: how well candidate j covers point i (symmetric). Padded rows and columns copy the first
-        # member's; the greedy starts padded points fully covered, so they add no gain (see _greedy_steps).
+        # sim[b, j, i]: how well candidate j covers point i. Padded rows and columns copy the first member's; the
+        # greedy starts padded points fully covered, so they add no gain (see _greedy_steps).
         dist = _pairwise_distances(points)
         if similarity == "distance":
             sim = torch.sub(dist.amax(dim=(1, 2), keepdim=True), dist, out=dist)
@@ -389,7 +389,7 @@ def _size_groups(sizes: list[int], blocks: np.ndarray[Any, Any]) -> list[np.ndar
 
 
 def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact greedy on symmetric ``(K, n, n)`` similarity blocks: ``sim[b, i, j]`` = how well ``j`` covers ``i``.
+    """Exact greedy on ``(K, n, n)`` similarity blocks, ``sim[b, j, i]`` = how well ``j`` covers ``i``.
 
     All blocks are advanced together, one pick per block and step, up to the largest budget; a block whose own
     budget is spent keeps picking and the extra picks are discarded at the end. A padded row or column
@@ -411,7 +411,7 @@ def _dense_greedy(sim: Tensor, valid: Tensor, budgets: Tensor) -> tuple[Tensor, 
 def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tuple[Tensor, Tensor]:
     """Run ``steps`` naive greedy steps on every block; returns ``(K, steps)`` picks and gains.
 
-    The gain of ``j`` is ``sum_i max(s_ij - c_i, 0)`` with ``c`` the current coverage, recomputed for every
+    The gain of ``j`` is ``sum_i max(s_ji - c_i, 0)`` with ``c`` the current coverage, recomputed for every
     candidate at every step (on small blocks a handful of batched passes beats a lazy priority queue). It is
     computed directly, not as a difference of two large sums, so that small late gains keep their precision.
     Padded points start with an infinite coverage, so they never add gain. Without ``mask`` picked and padded
@@ -421,6 +421,8 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
     num_blocks, size, _ = sim.shape
     rows = torch.arange(num_blocks, device=sim.device)
     coverage = sim.new_zeros(num_blocks, size).masked_fill_(~valid, torch.inf)
+    # sim[b, j] is row b * size + j of flat_rows.
+    flat_rows, row_starts = sim.reshape(num_blocks * size, size), rows * size
     scratch = _workspace("gain terms", sim.shape, sim)
     excluded = sim.new_zeros(num_blocks, size).masked_fill_(~valid, -torch.inf) if mask else None
     gain = sim.new_empty(num_blocks, size)
@@ -428,19 +430,17 @@ def _greedy_steps(sim: Tensor, valid: Tensor, steps: int, *, mask: bool) -> tupl
     gains = sim.new_empty(steps, num_blocks)
     picks = torch.empty(steps, num_blocks, dtype=torch.long, device=sim.device)
     # Views made once: at these sizes creating them in every step is a measurable part of the step.
-    covered, pick_rows, gain_rows = coverage.unsqueeze(2), picks.unbind(0), gains.unbind(0)
+    covered, pick_rows, gain_rows = coverage.unsqueeze(1), picks.unbind(0), gains.unbind(0)
+    row = torch.empty_like(row_starts)
     for best, best_gain in zip(pick_rows, gain_rows, strict=True):
-        # Candidates are columns: the sum runs over the outer (point) dimension, adding whole rows, a quarter
-        # faster on CPU than summing along the rows.
         torch.sub(sim, covered, out=scratch).clamp_(min=0)
-        torch.sum(scratch, dim=1, out=gain)
+        torch.sum(scratch, dim=2, out=gain)
         if excluded is not None:
             gain.add_(excluded)
         torch.max(gain, dim=1, out=(best_gain, best))
         if excluded is not None:
             excluded[rows, best] = -torch.inf
-        # The pick's own column, the values its gain was computed from: its gain is now exactly zero.
-        torch.maximum(coverage, sim[rows, :, best], out=coverage)
+        torch.maximum(coverage, flat_rows.index_select(0, torch.add(row_starts, best, out=row)), out=coverage)
     return picks.t(), gains.t()
 
 
@@ -448,7 +448,7 @@ def _cluster_sizes(sim: Tensor, valid: Tensor, picks: Tensor, gains: Tensor) -> 
     """Number of valid points whose most similar pick (earliest on a tie) is each pick; a pick owns itself."""
     num_blocks, size, _ = sim.shape
     active = ~torch.isinf(gains)
-    # to_picks[b, t, i] = sim[b, picks[b, t], i]: whole rows of sim (symmetric). A step past the block's budget takes the row
+    # to_picks[b, t, i] = sim[b, picks[b, t], i]: whole rows of sim. A step past the block's budget takes the row
     # of the block's first pick, so it only ever ties with that earlier step and never owns a point: max(dim=1)
     # returns the first maximal index (and on CPU runs twice as fast as an argmax over a last dimension of steps).
     starts = torch.arange(num_blocks, device=sim.device).unsqueeze(1) * size
