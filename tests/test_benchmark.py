@@ -105,7 +105,7 @@ def test_benchmark_records_tables_and_plot(
 
 def test_benchmark_options_and_seed_reach_the_callback() -> None:
     argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1"]
-    argv += ["--hessian-every", "4", "--hessian-subsample", "2"]
+    argv += ["--hessian-every", "4", "--hessian-subsample", "2", "--proxy-dtype", "bfloat16"]
     args = bench.parse_args([*argv, "--random-subset-size", "300", "--check-size", "none"])
     for method in ("crest", "crest-no-drop", "crest-first-order"):
         callback = bench.make_callback(method, 0.1, 7, args)
@@ -113,6 +113,7 @@ def test_benchmark_options_and_seed_reach_the_callback() -> None:
         options = (callback.tau, callback.interval_mul, callback.coreset_mul)
         assert (*options, callback.hessian_every, callback.hessian_subsample) == (0.1, 2, 1, 4, 2)
         assert (callback.random_subset_size, callback.check_size, callback.fraction) == (300, None, 0.1)
+        assert callback.proxy_dtype == torch.bfloat16
         assert (callback.drop_learned, callback.second_order) == (
             method != "crest-no-drop",
             method != "crest-first-order",
@@ -131,6 +132,7 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
     # benchmark's own, chosen from measurements (README, Results).
     names = ("tau", "interval_mul", "coreset_mul", "hessian_every")
     assert [getattr(args, name) for name in names] == [getattr(callback, name) for name in names]
+    assert bench.PROXY_DTYPES[args.proxy_dtype] is callback.proxy_dtype is None
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,60 @@ def test_true_half_precision_reaches_the_selections() -> None:
     assert next(model.parameters()).dtype == torch.bfloat16
     assert callback._selections > 1
     assert math.isfinite(callback._rho)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
+def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch.dtype | None) -> None:
+    # Every scoring pass is compared with the module's own logits at that moment, in float32 and under autocast.
+    scored: list[
+        tuple[Tensor, Tensor, Tensor, Tensor]
+    ] = []  # logits, float32 and autocast references, check mask
+    graph_passes: list[bool] = []  # autocast state of every forward pass with gradients (training, probes)
+
+    class Watch(CrestCallback):
+        def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
+            logits, losses = super()._forward(indices, check_batches)
+            module = self._module
+            assert module is not None
+            inputs = self._dm.train_dataset[indices][0]
+            with crest_callback._eval_mode(module), torch.no_grad():
+                exact = module(inputs)
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16):
+                    low = module(inputs).float()
+            checked = torch.arange(len(indices)) < (len(self._check_indices) if check_batches else 0)
+            scored.append((logits, exact, low, checked))
+            return logits, losses
+
+    class Tracked(TinyClassifier):
+        def forward(self, inputs: Tensor) -> Tensor:
+            if torch.is_grad_enabled():
+                graph_passes.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(inputs)
+
+    callback = Watch(random_subset_size=0.1, check_size=40, tau=0.02, proxy_dtype=dtype)
+    fit(callback, model=Tracked(), max_epochs=2)
+    assert callback._selections > 1
+    assert graph_passes
+    assert not any(graph_passes)
+    assert any(bool(checked.any()) for *_, checked in scored)
+    for logits, exact, low, checked in scored:
+        # The check sample is always measured in the trainer's precision, as at every check.
+        torch.testing.assert_close(logits[checked], exact[checked])
+        scoring = ~checked
+        if dtype is None:
+            torch.testing.assert_close(logits[scoring], exact[scoring])
+        else:
+            # Half-precision logits: representable in the dtype, and those of the autocast pass.
+            assert torch.equal(logits[scoring], logits[scoring].to(dtype).float())
+            torch.testing.assert_close(logits[scoring], low[scoring], rtol=2e-2, atol=2e-2)
+            assert not torch.equal(logits[scoring], exact[scoring])
+
+
+def test_proxy_dtype_without_autocast_on_the_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
+    message = "`proxy_dtype`=torch.bfloat16 needs autocast, which torch does not offer on 'cpu' devices"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(CrestCallback(proxy_dtype=torch.bfloat16), max_epochs=1)
 
 
 def test_random_baseline_uses_weight_one_and_no_model() -> None:
@@ -609,6 +664,11 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"selection": "craig"}, "`selection` must be 'crest' or 'random', got 'craig'"),
         ({"knn": -3}, "`knn` must be a positive int, got -3"),
         ({"check_size": 0}, "`check_size` must be a positive int, got 0"),
+        (
+            {"proxy_dtype": torch.float32},
+            r"`proxy_dtype` must be torch.bfloat16, torch.float16 or None \(the trainer's precision\), "
+            "got torch.float32",
+        ),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:

@@ -27,6 +27,7 @@ from lightning_crest.benchmark.module import Classifier
 
 METHODS = ("full", "random", "crest", "crest-no-drop", "crest-first-order")
 DEFAULT_MODEL = {"fashion-mnist": "small-cnn", "cifar10": "resnet20", "cifar100": "resnet18"}
+PROXY_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
@@ -55,6 +56,7 @@ def make_callback(method: str, budget: float, seed: int, args: argparse.Namespac
         "coreset_mul": args.coreset_mul,
         "hessian_every": args.hessian_every,
         "hessian_subsample": args.hessian_subsample,
+        "proxy_dtype": PROXY_DTYPES[args.proxy_dtype],
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
         "drop_learned": method != "crest-no-drop",
@@ -292,6 +294,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=4,
         help="CREST: run each curvature probe on every k-th example of the coreset (1: all of it, the paper)",
+    )
+    parser.add_argument(
+        "--proxy-dtype",
+        default="none",
+        choices=tuple(PROXY_DTYPES),
+        help="CREST: autocast dtype of the forward passes that score random subsets ('none': the --precision)",
     )
     parser.add_argument(
         "--random-subset-size",
