@@ -23,4 +23,7 @@ if __name__ == "__main__":
         TinyClassifier, BlobsDataModule, trainer_defaults={"logger": False, "enable_checkpointing": False}
     )
     crest = next(c for c in cli.trainer.callbacks if isinstance(c, CrestCallback))  # type: ignore[attr-defined]
-    print(f"CREST fraction={crest.fraction} tau={crest.tau} steps={cli.trainer.global_step}")
+    print(
+        f"CREST fraction={crest.fraction} tau={crest.tau} proxy_dtype={crest.proxy_dtype} "
+        f"steps={cli.trainer.global_step}"
+    )

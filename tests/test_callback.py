@@ -770,9 +770,10 @@ def test_lightning_cli_configures_the_callback(tmp_path: Path) -> None:
         "--trainer.callbacks.fraction=0.25",
         "--trainer.callbacks.tau=0.02",
         "--trainer.callbacks.random_subset_size=0.1",
+        "--trainer.callbacks.proxy_dtype=torch.bfloat16",
         "--trainer.max_epochs=1",
         f"--trainer.default_root_dir={tmp_path}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "CREST fraction=0.25 tau=0.02 steps=10" in result.stdout
+    assert "CREST fraction=0.25 tau=0.02 proxy_dtype=torch.bfloat16 steps=10" in result.stdout
