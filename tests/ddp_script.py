@@ -145,8 +145,9 @@ def accuracy(model: torch.nn.Module, data: Any) -> float:
 
 
 def main(strategy: str, out: Path) -> None:
-    # Probes on every other example of each process's share: the processes must still draw the same probe vectors.
-    dm, options = setting(GLOBAL_BATCH // 2, hessian_subsample=2)
+    # Probes on every other example of each process's share, and each share scored in bf16: the processes must
+    # still draw the same probe vectors and gather the same proxies.
+    dm, options = setting(GLOBAL_BATCH // 2, hessian_subsample=2, proxy_dtype=torch.bfloat16)
     audit = Audit(record=str(out / "selections.json"), **options)
     torch.manual_seed(0)
     model = Classifier()
