@@ -268,9 +268,8 @@ def test_true_half_precision_reaches_the_selections() -> None:
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch.dtype | None) -> None:
     # Every scoring pass is compared with the module's own logits at that moment, in float32 and under autocast.
-    scored: list[
-        tuple[Tensor, Tensor, Tensor, Tensor]
-    ] = []  # logits, float32 and autocast references, check mask
+    # Per scoring pass: its logits, the float32 and autocast references, and which rows are the check sample.
+    scored: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     graph_passes: list[bool] = []  # autocast state of every forward pass with gradients (training, probes)
 
     class Watch(CrestCallback):
