@@ -337,6 +337,13 @@ class CrestCallback(Callback):
         plan = self._dm.plan
         # Batches loader workers read ahead but training has not reached: served first after a restore.
         in_flight = plan.served_since(plan.served - self._trained)
+        # Lightning's epoch may be shorter than CREST's (`limit_train_batches`); once it is over, the next one starts
+        # from its first step.
+        trainer = self._trainer
+        epoch_length = (
+            min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
+        )
+        epoch_done = self._epoch_step >= epoch_length
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -358,10 +365,11 @@ class CrestCallback(Callback):
             "plan_cursor": plan.cursor,
             "in_flight_indices": [idx for idx, _ in in_flight],
             "in_flight_weights": [w for _, w in in_flight],
-            "epoch_step": self._epoch_step,
-            # The epoch whose start-of-epoch work ran, and whether all its steps were trained.
-            "epoch": self._started_epoch,
-            "epoch_done": self._epoch_step == self._steps_per_epoch,
+            "epoch_step": self._steps_per_epoch if epoch_done else self._epoch_step,
+            # The epoch whose start-of-epoch work ran (after a mid-epoch restore, the restored one: its start-of-epoch
+            # work ran before the checkpoint), and whether all its steps were trained.
+            "epoch": max(self._started_epoch, self._epoch_floor),
+            "epoch_done": epoch_done,
         }
 
     @override

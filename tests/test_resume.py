@@ -166,6 +166,50 @@ def test_resume_after_epochs_cut_short_with_loader_workers(tmp_path: Path) -> No
     assert same_parameters(model, reference)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_the_last_step_of_epochs_cut_short(tmp_path: Path, num_workers: int) -> None:
+    # Lightning's epoch (7 steps) ends before CREST's (10): a checkpoint on its last step ends the epoch, and the
+    # resumed run trains the whole next one.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=7, save_top_k=-1)
+    full = crest()
+    with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
+        _, reference = run(
+            full, extra=[steps], enable_checkpointing=True, num_workers=num_workers, limit_train_batches=7
+        )
+    resumed = crest()
+    with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
+        trainer, model = run(
+            resumed, ckpt_path=str(tmp_path / "step=7.ckpt"), num_workers=num_workers, limit_train_batches=7
+        )
+    assert trainer.global_step == EPOCHS * 7
+    assert resumed.trained == [t for t in full.trained if t[0] > 7]
+    assert torch.equal(resumed.pool, full.pool)
+    assert same_parameters(model, reference)
+
+
+def test_resume_twice_from_a_run_resumed_mid_epoch(tmp_path: Path) -> None:
+    # The second checkpoint is saved by a run that resumed mid-epoch (and so never started that epoch itself), on
+    # the epoch's last step: it must still name that epoch, so that the next one starts with its own work (with
+    # workers, the loader starts reading it before Lightning moves its epoch counter on).
+    def every_five(name: str) -> ModelCheckpoint:
+        return ModelCheckpoint(tmp_path / name, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+
+    full = crest()
+    _, reference = run(full, extra=[every_five("a")], enable_checkpointing=True, num_workers=2)
+    run(
+        crest(),
+        ckpt_path=str(tmp_path / "a" / "step=15.ckpt"),
+        extra=[every_five("b")],
+        enable_checkpointing=True,
+        num_workers=2,
+    )
+    resumed = crest()
+    _, model = run(resumed, ckpt_path=str(tmp_path / "b" / "step=20.ckpt"), num_workers=2)
+    assert resumed.trained == [t for t in full.trained if t[0] > 20]
+    assert torch.equal(resumed.pool, full.pool)
+    assert same_parameters(model, reference)
+
+
 def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Path) -> None:
     def extras(name: str) -> list[Any]:
         return [
