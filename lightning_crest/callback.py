@@ -152,6 +152,8 @@ class CrestCallback(Callback):
         if check_size is not None:
             _check_positive_int("check_size", check_size)
         _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
+        if interval_mul == math.inf:
+            raise ValueError("`interval_mul` must be finite, got inf; a large tau re-selects rarely instead.")
         _check_positive_int("coreset_mul", coreset_mul)
         _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
         _check_positive_int("drop_interval", drop_interval)
@@ -453,6 +455,10 @@ class CrestCallback(Callback):
         self._restored_plan = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._module is not None and self._module is not pl_module and self._restored_plan is None:
+            # The state (quadratic model, pool, plan) belongs to the module of an earlier fit; another one starts
+            # afresh. Fitting the same module again goes on where it stopped.
+            self._reset_state()
         dm = getattr(trainer, "datamodule", None)
         if not isinstance(dm, CrestDataModule):
             raise TypeError(
@@ -487,6 +493,12 @@ class CrestCallback(Callback):
                 f"`check_size`={self.check_size} exceeds the random subset size r={subset} it is drawn from; "
                 "lower it, raise `random_subset_size`, or pass None to check on the whole subset."
             )
+        if self.check_size is not None and 0 < subset - self.check_size < trainer.world_size:
+            raise ValueError(
+                f"`check_size`={self.check_size} leaves {subset - self.check_size} of the random subset's r={subset} "
+                f"examples to score besides it, fewer than the {trainer.world_size} processes that share them; "
+                f"lower it to at most {subset - trainer.world_size}, or pass None to check on the whole subset."
+            )
         if self.check_size is not None and self.check_size < trainer.world_size:
             raise ValueError(
                 f"`check_size`={self.check_size} is smaller than the {trainer.world_size} processes that share each "
@@ -497,10 +509,17 @@ class CrestCallback(Callback):
                 f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
                 f"{type(pl_module).__name__}: the quadratic model needs some."
             )
-        if self.proxy_dtype is not None and not torch.amp.is_autocast_available(pl_module.device.type):
+        # Lightning moves the module to its device after `setup`: the strategy knows where it will train.
+        device_type = trainer.strategy.root_device.type
+        if self.proxy_dtype is not None and not torch.amp.is_autocast_available(device_type):
             raise ValueError(
                 f"`proxy_dtype`={self.proxy_dtype} needs autocast, which torch does not offer on "
-                f"{pl_module.device.type!r} devices; pass proxy_dtype=None."
+                f"{device_type!r} devices; pass proxy_dtype=None."
+            )
+        if self.proxy_dtype is not None and str(trainer.precision).startswith("64"):
+            raise ValueError(
+                f"`proxy_dtype`={self.proxy_dtype} has no effect under precision={trainer.precision!r}: autocast "
+                "leaves float64 untouched. Pass proxy_dtype=None."
             )
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
@@ -510,7 +529,8 @@ class CrestCallback(Callback):
                 "random subset needs a pick. Raise `batch_size`."
             )
         limit = trainer.limit_train_batches
-        if limit is not None and (isinstance(limit, int) or limit < 1.0):
+        steps_per_epoch = math.ceil(self.fraction * n / global_batch)
+        if limit is not None and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0):
             rank_zero_warn(
                 f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
                 "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
@@ -520,7 +540,7 @@ class CrestCallback(Callback):
         self._num_classes = num_classes
         self._global_batch = global_batch
         self._subset = subset
-        self._steps_per_epoch = math.ceil(self.fraction * n / global_batch)
+        self._steps_per_epoch = steps_per_epoch
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
         dm.plan.on_epoch_start = self._begin_epoch
@@ -612,9 +632,16 @@ class CrestCallback(Callback):
         targets = self._labels[flat].to(logits.device)
         proxies = gradient_proxy(logits, targets)
         if not bool(torch.isfinite(proxies).all()):
+            hint = (
+                f" They were scored under proxy_dtype={self.proxy_dtype}, whose range may have overflowed; try "
+                "torch.bfloat16 or None."
+                if self.proxy_dtype == torch.float16
+                else ""
+            )
             raise FloatingPointError(
                 f"Non-finite gradient proxies at selection {self._selections + 1} (global step "
                 f"{self._trainer.global_step if self._trainer else '?'}): the model's logits contain NaN or inf."
+                + hint
             )
         self._record_losses(flat, losses)
         with self._timed("greedy"):

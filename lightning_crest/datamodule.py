@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -181,8 +183,8 @@ def _check_item(dataset: Dataset[Any]) -> None:
     target = item[1]
     if isinstance(target, Tensor):
         integer = target.numel() == 1 and not target.is_floating_point() and target.dtype != torch.bool
-    else:
-        integer = isinstance(target, int) and not isinstance(target, bool)
+    else:  # Python and numpy integers (numpy's are not `int`), as default_collate batches them
+        integer = isinstance(target, numbers.Integral) and not isinstance(target, (bool, np.bool_))
     if not integer:
         raise TypeError(
             f"`train_dataset` targets must be integer class indices, got {target!r} for item 0. "

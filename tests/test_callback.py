@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +317,36 @@ def test_proxy_dtype_without_autocast_on_the_device_is_refused(monkeypatch: pyte
     message = "`proxy_dtype`=torch.bfloat16 needs autocast, which torch does not offer on 'cpu' devices"
     with pytest.raises(ValueError, match=re.escape(message)):
         fit(CrestCallback(proxy_dtype=torch.bfloat16), max_epochs=1)
+
+
+def test_proxy_dtype_under_double_precision_is_refused() -> None:
+    message = "`proxy_dtype`=torch.bfloat16 has no effect under precision='64-true'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(CrestCallback(proxy_dtype=torch.bfloat16), model=TinyClassifier().double(), precision="64-true")
+
+
+@pytest.mark.parametrize(("limit", "steps"), [(3, 3), (4, 4), (10, 4), (0.5, 2), (1.0, 4)])
+def test_limit_train_batches_warns_only_when_it_cuts_crest_epochs(limit: float, steps: int) -> None:
+    # CREST's epochs here have ceil(0.1 * 1200 / 32) = 4 steps.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(CrestCallback(random_subset_size=0.1), max_epochs=1, limit_train_batches=limit)
+    assert trainer.global_step == steps
+    assert any("cuts CREST's epochs" in str(w.message) for w in caught) == (steps < 4)
+
+
+def test_a_callback_reused_for_another_model_starts_afresh() -> None:
+    def second_fit(callback: CrestCallback) -> TinyClassifier:
+        model = seeded_classifier(num_classes=3)
+        fit(callback, data=blobs(num_classes=3), model=model, max_epochs=2)
+        return model
+
+    reused = CrestCallback(random_subset_size=0.1, tau=0.02)
+    fit(reused, max_epochs=1)  # four classes: a quadratic model of another shape, and a pool of its own
+    fresh = CrestCallback(random_subset_size=0.1, tau=0.02)
+    model, reference = second_fit(reused), second_fit(fresh)
+    assert reused._selections == fresh._selections > 1
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
 
 
 def test_random_baseline_uses_weight_one_and_no_model() -> None:
@@ -651,6 +682,7 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"fraction": 1.5}, r"`fraction` must lie in \(0.0, 1.0\], got 1.5"),
         ({"tau": -1.0}, r"`tau` must lie in \[0.0, inf\], got -1.0"),
         ({"interval_mul": 0.0}, r"`interval_mul` must lie in \(0.0, inf\], got 0.0"),
+        ({"interval_mul": math.inf}, "`interval_mul` must be finite, got inf"),
         ({"random_subset_size": 0}, "`random_subset_size` as a count must be at least 1, got 0"),
         (
             {"random_subset_size": "1%"},

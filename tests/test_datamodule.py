@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
@@ -48,6 +49,28 @@ def test_labels_without_a_targets_attribute_are_read_from_the_items() -> None:
     data = blobs(n=40)
     plain = torch.utils.data.TensorDataset(*data.tensors)
     assert torch.equal(CrestDataModule(plain).labels, data.targets)
+
+
+class NumpyTargets(torch.utils.data.Dataset[tuple[Tensor, np.int64]]):
+    """Items whose targets are numpy integers, as a dataset indexing a numpy array returns them."""
+
+    def __init__(self, data: LabelledTensors) -> None:
+        self.inputs, self.targets_np = data.tensors[0], data.targets.numpy()
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, np.int64]:
+        return self.inputs[index], self.targets_np[index]
+
+
+def test_numpy_integer_targets_are_class_indices() -> None:
+    data = blobs(n=320)
+    dm = CrestDataModule(NumpyTargets(data), batch_size=32)
+    assert torch.equal(dm.labels, data.targets)
+    trainer = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 4
 
 
 def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +16,8 @@ import torch
 from conftest import make_trainer
 from ddp_script import GLOBAL_BATCH, Audit, Classifier, accuracy, setting
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_crest import CrestCallback
 
 pytestmark = pytest.mark.ddp
 
@@ -110,3 +114,25 @@ def test_launchers_that_run_the_script(strategy: str, tmp_path: Path) -> None:
     assert report["logged_test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
     if strategy == "ddp":  # rank 0 is the parent process: its trainer ran the fit itself
         assert report["global_step"] == 2 * 10
+
+
+@pytest.mark.parametrize(
+    ("check_size", "match"),
+    [
+        (1, "`check_size`=1 is smaller than the 2 processes that share each check; raise it."),
+        (
+            119,
+            "`check_size`=119 leaves 1 of the random subset's r=120 examples to score besides it, fewer than the 2 "
+            "processes that share them; lower it to at most 118, or pass None",
+        ),
+    ],
+)
+def test_check_sizes_that_leave_a_process_without_rows_are_refused(check_size: int, match: str) -> None:
+    # Refused in setup, before any process group work: a fake two-process trainer is enough.
+    dm, _ = setting(GLOBAL_BATCH // 2)
+    trainer = SimpleNamespace(
+        datamodule=dm, accumulate_grad_batches=1, strategy=SimpleNamespace(), world_size=2
+    )
+    callback = CrestCallback(fraction=0.25, random_subset_size=0.1, check_size=check_size)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        callback.setup(trainer, Classifier(), "fit")  # type: ignore[arg-type]
