@@ -335,11 +335,17 @@ class NaNAfter(TinyClassifier):
         return logits
 
 
-def test_non_finite_gradient_proxies_name_the_selection() -> None:
-    with pytest.raises(
-        FloatingPointError, match=r"Non-finite gradient proxies at selection 1 \(global step 0\)"
-    ):
-        run(crest(), model=NaNAfter(0))
+@pytest.mark.parametrize("proxy_dtype", [None, torch.float16])
+def test_non_finite_gradient_proxies_name_the_selection(proxy_dtype: torch.dtype | None) -> None:
+    message = r"Non-finite gradient proxies at selection 1 \(global step 0\): the model's logits contain NaN or inf\."
+    # Half precision overflows at 65504: the message says so only when the proxies were scored in it.
+    hint = (
+        " They were scored under proxy_dtype=torch.float16, whose range may have overflowed"
+        if proxy_dtype
+        else "$"
+    )
+    with pytest.raises(FloatingPointError, match=message + hint):
+        run(crest(proxy_dtype=proxy_dtype), model=NaNAfter(0))
 
 
 def test_non_finite_check_loss_names_the_step() -> None:
