@@ -426,6 +426,17 @@ def test_knn_merges_a_blob_of_near_duplicates() -> None:
             ValueError,
             "NaN",
         ),
+        (
+            {"features": torch.randn(10, 4) * 1e19},
+            ValueError,
+            r"`features` values up to .* in 4 dimensions would overflow the squared distances "
+            r"\(max \|f\| \* sqrt\(d\) must stay below 4.61e\+18\); scale the features down",
+        ),
+        (
+            {"features": torch.randn(10, 4) * 1e19, "knn": 3},
+            ValueError,
+            "would overflow the squared distances",
+        ),
         ({"labels": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0, 1, 2])}, ValueError, "minimum of -1"),
         ({"labels": torch.zeros(9, dtype=torch.long)}, ValueError, "`labels` must have shape"),
         ({"labels": torch.zeros(10)}, TypeError, "integer"),
@@ -439,6 +450,28 @@ def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str
     args: dict[str, object] = {"features": torch.randn(10, 2), "budget": 3, **kwargs}
     with pytest.raises(error, match=match):
         facility_location(**args)  # type: ignore[arg-type]
+
+
+def test_large_float64_features_keep_their_range() -> None:
+    # 1e19 overflows float32 squared distances (refused above) but not float64 ones.
+    features = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    big, small = facility_location(features * 1e19, 8), facility_location(features, 8)
+    assert torch.equal(big.indices, small.indices)
+    assert torch.equal(big.weights, small.weights)
+    assert bool(torch.isfinite(big.gains).all())
+
+
+@pytest.mark.parametrize(
+    "size", [20, 60]
+)  # block distances from the differences (<= 25 points), and expanded
+def test_features_that_require_grad(size: int) -> None:
+    features = torch.randn(size, 3, generator=torch.Generator().manual_seed(1))
+    plain = facility_location(features, 5)
+    tracked = facility_location(features.clone().requires_grad_(True), 5)
+    assert torch.equal(tracked.indices, plain.indices)
+    assert not tracked.gains.requires_grad
+    # The reused buffers stay out of any graph: a later plain call still works and agrees.
+    assert torch.equal(facility_location(features, 5).gains, plain.gains)
 
 
 @pytest.mark.parametrize("knn_size", [None, 3])

@@ -260,3 +260,15 @@ def test_faiss_gpu_matches_torch() -> None:
     _assert_same_neighbours(
         (got[0].cpu(), got[1].cpu()), (ref[0].cpu(), ref[1].cpu()), database.cpu(), queries.cpu()
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_selection_stays_on_the_device() -> None:
+    from lightning_crest.selection import facility_location
+
+    features = _spread_points(500, 10, seed=3).cuda()
+    selection = facility_location(features, 20, knn=16, backend="torch")
+    assert {field.device.type for field in (selection.indices, selection.weights, selection.gains)} == {
+        "cuda"
+    }

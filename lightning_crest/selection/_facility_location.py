@@ -110,7 +110,9 @@ def facility_location(
 
     Args:
         features: ``(r, d)`` pool, or ``(P, r, d)`` for ``P`` pools selected in one call. Any floating dtype
-            (float64 is kept, others are computed in float32), CPU or CUDA.
+            (the dense path keeps float64 and computes others in float32; kNN distances are float32), CPU or
+            CUDA. Values must keep squared distances finite: ``max |f| * sqrt(d)`` at most a quarter of the square
+            root of the dtype's largest value (4.6e18 in float32).
         budget: Number of picks per pool, ``1 <= budget <= r``.
         labels: ``(r,)`` or ``(P, r)`` integer classes. Picks are made within each class with budgets
             proportional to the class sizes (:func:`class_budgets`). ``None`` treats the pool as one class.
@@ -141,6 +143,8 @@ def facility_location(
         ImportError: If ``backend="faiss"`` and faiss is not installed.
     """
     _validate(features, budget, labels, similarity, knn, backend)
+    # Selection is not differentiable; a graph would also reach the reused buffers (see _workspace).
+    features = features.detach()
     batched = features.ndim == 3
     pools = features if batched else features.unsqueeze(0)
     work_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
@@ -524,7 +528,7 @@ def _sparse_selection(
         weights[0, cls, :n] = count.float()
         gains[0, cls, :n] = pick_gains.cpu()
     result = _greedy_order(indices, weights, gains, budget)
-    return Selection(result.indices[0].to(pool.device), result.weights[0].to(pool.device), result.gains[0])
+    return Selection(*(field[0].to(pool.device) for field in _fields(result)))
 
 
 # Points of a class that fall in the same cell of a grid this fine (relative to the class's diameter bound) are
@@ -609,9 +613,20 @@ def _validate(
             f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
         )
     # The extremes are NaN when any value is (and a quarter of the cost of a full isfinite mask on the host).
-    if not all(math.isfinite(extreme) for extreme in torch.stack(torch.aminmax(features)).tolist()):
+    extremes = torch.stack(torch.aminmax(features)).tolist()
+    if not all(math.isfinite(extreme) for extreme in extremes):
         raise ValueError(
             "`features` contains NaN or inf values; coresets of non-finite features are meaningless."
+        )
+    # Squared distances of points up to m apart per coordinate reach 4 m^2 d; beyond, they overflow to inf.
+    largest = max(abs(extreme) for extreme in extremes)
+    limit = (
+        math.sqrt(torch.finfo(torch.float64 if features.dtype == torch.float64 else torch.float32).max) / 4
+    )
+    if largest * math.sqrt(features.shape[-1]) > limit:
+        raise ValueError(
+            f"`features` values up to {largest:.3g} in {features.shape[-1]} dimensions would overflow the squared "
+            f"distances (max |f| * sqrt(d) must stay below {limit:.3g}); scale the features down."
         )
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
