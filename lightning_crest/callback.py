@@ -153,7 +153,9 @@ class CrestCallback(Callback):
             _check_positive_int("check_size", check_size)
         _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
         if interval_mul == math.inf:
-            raise ValueError("`interval_mul` must be finite, got inf; to re-select rarely, raise `tau` instead.")
+            raise ValueError(
+                "`interval_mul` must be finite, got inf; to re-select rarely, raise `tau` instead."
+            )
         _check_positive_int("coreset_mul", coreset_mul)
         _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
         _check_positive_int("drop_interval", drop_interval)

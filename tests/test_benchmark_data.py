@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -111,6 +113,29 @@ def test_build_model_unknown_name() -> None:
 
 
 # ------------------------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize(
+    ("absent", "named"),
+    [
+        ({"matplotlib"}, "matplotlib, which is"),
+        ({"torchvision", "matplotlib"}, "torchvision and matplotlib, which are"),
+    ],
+)
+def test_benchmark_names_its_extra_when_a_dependency_is_missing(
+    monkeypatch: pytest.MonkeyPatch, absent: set[str], named: str
+) -> None:
+    import lightning_crest.benchmark as package
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *args: None if name in absent else find_spec(name, *args)
+    )
+    message = f"The benchmark needs {named} not installed: pip install 'lightning-crest[vision]'."
+    with pytest.raises(ImportError, match=re.escape(message)):
+        importlib.reload(package)
+    monkeypatch.undo()
+    importlib.reload(package)
 
 
 def test_fetch_script_is_idempotent(fashion_dir: Path) -> None:
