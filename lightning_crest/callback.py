@@ -89,8 +89,9 @@ class CrestCallback(Callback):
         knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
         backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
         similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
-        selection: ``"crest"``, or ``"random"`` for uniform random mini-batches of weight 1 under the same budget
-            and sampler (no quadratic model, no checks): the honest baseline.
+        selection: ``"crest"``, or ``"random"`` for class-stratified random mini-batches of weight 1 (drawn as the
+            random subsets are) under the same budget and sampler (no quadratic model, no checks): the honest
+            baseline.
         seed: Seed of CREST's own random draws.
 
     Raises:
@@ -553,6 +554,9 @@ class CrestCallback(Callback):
         if self._pool is None or len(self._pool) != n:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
+            # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
+            dm.plan.replace([])
+            dm.plan.replay.clear()
         self._pool_size = int(self._pool.sum())
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)

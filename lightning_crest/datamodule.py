@@ -34,6 +34,8 @@ class CrestDataModule(L.LightningDataModule):
             from its ``targets`` attribute when present, else in one pass over the data.
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
+        predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
+            come (no targets needed).
         batch_size: Examples per process and training step (one mini-batch coreset per step).
         num_workers: Data loader worker processes.
         eval_batch_size: Batch size of evaluation and of CREST's own forward passes; defaults to
@@ -63,6 +65,7 @@ class CrestDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
         seed: int = 0,
+        predict_dataset: Dataset[Any] | None = None,
     ) -> None:
         super().__init__()
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -75,6 +78,7 @@ class CrestDataModule(L.LightningDataModule):
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
+        self.predict_dataset = predict_dataset
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.eval_batch_size = eval_batch_size
@@ -132,6 +136,14 @@ class CrestDataModule(L.LightningDataModule):
         return self._eval_loader(self.test_dataset)
 
     @override
+    def predict_dataloader(self) -> DataLoader[Any]:
+        if self.predict_dataset is None:
+            raise MisconfigurationException(
+                "CrestDataModule was created without a `predict_dataset` to predict on."
+            )
+        return self._eval_loader(self.predict_dataset)
+
+    @override
     def teardown(self, stage: str) -> None:
         if self.trainer is not None:
             release_process_group(self.trainer)
@@ -181,13 +193,13 @@ def _check_item(dataset: Dataset[Any]) -> None:
             + " for item 0. Wrap the dataset so that it returns (input, target)."
         )
     target = item[1]
-    if isinstance(target, Tensor):
-        integer = target.numel() == 1 and not target.is_floating_point() and target.dtype != torch.bool
+    if isinstance(target, Tensor):  # a scalar: a target of shape (1,) would collate to (B, 1)
+        integer = target.ndim == 0 and not target.is_floating_point() and target.dtype != torch.bool
     else:  # Python and numpy integers (numpy's are not `int`), as default_collate batches them
         integer = isinstance(target, numbers.Integral) and not isinstance(target, (bool, np.bool_))
     if not integer:
         raise TypeError(
-            f"`train_dataset` targets must be integer class indices, got {target!r} for item 0. "
+            f"`train_dataset` targets must be integer class indices (scalars), got {target!r} for item 0. "
             "CREST selects within classes."
         )
 

@@ -756,6 +756,15 @@ def test_targets_must_be_integers() -> None:
         CrestDataModule(floats)
 
 
+def test_targets_must_be_scalars() -> None:
+    # A target of shape (1,) collates to (B, 1), which the loss cannot use.
+    columns = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.zeros(10, 1, dtype=torch.long))
+    with pytest.raises(
+        TypeError, match=re.escape("integer class indices (scalars), got tensor([0]) for item 0")
+    ):
+        CrestDataModule(columns)
+
+
 def test_logits_of_the_wrong_shape() -> None:
     class Flat(TinyClassifier):
         def forward(self, inputs: Tensor) -> Tensor:

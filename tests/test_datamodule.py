@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_crest import CrestCallback, CrestDataModule
@@ -71,6 +72,37 @@ def test_numpy_integer_targets_are_class_indices() -> None:
     trainer = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=2)
     trainer.fit(TinyClassifier(), datamodule=dm)
     assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize("first", ["crest", "random", "crest then none"])
+def test_a_new_callback_on_a_used_data_module_starts_afresh(first: str) -> None:
+    def crest_fit(dm: CrestDataModule) -> TinyClassifier:
+        torch.manual_seed(0)
+        model = TinyClassifier()
+        make_trainer([CrestCallback(random_subset_size=0.1, tau=0.02)], max_epochs=2).fit(
+            model, datamodule=dm
+        )
+        return model
+
+    used = CrestDataModule(blobs(), batch_size=32)
+    selection = "random" if first == "random" else "crest"
+    make_trainer([CrestCallback(selection=selection)], max_epochs=1).fit(TinyClassifier(), datamodule=used)
+    if first == "crest then none":
+        make_trainer(max_epochs=1).fit(TinyClassifier(), datamodule=used)
+    model, reference = crest_fit(used), crest_fit(CrestDataModule(blobs(), batch_size=32))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+
+
+def test_predict_dataset() -> None:
+    data = blobs(n=100)
+    dm = CrestDataModule(data, predict_dataset=torch.utils.data.TensorDataset(data.tensors[0]), batch_size=32)
+    model = TinyClassifier()
+    model.predict_step = lambda batch, batch_idx: model(batch[0])  # type: ignore[method-assign]
+    predictions = make_trainer(max_epochs=1).predict(model, datamodule=dm)
+    assert predictions is not None
+    assert torch.cat(predictions).shape == (100, 4)  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException, match="without a `predict_dataset` to predict on"):
+        make_trainer(max_epochs=1).predict(model, datamodule=CrestDataModule(data))
 
 
 def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> None:

@@ -452,6 +452,13 @@ def test_bad_input(kwargs: dict[str, object], error: type[Exception], match: str
         facility_location(**args)  # type: ignore[arg-type]
 
 
+def test_numpy_integer_budget() -> None:
+    features = torch.randn(30, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(
+        facility_location(features, np.int64(6)).indices, facility_location(features, 6).indices
+    )
+
+
 def test_large_float64_features_keep_their_range() -> None:
     # 1e19 overflows float32 squared distances (refused above) but not float64 ones.
     features = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -143,6 +144,7 @@ def facility_location(
         ImportError: If ``backend="faiss"`` and faiss is not installed.
     """
     _validate(features, budget, labels, similarity, knn, backend)
+    budget = int(budget)  # numpy integers too
     # Selection is not differentiable; a graph would also reach the reused buffers (see _workspace).
     features = features.detach()
     batched = features.ndim == 3
@@ -605,10 +607,10 @@ def _validate(
         raise ValueError(
             f"`features` must have shape (r, d) or (P, r, d) with P, r, d >= 1, got {tuple(features.shape)}."
         )
-    if isinstance(budget, bool) or not isinstance(budget, int):
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
         raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
     r = features.shape[-2]
-    if not 1 <= budget <= r:
+    if not 1 <= int(budget) <= r:
         raise ValueError(
             f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
         )
