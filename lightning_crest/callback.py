@@ -823,6 +823,12 @@ class CrestCallback(Callback):
                     weights[part].to(module.device) * self.per_example_loss(logits, targets)
                 ).mean() * share
                 grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
+                if all(g is None for g in grads):
+                    raise ValueError(
+                        f"`hessian_params`={self.hessian_params!r} chose parameters that the loss does not depend "
+                        f"on ({sum(p.numel() for p in params)} values of {type(module).__name__}); the quadratic "
+                        "model would be flat. With 'last_layer', register the output layer last, or pass 'all'."
+                    )
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
                 if graph:
                     # The probe estimates the Hessian of the sample's own mean loss.

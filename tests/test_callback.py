@@ -258,6 +258,18 @@ def test_hessian_params_that_select_nothing_are_refused() -> None:
         fit(CrestCallback(hessian_params="last_layer"), model=model, max_epochs=1)
 
 
+def test_hessian_params_the_loss_does_not_use_are_refused() -> None:
+    class Auxiliary(TinyClassifier):  # a head registered after the classifier, unused by the loss
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = torch.nn.Linear(32, 2)
+
+    message = "`hessian_params`='last_layer' chose parameters that the loss does not depend on (66 values of Auxiliary)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(CrestCallback(hessian_params="last_layer"), model=Auxiliary(), max_epochs=1)
+    fit(CrestCallback(hessian_params="all"), model=Auxiliary(), max_epochs=1)  # the other parameters carry it
+
+
 def test_true_half_precision_reaches_the_selections() -> None:
     callback = CrestCallback(random_subset_size=0.1, tau=0.02)
     _, model = fit(callback, precision="bf16-true", max_epochs=2)
