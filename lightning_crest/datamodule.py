@@ -129,19 +129,19 @@ class CrestDataModule(L.LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader[Any]:
-        if self.test_dataset is None:
-            raise MisconfigurationException(
-                "CrestDataModule was created without a `test_dataset` to test on."
-            )
-        return self._eval_loader(self.test_dataset)
+        return self._stage_loader("test")
 
     @override
     def predict_dataloader(self) -> DataLoader[Any]:
-        if self.predict_dataset is None:
+        return self._stage_loader("predict")
+
+    def _stage_loader(self, stage: str) -> DataLoader[Any]:
+        dataset = getattr(self, f"{stage}_dataset")
+        if dataset is None:
             raise MisconfigurationException(
-                "CrestDataModule was created without a `predict_dataset` to predict on."
+                f"CrestDataModule was created without a `{stage}_dataset` to {stage} on."
             )
-        return self._eval_loader(self.predict_dataset)
+        return self._eval_loader(dataset)
 
     @override
     def teardown(self, stage: str) -> None:
