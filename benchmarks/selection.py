@@ -7,8 +7,8 @@ markdown tables; it never asserts on time. Three scenarios:
 2. ten such coresets in one batched call, on uniform random pools (class sizes vary) and on class-stratified
    pools, the random subsets CREST draws;
 3. a large pool (60,000 proxies, no labels, 1,000 picks) on a ``knn=32`` graph, each method in a fresh
-   subprocess so that its peak memory can be read from ``ru_maxrss``; plus the k-medoid quality of ``knn=32``
-   against the dense greedy on a 4,000-point pool.
+   subprocess so that its peak memory can be read (``VmHWM``, reset after the imports); plus the k-medoid
+   quality of ``knn=32`` against the dense greedy on a 4,000-point pool.
 
 The proxies come from a tiny CNN trained briefly on Fashion-MNIST when its idx files are found
 (``--fashion-mnist-dir``, by default where Debian's ``fashion-mnist`` package puts them), otherwise from

@@ -911,6 +911,9 @@ class CrestCallback(Callback):
             yield
         finally:
             self._timing_depth -= 1
+            module = self._module
+            if module is not None and module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)  # the phase's kernels are its time, not the next one's
             elapsed = time.perf_counter() - start
             if phase is not None:
                 self._timings[phase] += elapsed
