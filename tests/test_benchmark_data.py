@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 pytest.importorskip("torchvision")
 
+from lightning_crest import CrestDataModule
 from lightning_crest.benchmark.data import (
     DATASET_NAMES,
     InMemoryVisionDataset,
@@ -310,3 +311,15 @@ def test_gpu_check_script_runs_on_cpu() -> None:
     assert float(rows["dense selection, ms per coreset (P=10, m=128 of r=600)"]) > 0
     assert float(rows["median step time, ms"]) > 0
     assert int(rows["selections"]) >= 1
+
+
+def test_weights_reach_the_batches_of_a_dataset_with_getitems() -> None:
+    # InMemoryVisionDataset loads batches through __getitems__, a path of its own in WeightedDataset.
+    dataset = InMemoryVisionDataset(torch.randn(64, 1, 4, 4), torch.arange(64) % 4)
+    dm = CrestDataModule(dataset, batch_size=8)
+    dm.plan.replace([(torch.arange(8, 16), torch.linspace(0.5, 1.5, 8))])
+    dm.use_plan(1)
+    ((inputs, targets, weights),) = list(dm.train_dataloader())
+    torch.testing.assert_close(weights, torch.linspace(0.5, 1.5, 8))
+    assert torch.equal(targets, torch.arange(8, 16) % 4)
+    assert torch.equal(inputs, torch.stack([dataset[i][0] for i in range(8, 16)]))

@@ -387,11 +387,14 @@ def test_unreadable_item_raises_the_datasets_error_in_training() -> None:
 
 def test_bf16_mixed_precision_keeps_crest_in_float32() -> None:
     dtypes: set[torch.dtype] = set()
+    in_bf16: list[bool] = []
 
     class Watch(Tracer):
         def _forward(self, indices: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
             logits, losses = super()._forward(indices, *args)
             dtypes.update({logits.dtype, losses.dtype})
+            # Computed under the trainer's bf16 autocast, returned in float32.
+            in_bf16.append(torch.equal(logits, logits.bfloat16().float()))
             return logits, losses
 
     callback = Watch(fraction=FRACTION, random_subset_size=0.1, tau=0.02)
@@ -399,6 +402,8 @@ def test_bf16_mixed_precision_keeps_crest_in_float32() -> None:
     assert trainer.precision == "bf16-mixed"
     assert len(callback.selections) > 1
     assert dtypes == {torch.float32}  # logits and losses behind the proxies and the recorded losses
+    assert in_bf16
+    assert all(in_bf16)
     state = callback._quadratic.state_dict()
     assert all(v.dtype == torch.float32 for v in state.values() if isinstance(v, Tensor))
     assert all(w.dtype == torch.float32 for _, w in callback.coresets)

@@ -63,10 +63,15 @@ def test_empty_plan_without_refill_is_an_error() -> None:
 
 
 def test_plain_epochs_without_plan() -> None:
-    sampler = CoresetSampler(list(range(10)), 4, seed=3)
+    sampler = CoresetSampler(list(range(50)), 4, seed=3)
     keys = list(sampler)
-    assert sorted(i for i, _ in keys) == list(range(10))
+    order = [i for i, _ in keys]
+    assert sorted(order) == list(range(50))
     assert {w for _, w in keys} == {1.0}
+    # Shuffled, by the seed.
+    assert order != list(range(50))
+    assert order == [i for i, _ in CoresetSampler(list(range(50)), 4, seed=3)]
+    assert order != [i for i, _ in CoresetSampler(list(range(50)), 4, seed=4)]
 
 
 def test_loader_yields_weighted_batches() -> None:
