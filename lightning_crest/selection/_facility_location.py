@@ -620,7 +620,8 @@ def _validate(
         raise ValueError(
             "`features` contains NaN or inf values; coresets of non-finite features are meaningless."
         )
-    # Squared distances of points up to m apart per coordinate reach 4 m^2 d; beyond, they overflow to inf.
+    # Coordinates up to m in size differ by up to 2m: squared distances reach 4 m^2 d, and the expansion's sums a
+    # few times that. The bound keeps them all finite; beyond it they overflow to inf.
     largest = max(abs(extreme) for extreme in extremes)
     limit = (
         math.sqrt(torch.finfo(torch.float64 if features.dtype == torch.float64 else torch.float32).max) / 4
