@@ -551,6 +551,14 @@ def numba_threads() -> str:
     return str(numba.get_num_threads())
 
 
+def faiss_threads() -> str:
+    try:
+        import faiss
+    except ImportError:
+        return "faiss not installed"
+    return str(faiss.omp_get_max_threads())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -574,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("$ " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
     print(
         f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "
-        f"numba threads = {numba_threads()}, os.cpu_count() = {os.cpu_count()}\n"
+        f"numba threads = {numba_threads()}, faiss threads = {faiss_threads()}, os.cpu_count() = {os.cpu_count()}\n"
     )
     proxies, labels = load_proxies(args.fashion_mnist_dir, args.train_steps, args.seed)
     pools = small_pools(proxies, labels, args.seed)
