@@ -551,6 +551,8 @@ class CrestCallback(Callback):
         dm.plan.restart()
         self._trained = 0
         self._started_epoch = -1
+        # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first.
+        self._epoch_floor = max(self._epoch_floor, trainer.current_epoch)
         if self._pool is None or len(self._pool) != n:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)

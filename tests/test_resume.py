@@ -210,6 +210,34 @@ def test_resume_twice_from_a_run_resumed_mid_epoch(tmp_path: Path) -> None:
     assert same_parameters(model, reference)
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fitting_again_with_the_same_trainer_goes_on_from_its_epoch(num_workers: int) -> None:
+    # Two fits of 2 and then 3 epochs against one of 3. The second fit's loader starts reading before Lightning's
+    # epoch-start hook, as after a restore: the start-of-epoch work must still be that of epoch 2 (the exclusion
+    # of learned examples included). Without workers the runs are the same to the bit; with them, a new loader
+    # reads ahead on its own schedule, so only what epoch 2's start decides (the pool) is compared.
+    class Plain(TinyClassifier):  # Lightning builds the optimizer anew for each fit: no state to lose
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    full = crest()
+    torch.manual_seed(0)
+    _, reference = run(full, model=Plain(), num_workers=num_workers)
+    continued = crest()
+    torch.manual_seed(0)
+    model = Plain()
+    dm = CrestDataModule(blobs(n=N), blobs(n=200, seed=1), batch_size=BATCH, num_workers=num_workers)
+    trainer = make_trainer([continued], max_epochs=EPOCHS - 1)
+    trainer.fit(model, datamodule=dm)
+    trainer.fit_loop.max_epochs = EPOCHS
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == EPOCHS * STEPS
+    assert torch.equal(continued.pool, full.pool)
+    if num_workers == 0:
+        assert continued.trained == full.trained
+        assert same_parameters(model, reference)
+
+
 def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Path) -> None:
     def extras(name: str) -> list[Any]:
         return [
