@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -89,6 +90,21 @@ class CrestDataModule(L.LightningDataModule):
         self._labels: Tensor | None = None
 
     @property
+    def val_dataset(self) -> Dataset[Any] | None:
+        """The validation set, or None for no validation."""
+        return self._val_dataset
+
+    @val_dataset.setter
+    def val_dataset(self, dataset: Dataset[Any] | None) -> None:
+        self._val_dataset = dataset
+        # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance takes
+        # back the base class's method, so a fit skips validation as with any data module that has none.
+        if dataset is None:
+            self.val_dataloader = partial(L.LightningDataModule.val_dataloader, self)  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("val_dataloader", None)
+
+    @property
     def labels(self) -> Tensor:
         """``(n,)`` int64 class of every training example."""
         if self._labels is None:
@@ -123,9 +139,8 @@ class CrestDataModule(L.LightningDataModule):
         )
 
     @override
-    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]]:
-        # No validation set: an empty list tells Lightning to skip validation.
-        return [] if self.val_dataset is None else self._eval_loader(self.val_dataset)
+    def val_dataloader(self) -> DataLoader[Any]:
+        return self._stage_loader("val")
 
     @override
     def test_dataloader(self) -> DataLoader[Any]:
@@ -139,7 +154,7 @@ class CrestDataModule(L.LightningDataModule):
         dataset = getattr(self, f"{stage}_dataset")
         if dataset is None:
             raise MisconfigurationException(
-                f"CrestDataModule was created without a `{stage}_dataset` to {stage} on."
+                f"CrestDataModule was created without a `{stage}_dataset`; pass one to use `{stage}_dataloader`."
             )
         return self._eval_loader(dataset)
 

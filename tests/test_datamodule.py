@@ -102,8 +102,26 @@ def test_predict_dataset() -> None:
     assert predictions is not None
     with torch.no_grad():  # every item once, in order
         torch.testing.assert_close(torch.cat(predictions), model(data.tensors[0]))  # type: ignore[arg-type]
-    with pytest.raises(MisconfigurationException, match="without a `predict_dataset` to predict on"):
+    with pytest.raises(MisconfigurationException, match="without a `predict_dataset`; pass one"):
         make_trainer(max_epochs=1).predict(model, datamodule=CrestDataModule(data))
+
+
+def test_validation_runs_only_with_a_validation_set() -> None:
+    dm = CrestDataModule(blobs(n=64), batch_size=32)
+    trainer = make_trainer(max_epochs=1)
+    with pytest.warns(UserWarning, match="no `val_dataloader`. Skipping val loop") as caught:
+        trainer.fit(TinyClassifier(), datamodule=dm)
+    assert not any("across ranks is zero" in str(w.message) for w in caught)
+    assert "val_acc" not in trainer.callback_metrics
+    dm.val_dataset = blobs(n=48, seed=1)  # set later: validation runs on it, every item once
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.num_val_batches == [2]
+    assert "val_acc" in trainer.callback_metrics
+    dm.val_dataset = None
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert "val_acc" not in trainer.callback_metrics
 
 
 def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> None:
