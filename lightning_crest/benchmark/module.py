@@ -56,7 +56,6 @@ class Classifier(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "memory_format"])
         self.memory_format = memory_format
         self.model = model.to(memory_format=memory_format)
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -69,11 +68,6 @@ class Classifier(L.LightningModule):
         loss = weighted_cross_entropy(self(inputs), targets, weights)
         self.log("train_loss", loss, prog_bar=True)
         return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        inputs, targets = batch
-        self.val_acc(self(inputs), targets)
-        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         inputs, targets = batch
