@@ -313,6 +313,7 @@ class CrestCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
         if not self._weights_checked and _is_weighted_batch(batch):
             batch[2].requires_grad_(True)
 
@@ -468,10 +469,11 @@ class CrestCallback(Callback):
                 "CrestCallback needs its batches from a CrestDataModule: call "
                 f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
             )
-        if trainer.accumulate_grad_batches != 1:
+        _check_accumulation(trainer)
+        if trainer.overfit_batches > 0:
             raise ValueError(
-                f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
-                f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."
+                f"`overfit_batches`={trainer.overfit_batches} replaces the coreset sampler with the first batches "
+                "of the training set, so CREST would select nothing. Remove CrestCallback to overfit a few batches."
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
@@ -992,12 +994,22 @@ def learned_examples(
 
 @contextmanager
 def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    training = module.training
+    # Each submodule gets its own mode back: a frozen part the user keeps in eval mode stays there.
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(training)
+        for m, training in modes:
+            m.training = training
+
+
+def _check_accumulation(trainer: L.Trainer) -> None:
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
+            f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."
+        )
 
 
 def _is_weighted_batch(batch: Any) -> bool:

@@ -179,14 +179,20 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: Key) -> tuple[Any, Any, Tensor]:
-        index, weight = key
+    def __getitem__(self, key: Key | int) -> tuple[Any, Any, Tensor]:
+        index, weight = _key(key)
         inputs, target = self.dataset[index]
         return inputs, target, torch.tensor(weight, dtype=torch.float32)
 
-    def __getitems__(self, keys: list[Key]) -> list[tuple[Any, Any, Tensor]]:
+    def __getitems__(self, keys: Sequence[Key | int]) -> list[tuple[Any, Any, Tensor]]:
         getitems = getattr(self.dataset, "__getitems__", None)
         if getitems is None:
             return [self[key] for key in keys]
+        keys = [_key(key) for key in keys]
         items = getitems([index for index, _ in keys])
         return [(x, y, torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, keys)]
+
+
+def _key(key: Key | int) -> Key:
+    # A plain index has weight 1: Lightning replaces the sampler for `overfit_batches` (without the callback).
+    return (key, 1.0) if isinstance(key, int) else key

@@ -15,6 +15,7 @@ from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entro
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
+warnings.filterwarnings("ignore", ".*no `val_dataloader`. Skipping val loop.*")
 
 
 class LabelledTensors(TensorDataset):

@@ -764,6 +764,56 @@ def test_gradient_accumulation_is_refused(data: Any) -> None:
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
 
 
+def test_gradient_accumulation_scheduled_later_is_refused(data: Any) -> None:
+    schedule = L.pytorch.callbacks.GradientAccumulationScheduler({1: 2})
+    trainer = make_trainer([CrestCallback(), schedule], max_epochs=2)
+    with pytest.raises(ValueError, match="`accumulate_grad_batches`=2 would merge coresets"):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.current_epoch == 1  # refused when the schedule raised it, before any merged step
+    assert trainer.global_step == 4
+
+
+def test_overfit_batches_is_refused(data: Any) -> None:
+    trainer = make_trainer([CrestCallback()], max_epochs=1, overfit_batches=2)
+    with pytest.raises(ValueError, match="`overfit_batches`=2 replaces the coreset sampler"):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+
+
+def test_overfit_batches_without_the_callback_trains_the_first_batches_with_weight_one(data: Any) -> None:
+    weights = []
+
+    class Recording(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            weights.append(batch[2])
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer(max_epochs=2, overfit_batches=2)
+    trainer.fit(Recording(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 4
+    assert all(torch.equal(w, torch.ones(32)) for w in weights)
+
+
+def test_a_frozen_submodule_in_eval_mode_stays_there(data: Any) -> None:
+    modes = []
+
+    class Frozen(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net.insert(1, torch.nn.Dropout(0.5))
+
+        def on_train_start(self) -> None:
+            self.net[1].eval()  # the user's choice: no dropout in this part
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            modes.append((self.training, self.net[0].training, self.net[1].training))
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=2)
+    trainer.fit(Frozen(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.callbacks[0]._selections > 1  # type: ignore[attr-defined]
+    assert modes == [(True, True, False)] * trainer.global_step
+
+
 def test_manual_optimization_is_refused(data: Any) -> None:
     class Manual(TinyClassifier):
         def __init__(self) -> None:
