@@ -470,9 +470,10 @@ class CrestCallback(Callback):
                 f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
             )
         _check_accumulation(trainer)
-        if trainer.overfit_batches > 0:
+        overfit = getattr(trainer, "overfit_batches", 0)  # set by the Trainer, not declared
+        if overfit > 0:
             raise ValueError(
-                f"`overfit_batches`={trainer.overfit_batches} replaces the coreset sampler with the first batches "
+                f"`overfit_batches`={overfit} replaces the coreset sampler with the first batches "
                 "of the training set, so CREST would select nothing. Remove CrestCallback to overfit a few batches."
             )
         if not pl_module.automatic_optimization:

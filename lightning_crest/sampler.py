@@ -188,9 +188,9 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
         getitems = getattr(self.dataset, "__getitems__", None)
         if getitems is None:
             return [self[key] for key in keys]
-        keys = [_key(key) for key in keys]
-        items = getitems([index for index, _ in keys])
-        return [(x, y, torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, keys)]
+        pairs = [_key(key) for key in keys]
+        items = getitems([index for index, _ in pairs])
+        return [(x, y, torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, pairs)]
 
 
 def _key(key: Key | int) -> Key:
