@@ -118,7 +118,7 @@ class CrestCallback(Callback):
     def __init__(
         self,
         fraction: float = 0.1,
-        random_subset_size: float | int = 0.01,
+        random_subset_size: int | float = 0.01,
         tau: float = 0.05,
         check_size: int | None = None,
         interval_mul: float = 1.0,

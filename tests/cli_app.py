@@ -25,5 +25,5 @@ if __name__ == "__main__":
     crest = next(c for c in cli.trainer.callbacks if isinstance(c, CrestCallback))  # type: ignore[attr-defined]
     print(
         f"CREST fraction={crest.fraction} tau={crest.tau} proxy_dtype={crest.proxy_dtype} "
-        f"steps={cli.trainer.global_step}"
+        f"random_subset_size={crest.random_subset_size!r} steps={cli.trainer.global_step}"
     )

@@ -934,7 +934,8 @@ def test_full_data_training_without_callback(data: Any) -> None:
     assert trainer.global_step == math.ceil(1200 / 32)
 
 
-def test_lightning_cli_configures_the_callback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("subset", ["0.1", "120"])  # a fraction, and a count that stays an int
+def test_lightning_cli_configures_the_callback(tmp_path: Path, subset: str) -> None:
     script = Path(__file__).parent / "cli_app.py"
     command = [
         sys.executable,
@@ -943,11 +944,12 @@ def test_lightning_cli_configures_the_callback(tmp_path: Path) -> None:
         "--trainer.callbacks+=lightning_crest.CrestCallback",
         "--trainer.callbacks.fraction=0.25",
         "--trainer.callbacks.tau=0.02",
-        "--trainer.callbacks.random_subset_size=0.1",
+        f"--trainer.callbacks.random_subset_size={subset}",
         "--trainer.callbacks.proxy_dtype=torch.bfloat16",
         "--trainer.max_epochs=1",
         f"--trainer.default_root_dir={tmp_path}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "CREST fraction=0.25 tau=0.02 proxy_dtype=torch.bfloat16 steps=10" in result.stdout
+    expected = f"proxy_dtype=torch.bfloat16 random_subset_size={subset} steps=10"
+    assert f"CREST fraction=0.25 tau=0.02 {expected}" in result.stdout
