@@ -109,6 +109,7 @@ class CrestCallback(Callback):
     _pool: Tensor | None
     _check_batches: list[Any] | None
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
+    _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
@@ -315,7 +316,14 @@ class CrestCallback(Callback):
     ) -> None:
         _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
         if not self._weights_checked and _is_weighted_batch(batch):
-            batch[2].requires_grad_(True)
+            # Whether the loss reaches the weights shows in the probe's gradient. Given to the step as
+            # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
+            weights = batch[2]
+            if isinstance(batch, list):
+                self._weights_probe = torch.zeros((), device=weights.device, requires_grad=True)
+                batch[2] = weights + self._weights_probe
+            else:
+                self._weights_probe = weights.requires_grad_(True)
 
     @override
     def on_train_batch_end(
@@ -452,6 +460,7 @@ class CrestCallback(Callback):
         self._fit_start = time.perf_counter()
         self._last_drop_epoch = -1
         self._weights_checked = False
+        self._weights_probe = None
         self._epoch_step = 0
         self._trained = 0
         self._started_epoch = -1
@@ -897,14 +906,16 @@ class CrestCallback(Callback):
                 "make sure the training loss multiplies each example's loss by its weight."
             )
             return
-        weights = batch[2]
-        weights.requires_grad_(False)
-        if weights.grad is None:
+        probe, self._weights_probe = self._weights_probe, None
+        if probe is None:
+            return
+        probe.requires_grad_(False)
+        if probe.grad is None:
             raise RuntimeError(
                 "The training loss does not use the batch's weights: CREST batches are weighted coresets and "
                 "training on them unweighted trains on a biased sample. Unpack `inputs, targets, weights = batch` "
                 "and return `weighted_cross_entropy(logits, targets, weights)` (or multiply per-example losses "
-                "by `weights` before averaging)."
+                "by `weights` before averaging, without detaching them: this check follows the loss's graph)."
             )
 
     @contextmanager

@@ -251,6 +251,23 @@ def test_skipped_steps_do_not_count_as_ignoring_the_weights() -> None:
     assert callback._weights_checked  # on the first step that had a loss
 
 
+def test_a_step_may_change_the_weights_in_place() -> None:
+    class Normalising(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets, weights = batch
+            weights /= weights.mean()  # already 1: the loss is unchanged
+            return super().training_step((inputs, targets, weights), batch_idx)
+
+    torch.manual_seed(0)
+    reference = TinyClassifier()
+    normalising = Normalising()
+    normalising.load_state_dict(reference.state_dict())
+    for model in (reference, normalising):
+        trainer, _ = fit(CrestCallback(random_subset_size=0.1), model=model, max_epochs=1)
+        assert trainer.global_step == 4
+    assert all(torch.allclose(p, q) for p, q in zip(reference.parameters(), normalising.parameters(), strict=True))
+
+
 def test_hessian_params_that_select_nothing_are_refused() -> None:
     model = TinyClassifier()
     model.requires_grad_(False)
