@@ -265,7 +265,9 @@ def test_a_step_may_change_the_weights_in_place() -> None:
     for model in (reference, normalising):
         trainer, _ = fit(CrestCallback(random_subset_size=0.1), model=model, max_epochs=1)
         assert trainer.global_step == 4
-    assert all(torch.allclose(p, q) for p, q in zip(reference.parameters(), normalising.parameters(), strict=True))
+    assert all(
+        torch.allclose(p, q) for p, q in zip(reference.parameters(), normalising.parameters(), strict=True)
+    )
 
 
 def test_hessian_params_that_select_nothing_are_refused() -> None:
