@@ -110,6 +110,7 @@ class CrestCallback(Callback):
     _check_batches: list[Any] | None
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
+    _stale: int  # batches of an earlier plan that loader workers read before the last selection, still to train
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
@@ -298,6 +299,7 @@ class CrestCallback(Callback):
         self._epoch_step = 0
         # Batches that loader workers read beyond a shortened epoch (`limit_train_batches`) are never trained.
         self._trained = self._dm.plan.served
+        self._stale = 0
         self._dm.plan.replay.clear()
         if (
             self._dropping
@@ -334,14 +336,19 @@ class CrestCallback(Callback):
         if not self._weights_checked and not skipped:
             self._check_weights_used(batch)
         self._trained += 1
-        self._steps_since_selection += 1
         self._epoch_step = batch_idx + 1
-        if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
-            steps_left = self._steps_per_epoch - batch_idx - 1
-            if steps_left > 0:
-                self._select(steps_left)
-            else:  # the next epoch starts with a selection
-                self._dm.plan.replace([])
+        if self._stale > 0:
+            # Loader workers read this batch from the plan before the last selection: the selection's steps (and
+            # its checks) start with its own first batch.
+            self._stale -= 1
+        else:
+            self._steps_since_selection += 1
+            if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
+                steps_left = self._steps_per_epoch - batch_idx - 1
+                if steps_left > 0:
+                    self._select(steps_left)
+                else:  # the next epoch starts with a selection
+                    self._dm.plan.replace([])
         self._log(pl_module)
 
     @override
@@ -369,6 +376,7 @@ class CrestCallback(Callback):
             "selections": self._selections,
             "checks": self._checks,
             "steps_since_selection": self._steps_since_selection,
+            "stale": self._stale,
             "check_indices": self._check_indices.clone(),
             "rho": self._rho,
             "selection_time": self._selection_time,
@@ -402,6 +410,7 @@ class CrestCallback(Callback):
         self._selections = int(state_dict["selections"])
         self._checks = int(state_dict["checks"])
         self._steps_since_selection = int(state_dict["steps_since_selection"])
+        self._stale = int(state_dict.get("stale", 0))
         self._check_indices = state_dict["check_indices"].clone()
         self._check_batches = None
         self._rho = float(state_dict["rho"])
@@ -450,6 +459,7 @@ class CrestCallback(Callback):
         self._selections = 0
         self._checks = 0
         self._steps_since_selection = 0
+        self._stale = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
         self._check_batches = None
         self._rho = math.nan
@@ -611,6 +621,7 @@ class CrestCallback(Callback):
                 self._select_coresets()
             self._selections += 1
             self._steps_since_selection = 0
+            self._stale = self._dm.plan.served - self._trained
 
     def _select_coresets(self) -> None:
         """Pick the coresets probed for the quadratic model, then plan ``P = b T1`` coresets with this selection's

@@ -28,7 +28,8 @@ class CrestDataModule(L.LightningDataModule):
     test batches are the datasets' plain ``(inputs, targets)``.
 
     A new selection applies from the next batch the loader asks for. With ``num_workers=0`` that is the very next
-    step; with workers, the ``prefetch_factor * num_workers`` batches already requested are trained first.
+    step; with workers, the ``prefetch_factor * num_workers`` batches already requested are trained first (the
+    callback counts the selection's steps, and checks it, from its own first batch).
 
     Args:
         train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read

@@ -216,6 +216,39 @@ def test_check_sample_is_part_of_the_first_subset_measured_at_the_anchor(check_s
     assert len(samples) == len(callback.anchors)  # a fresh sample at every selection
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_checks_start_with_the_selections_own_batches(num_workers: int) -> None:
+    # Loader workers read batches ahead, so a selection's first batches can come from the plan before it.
+    served_under: list[int] = []  # the selection each served batch comes from
+    checked_under: list[tuple[int, int]] = []  # (selection of the batch just trained, current selection)
+
+    class Tracking(CrestCallback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            super().setup(trainer, pl_module, stage)
+            plan, serve = self._dm.plan, self._dm.plan.next
+
+            def next_batch(steps_left: int) -> tuple[Tensor, Tensor]:
+                batch = serve(steps_left)
+                served_under.append(self._selections)
+                return batch
+
+            plan.next = next_batch  # type: ignore[method-assign]
+
+        def _check(self) -> bool:
+            checked_under.append((served_under[self._trained - 1], self._selections))
+            return super()._check()
+
+    callback = Tracking(fraction=0.5, random_subset_size=0.1, tau=0.01)
+    torch.manual_seed(0)
+    dm = CrestDataModule(blobs(), batch_size=32, num_workers=num_workers)
+    trainer = make_trainer([callback], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert len(served_under) >= trainer.global_step == 38
+    assert callback._selections >= 5
+    assert len(checked_under) >= 6
+    assert all(batch == current for batch, current in checked_under)
+
+
 def test_check_size_larger_than_the_subset() -> None:
     with pytest.raises(ValueError, match="`check_size`=500 exceeds the random subset size r=120"):
         fit(CrestCallback(random_subset_size=0.1, check_size=500), max_epochs=1)

@@ -331,8 +331,11 @@ def test_dead_loader_worker_leaves_a_resumable_checkpoint(tmp_path: Path) -> Non
     torch.manual_seed(0)
     dying = CrestDataModule(DiesInWorker(blobs(n=N), limit=13 * BATCH), batch_size=BATCH, num_workers=1)
     trainer = make_trainer([crest(), every], max_epochs=EPOCHS, enable_checkpointing=True)
-    with pytest.raises(RuntimeError, match="worker"):
+    # The loader reports the dead worker as a RuntimeError, or, when it died while handing over a batch's shared
+    # memory, as the ConnectionResetError of that transfer (more often on a loaded machine).
+    with pytest.raises((RuntimeError, ConnectionResetError)) as failure:
         trainer.fit(TinyClassifier(), datamodule=dying)
+    assert isinstance(failure.value, ConnectionResetError) or "worker" in str(failure.value)
     last = max(tmp_path.glob("step=*.ckpt"), key=lambda path: int(path.stem.split("=")[1]))
     start = torch.load(last, weights_only=True)["global_step"]
     assert 4 <= start < 13
