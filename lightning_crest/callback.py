@@ -110,7 +110,9 @@ class CrestCallback(Callback):
     _check_batches: list[Any] | None
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
-    _stale: int  # batches of an earlier plan that loader workers read before the last selection, still to train
+    _stale: (
+        int  # batches of an earlier plan that loader workers read before the last selection, still to train
+    )
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
@@ -343,7 +345,11 @@ class CrestCallback(Callback):
             self._stale -= 1
         else:
             self._steps_since_selection += 1
-            if self.selection == "crest" and self._steps_since_selection % self._interval == 0 and self._check():
+            if (
+                self.selection == "crest"
+                and self._steps_since_selection % self._interval == 0
+                and self._check()
+            ):
                 steps_left = self._steps_per_epoch - batch_idx - 1
                 if steps_left > 0:
                     self._select(steps_left)
