@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_crest.datamodule import CrestDataModule
 from lightning_crest.distributed import batch_share, gather_shares, mean_over_processes, share
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
-from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
+from lightning_crest.selection import facility_location, gradient_proxy
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
@@ -719,17 +719,21 @@ class CrestCallback(Callback):
         order = torch.sort(self._labels[shuffled], stable=True)
         grouped = shuffled[order.indices]
         counts = torch.bincount(order.values, minlength=self._num_classes)
-        starts = counts.cumsum(0) - counts
-        quotas = class_budgets(counts, size) if int((counts > 0).sum()) <= size else None
-        if quotas is None:  # more classes than slots: plain uniform subsets
+        if int((counts > 0).sum()) > size:  # more classes than slots: plain uniform subsets
             positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(grouped)
             return grouped[positions]
-        parts = []
-        for cls in torch.nonzero(quotas).flatten().tolist():
-            quota, start, total = int(quotas[cls]), int(starts[cls]), int(counts[cls])
-            offsets = (torch.arange(count).unsqueeze(1) * quota + torch.arange(quota)) % total
-            parts.append(grouped[start + offsets])
-        return torch.cat(parts, dim=1)
+        quotas = stratified_quotas(counts, size, count, self._generator)
+        # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped.
+        starts = counts.cumsum(0) - counts
+        parts, owners = [], []
+        for cls in torch.nonzero(counts).flatten().tolist():
+            taken = quotas[:, cls]
+            positions = torch.arange(int(taken.sum())) % int(counts[cls])
+            parts.append(grouped[int(starts[cls]) + positions])
+            owners.append(torch.repeat_interleave(torch.arange(count), taken))
+        # Grouped by subset (a stable sort keeps the classes in order within each).
+        by_subset = torch.sort(torch.cat(owners), stable=True).indices
+        return torch.cat(parts)[by_subset].view(count, size)
 
     # --- forward passes ------------------------------------------------------------------------------------
 
@@ -1031,6 +1035,36 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
+    """Class sizes of ``count`` class-stratified random subsets of ``size`` from a pool with class sizes ``counts``.
+
+    Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average: the
+    fractional parts are rounded systematically (one uniform offset) over the classes in a random order, drawn anew
+    for every subset. Largest-remainder rounding would give the spare slots to the same classes every time (with ten
+    equal classes and batches of 128, the last two classes would get 12 examples in every batch, the others 13). A
+    class present in the pool that rounds to zero takes one slot from the largest, as in
+    :func:`~lightning_crest.selection.class_budgets`.
+
+    Returns:
+        ``(count, C)`` int64 quotas; every row sums to ``size``.
+    """
+    total = int(counts.sum())
+    base = size * counts // total
+    remainders = (
+        size * counts % total
+    )  # fractional parts, in units of 1 / total; they sum to a multiple of total
+    order = torch.rand(count, len(counts), generator=generator).argsort(dim=1)
+    ends = remainders[order].cumsum(dim=1)
+    offset = torch.randint(total, (count, 1), generator=generator)
+    # Slot boundaries at offset + j * total: a class gets a spare slot when one falls inside its fraction.
+    spare = (ends + offset) // total - (ends - remainders[order] + offset) // total
+    quotas = base + torch.zeros_like(spare).scatter_(1, order, spare)
+    for row, cls in torch.nonzero((quotas == 0) & (counts > 0)).tolist():
+        quotas[row, quotas[row].argmax()] -= 1
+        quotas[row, cls] = 1
+    return quotas
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:

@@ -20,9 +20,9 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
-from lightning_crest.callback import learned_examples
+from lightning_crest.callback import learned_examples, stratified_quotas
 from lightning_crest.quadratic import rademacher_like
-from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
+from lightning_crest.selection import facility_location, gradient_proxy
 
 
 class Recorder(CrestCallback):
@@ -441,9 +441,29 @@ def test_random_batches_and_subsets_are_class_stratified(selection: str) -> None
     fit(Draws(random_subset_size=0.1, selection=selection), data=data, max_epochs=2)
     assert draws
     for pool, drawn in draws:
-        quotas = class_budgets(torch.bincount(data.targets[pool], minlength=4), drawn.shape[1])
+        assert bool(pool[drawn].all())
+        share = drawn.shape[1] * torch.bincount(data.targets[pool], minlength=4) / int(pool.sum())
         for members in drawn:
-            assert torch.equal(torch.bincount(data.targets[members], minlength=4), quotas)
+            assert len(members.unique()) == len(members)
+            counts = torch.bincount(data.targets[members], minlength=4)
+            assert bool((counts >= share.floor()).all() and (counts <= share.ceil()).all())
+
+
+def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average() -> None:
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([700, 500, 300, 200, 300])  # shares of 10: 3.5, 2.5, 1.5, 1, 1.5
+    share = 10 * counts / counts.sum()
+    quotas = stratified_quotas(counts, 10, 20_000, generator)
+    assert bool((quotas.sum(1) == 10).all())
+    assert bool((quotas >= share.floor()).all() and (quotas <= share.ceil()).all())
+    torch.testing.assert_close(quotas.float().mean(0), share.float(), atol=0.02, rtol=0)
+    # Ten equal classes, 128 slots: every class gets the spare slots as often (largest remainder: always 0-7).
+    quotas = stratified_quotas(torch.full((10,), 6000), 128, 20_000, generator)
+    assert set(quotas.flatten().tolist()) == {12, 13}
+    torch.testing.assert_close(quotas.float().mean(0), torch.full((10,), 12.8), atol=0.02, rtol=0)
+    # A class too small for a slot of its own still gets one, from the largest.
+    quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 1000, generator)
+    assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
 
 
 @pytest.mark.parametrize("selection", ["crest", "random"])
