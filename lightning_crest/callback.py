@@ -108,6 +108,7 @@ class CrestCallback(Callback):
     _dm: CrestDataModule
     _pool: Tensor | None
     _check_batches: list[Any] | None
+    _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _stale: (
@@ -274,6 +275,7 @@ class CrestCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning restores checkpointed tensors on the device they were saved from.
         self._quadratic.to(pl_module.device)
+        self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
         self._fit_start = time.perf_counter()
         self._crest_time = 0.0
         self._timings = dict.fromkeys(_PHASES, 0.0)
@@ -384,6 +386,7 @@ class CrestCallback(Callback):
             "steps_since_selection": self._steps_since_selection,
             "stale": self._stale,
             "check_indices": self._check_indices.clone(),
+            "anchor_stats": [stat.clone() for stat in self._anchor_stats],
             "rho": self._rho,
             "selection_time": self._selection_time,
             "last_drop_epoch": self._last_drop_epoch,
@@ -418,6 +421,7 @@ class CrestCallback(Callback):
         self._steps_since_selection = int(state_dict["steps_since_selection"])
         self._stale = int(state_dict.get("stale", 0))
         self._check_indices = state_dict["check_indices"].clone()
+        self._anchor_stats = [stat.clone() for stat in state_dict.get("anchor_stats", [])]
         self._check_batches = None
         self._rho = float(state_dict["rho"])
         self._selection_time = float(state_dict["selection_time"])
@@ -468,6 +472,7 @@ class CrestCallback(Callback):
         self._stale = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
         self._check_batches = None
+        self._anchor_stats = []
         self._rho = math.nan
         self._selection_time = 0.0
         self._crest_time = 0.0
@@ -637,6 +642,7 @@ class CrestCallback(Callback):
         failed before a selection's last coresets were reached about half the time, and their forward passes were
         the largest part of CREST's cost.
         """
+        self._anchor_stats = [stat.clone() for stat in self._running_stats()]
         probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
         subsets = self._draw(probed, self._subset)
         # The check sample: a random part of the first subset, put first and loaded once, so that the loss at the
@@ -872,6 +878,18 @@ class CrestCallback(Callback):
             grad += torch.cat([g.detach().flatten() for g in grads])
         return grad, curvature
 
+    def _running_stats(self) -> list[Tensor]:
+        """The module's normalisation statistics (BatchNorm's running mean and variance): training steps move them
+        and eval-mode passes use them, but the quadratic model, a function of the parameters, cannot see them."""
+        assert self._module is not None
+        return [
+            stat
+            for m in self._module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for stat in (m.running_mean, m.running_var)
+            if stat is not None
+        ]
+
     def _check(self) -> bool:
         """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""
         trainer = self._trainer
@@ -880,7 +898,12 @@ class CrestCallback(Callback):
             indices = self._check_indices
             if self._check_batches is None:
                 self._check_batches = self._fetch_share(indices)
-            _, losses = self._evaluate(self._check_batches)
+            # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
+            # function of the parameters only (the recorded losses for exclusion use them too).
+            stats = self._running_stats()
+            anchored = self._anchor_stats if len(self._anchor_stats) == len(stats) else stats
+            with _swapped(stats, anchored):
+                _, losses = self._evaluate(self._check_batches)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
             actual = float(losses.mean())
@@ -1065,6 +1088,19 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
         quotas[row, quotas[row].argmax()] -= 1
         quotas[row, cls] = 1
     return quotas
+
+
+@contextmanager
+def _swapped(tensors: list[Tensor], values: list[Tensor]) -> Iterator[None]:
+    """Give ``tensors`` the ``values`` for the duration, in place."""
+    saved = [t.clone() for t in tensors]
+    for t, value in zip(tensors, values, strict=True):
+        t.copy_(value)
+    try:
+        yield
+    finally:
+        for t, value in zip(tensors, saved, strict=True):
+            t.copy_(value)
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:

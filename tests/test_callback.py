@@ -249,6 +249,29 @@ def test_checks_start_with_the_selections_own_batches(num_workers: int) -> None:
     assert all(batch == current for batch, current in checked_under)
 
 
+def test_checks_use_the_normalisation_statistics_of_the_selection() -> None:
+    # lr 0: the parameters never move, so the model predicts L0 exactly; the running statistics still move.
+    class Normalised(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__(lr=0.0)
+            self.net.insert(1, torch.nn.BatchNorm1d(32))
+
+    rhos = []
+
+    class Rhos(CrestCallback):
+        def _check(self) -> bool:
+            drifted = super()._check()
+            rhos.append(self._rho)
+            return drifted
+
+    model = Normalised()
+    before = model.net[1].running_mean.clone()
+    fit(Rhos(random_subset_size=0.1), model=model, max_epochs=2)
+    assert not torch.equal(model.net[1].running_mean, before)  # training moved them, and kept them
+    assert len(rhos) >= 4
+    assert rhos == [0.0] * len(rhos)
+
+
 def test_check_size_larger_than_the_subset() -> None:
     with pytest.raises(ValueError, match="`check_size`=500 exceeds the random subset size r=120"):
         fit(CrestCallback(random_subset_size=0.1, check_size=500), max_epochs=1)
@@ -762,13 +785,17 @@ def test_module_ignoring_weights_is_an_error() -> None:
 
 def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     callback = CrestCallback(random_subset_size=0.1)
-    fit(callback, max_epochs=1)
+    model = TinyClassifier()
+    model.net.insert(1, torch.nn.BatchNorm1d(32))
+    fit(callback, model=model, max_epochs=1)
     path = tmp_path / "state.pt"
     torch.save(callback.state_dict(), path)
     state = torch.load(path, weights_only=True)
     restored = CrestCallback(random_subset_size=0.1)
     restored.load_state_dict(state)
     assert torch.equal(restored._pool, callback._pool)  # type: ignore[arg-type]
+    assert len(restored._anchor_stats) == 2
+    assert all(torch.equal(a, b) for a, b in zip(restored._anchor_stats, callback._anchor_stats, strict=True))
     assert restored._interval == callback._interval
     assert restored._selections == callback._selections
     assert torch.equal(restored._generator.get_state(), callback._generator.get_state())
