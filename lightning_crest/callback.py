@@ -566,6 +566,13 @@ class CrestCallback(Callback):
             )
         limit = trainer.limit_train_batches
         steps_per_epoch = math.ceil(self.fraction * n / global_batch)
+        if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
+            rank_zero_warn(
+                f"`max_steps`={trainer.max_steps} without `max_epochs` trains that many coreset steps, over epochs "
+                f"of {steps_per_epoch} steps ({self.fraction} of a full epoch): if it is the step count of full "
+                "training, the run costs as much as full training. Set `max_epochs` to full training's epochs, "
+                f"or `max_steps` to {self.fraction} of its steps."
+            )
         if limit is not None and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0):
             rank_zero_warn(
                 f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "

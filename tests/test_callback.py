@@ -423,6 +423,16 @@ def test_limit_train_batches_warns_only_when_it_cuts_crest_epochs(limit: float, 
     assert any("cuts CREST's epochs" in str(w.message) for w in caught) == (steps < 4)
 
 
+def test_max_steps_without_max_epochs_warns() -> None:
+    with pytest.warns(UserWarning, match=r"`max_steps`=10 without `max_epochs` trains that many coreset steps"):
+        trainer, _ = fit(CrestCallback(random_subset_size=0.1), max_epochs=None, max_steps=10)
+    assert trainer.global_step == 10  # over three short epochs of 4 steps
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*max_steps.*")
+        trainer, _ = fit(CrestCallback(random_subset_size=0.1), max_epochs=2, max_steps=10)
+    assert trainer.global_step == 8
+
+
 def test_a_callback_reused_for_another_model_starts_afresh() -> None:
     def second_fit(callback: CrestCallback) -> TinyClassifier:
         model = seeded_classifier(num_classes=3)
