@@ -424,7 +424,9 @@ def test_limit_train_batches_warns_only_when_it_cuts_crest_epochs(limit: float, 
 
 
 def test_max_steps_without_max_epochs_warns() -> None:
-    with pytest.warns(UserWarning, match=r"`max_steps`=10 without `max_epochs` trains that many coreset steps"):
+    with pytest.warns(
+        UserWarning, match=r"`max_steps`=10 without `max_epochs` trains that many coreset steps"
+    ):
         trainer, _ = fit(CrestCallback(random_subset_size=0.1), max_epochs=None, max_steps=10)
     assert trainer.global_step == 10  # over three short epochs of 4 steps
     with warnings.catch_warnings():
