@@ -284,6 +284,19 @@ class CrestCallback(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._begin_epoch(trainer.current_epoch)
 
+    def _start_iterator(self, epoch: int) -> None:
+        """An epoch's iterator starts reading from its first step (called by the sampler)."""
+        # Lightning may create an epoch's iterator twice (when it reloads the loaders): loader workers had read
+        # batches ahead into the first one, and training never reaches them.
+        self._skip_unread()
+        self._begin_epoch(epoch)
+
+    def _skip_unread(self) -> None:
+        """Forget the batches served but not trained: the loader that read them ahead is gone (an epoch cut short by
+        `limit_train_batches`, or an iterator replaced)."""
+        self._trained = self._dm.plan.served
+        self._stale = 0
+
     def _begin_epoch(self, epoch: int) -> None:
         """Work due when an epoch starts; runs once per epoch, from whichever comes first.
 
@@ -301,9 +314,7 @@ class CrestCallback(Callback):
             return
         self._started_epoch = epoch
         self._epoch_step = 0
-        # Batches that loader workers read beyond a shortened epoch (`limit_train_batches`) are never trained.
-        self._trained = self._dm.plan.served
-        self._stale = 0
+        self._skip_unread()
         self._dm.plan.replay.clear()
         if (
             self._dropping
@@ -586,7 +597,7 @@ class CrestCallback(Callback):
         self._steps_per_epoch = steps_per_epoch
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
-        dm.plan.on_epoch_start = self._begin_epoch
+        dm.plan.on_epoch_start = self._start_iterator
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
         self._trained = 0

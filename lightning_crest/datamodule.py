@@ -130,6 +130,8 @@ class CrestDataModule(L.LightningDataModule):
             steps_per_epoch=self.steps_per_epoch,
             seed=self.seed,
         )
+        if trainer is not None:  # Lightning sets it later, and workers may start reading before
+            sampler.set_epoch(trainer.current_epoch)
         return DataLoader(
             WeightedDataset(self.train_dataset),
             batch_size=self.batch_size,

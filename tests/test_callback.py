@@ -272,6 +272,30 @@ def test_checks_use_the_normalisation_statistics_of_the_selection() -> None:
     assert rhos == [0.0] * len(rhos)
 
 
+@pytest.mark.parametrize("selection", ["random", "crest"])
+def test_loaders_reloaded_every_epoch_with_workers(selection: str) -> None:
+    # Lightning then creates each epoch's iterator twice; the first one's workers read batches that are never
+    # trained, and the sampler it builds starts at epoch 0.
+    epochs: list[int] = []
+
+    class Epochs(Recorder):
+        def _begin_epoch(self, epoch: int) -> None:
+            if max(epoch, self._epoch_floor) != self._started_epoch:
+                epochs.append(epoch)
+            super()._begin_epoch(epoch)
+
+    callback = Epochs(random_subset_size=0.1, selection=selection, tau=0.01)
+    torch.manual_seed(0)
+    dm = CrestDataModule(blobs(), batch_size=32, num_workers=2)
+    trainer = make_trainer([callback], max_epochs=3, reload_dataloaders_every_n_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert epochs == [0, 1, 2]
+    assert trainer.global_step == 12
+    if selection == "random":
+        assert callback._selections == 3  # one plan per epoch
+    assert callback._trained == dm.plan.served  # nothing left counted as read ahead
+
+
 def test_check_size_larger_than_the_subset() -> None:
     with pytest.raises(ValueError, match="`check_size`=500 exceeds the random subset size r=120"):
         fit(CrestCallback(random_subset_size=0.1, check_size=500), max_epochs=1)
