@@ -55,8 +55,9 @@ class CrestCallback(Callback):
             check is a forward pass over them, every ``T1`` steps.
         interval_mul: ``h``, scale of the adaptive check interval ``T1``.
         coreset_mul: ``b``, coresets per selection per step of ``T1``. Unlike the paper, ``P`` is not capped by the
-            steps left in the epoch: a selection carries over the epoch's end, and coresets are picked only when
-            first reached, so unused ones cost nothing.
+            steps left in the epoch: a selection carries over the epoch's end, and the coresets beyond the
+            ``hessian_probes`` picked at the selection are picked only when first reached, so unused ones cost
+            nothing.
         drop_learned: Exclude learned examples from future random subsets.
         drop_threshold: ``alpha``, the loss under which an example counts as learned.
         drop_interval: ``T2``, epochs per exclusion window.
