@@ -520,8 +520,9 @@ class CrestCallback(Callback):
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
-                "CrestCallback supports automatic optimization only: it measures one optimizer step per batch. "
-                "Set `self.automatic_optimization = True` in the LightningModule."
+                "CrestCallback supports automatic optimization with one optimizer only: it measures one optimizer "
+                "step per batch. Set `self.automatic_optimization = True` in the LightningModule and return a single "
+                "optimizer from `configure_optimizers`."
             )
         if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
             raise ValueError(
@@ -585,7 +586,22 @@ class CrestCallback(Callback):
                 "training, the run costs as much as full training. Set `max_epochs` to full training's epochs, "
                 f"or `max_steps` to {self.fraction} of its steps."
             )
-        if limit is not None and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0):
+        interval = trainer.val_check_interval
+        if (
+            isinstance(interval, int)
+            and trainer.check_val_every_n_epoch is not None
+            and interval > steps_per_epoch
+        ):
+            raise ValueError(
+                f"`val_check_interval`={interval} steps is longer than CREST's epochs of {steps_per_epoch} steps "
+                f"({self.fraction} of a full epoch). Lower it, or pass `check_val_every_n_epoch=None` to count the "
+                "steps across epochs."
+            )
+        if (
+            limit is not None
+            and not trainer.fast_dev_run
+            and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0)
+        ):
             rank_zero_warn(
                 f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
                 "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
@@ -892,7 +908,16 @@ class CrestCallback(Callback):
                 grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
                 if graph:
                     # The probe estimates the Hessian of the sample's own mean loss.
-                    hessian = hutchinson_diagonal(grads, params, self._generator)
+                    try:
+                        hessian = hutchinson_diagonal(grads, params, self._generator)
+                    except RuntimeError as error:
+                        if "double backward" not in str(error):
+                            raise
+                        raise RuntimeError(
+                            f"The Hutchinson probe of the quadratic model needs a double backward pass, which the "
+                            f"model does not support ({error}). Pass second_order=False for a first-order model, "
+                            "or compile only the training step's model, not CREST's passes."
+                        ) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
         return grad, curvature

@@ -165,7 +165,8 @@ class CoresetSampler(DistributedSampler[Key]):
             if len(indices) != self.num_replicas * self.batch_size:
                 raise RuntimeError(
                     f"A planned batch holds {len(indices)} examples, expected {self.num_replicas} processes x "
-                    f"{self.batch_size}."
+                    f"{self.batch_size}: the batch size changed after CrestCallback planned its coresets (for "
+                    "example by Tuner.scale_batch_size; tune it without the callback)."
                 )
             yield from zip(indices[share].tolist(), weights[share].tolist())
 

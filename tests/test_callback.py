@@ -949,6 +949,39 @@ def test_a_frozen_submodule_in_eval_mode_stays_there(data: Any) -> None:
     assert modes == [(True, True, False)] * trainer.global_step
 
 
+def test_val_check_interval_longer_than_an_epoch_is_refused(data: Any) -> None:
+    trainer = make_trainer([CrestCallback()], max_epochs=1, val_check_interval=10)
+    with pytest.raises(
+        ValueError, match="`val_check_interval`=10 steps is longer than CREST's epochs of 4 steps"
+    ):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    trainer = make_trainer(
+        [CrestCallback()], max_epochs=3, val_check_interval=6, check_val_every_n_epoch=None
+    )
+    trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, blobs(n=64, seed=1), batch_size=32))
+    assert trainer.global_step == 12
+
+
+def test_fast_dev_run_does_not_warn_about_its_limit(data: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*limit_train_batches.*")
+        trainer, _ = fit(CrestCallback(random_subset_size=0.1), fast_dev_run=2)
+    assert trainer.global_step == 2
+
+
+def test_a_model_without_double_backward_is_told_to_use_a_first_order_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unsupported(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("torch.compile with aot_autograd does not currently support double backward")
+
+    monkeypatch.setattr(crest_callback, "hutchinson_diagonal", unsupported)
+    with pytest.raises(RuntimeError, match="Pass second_order=False"):
+        fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
+    trainer, _ = fit(CrestCallback(random_subset_size=0.1, second_order=False), max_epochs=1)
+    assert trainer.global_step == 4
+
+
 def test_manual_optimization_is_refused(data: Any) -> None:
     class Manual(TinyClassifier):
         def __init__(self) -> None:
