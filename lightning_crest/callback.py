@@ -599,7 +599,7 @@ class CrestCallback(Callback):
             )
         if (
             limit is not None
-            and not trainer.fast_dev_run
+            and not getattr(trainer, "fast_dev_run", False)  # set by the Trainer, not declared
             and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0)
         ):
             rank_zero_warn(
