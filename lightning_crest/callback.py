@@ -109,6 +109,7 @@ class CrestCallback(Callback):
     _dm: CrestDataModule
     _pool: Tensor | None
     _check_batches: list[Any] | None
+    _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
@@ -572,11 +573,9 @@ class CrestCallback(Callback):
             )
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
-        if self.selection == "crest" and present > global_batch:
-            raise ValueError(
-                f"The global batch of {global_batch} is smaller than the {present} classes; every class of a "
-                "random subset needs a pick. Raise `batch_size`."
-            )
+        # With more classes than picks not every class can have one: coresets are then picked over the whole subset
+        # (the proxies' one-hot part keeps the classes apart) instead of class by class.
+        self._per_class = present <= global_batch
         limit = trainer.limit_train_batches
         steps_per_epoch = math.ceil(self.fraction * n / global_batch)
         if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
@@ -726,7 +725,7 @@ class CrestCallback(Callback):
             picked = facility_location(
                 proxies.view(count, self._subset, -1),
                 self._global_batch,
-                targets.view(count, self._subset),
+                targets.view(count, self._subset) if self._per_class else None,
                 similarity=self.similarity,
                 knn=self.knn,
                 backend=self.backend,

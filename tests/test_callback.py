@@ -134,6 +134,23 @@ def test_coresets_are_facility_location_picks_at_the_weights_of_their_step() -> 
             torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
 
 
+def test_more_classes_than_picks_selects_over_the_whole_subset() -> None:
+    # 40 classes, global batch 16: not every class can have a pick, so the greedy runs without the labels.
+    callback = Recorder(random_subset_size=0.1)
+    data = blobs(num_classes=40)
+    trainer, _ = fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
+    assert trainer.global_step == 8  # ceil(0.1 * 1200 / 16)
+    assert callback.picks
+    for _, subsets, logits, targets, coresets, weights in callback.picks:
+        for subset, z, y, coreset, weight in zip(subsets, logits, targets, coresets, weights):
+            assert len(y.unique()) > 16
+            reference = facility_location(gradient_proxy(z, y), 16)
+            assert torch.equal(coreset, subset[reference.indices])
+            torch.testing.assert_close(
+                weight, reference.weights.float() * 16 / len(subset), rtol=0, atol=1e-6
+            )
+
+
 def test_tau_zero_reselects_at_every_check() -> None:
     # tau = 0 and interval_mul close to 0 keep T1 = 1: a check after every step, epoch ends included.
     callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)

@@ -361,11 +361,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         train = subset(train, min(10_000, len(train)), seed=0)  # type: ignore[arg-type]
         test = subset(test, min(2_000, len(test)), seed=0)  # type: ignore[arg-type]
-    if any(m.startswith("crest") for m in args.methods) and args.batch_size < num_classes:
-        raise SystemExit(
-            f"--batch-size {args.batch_size} is smaller than the {num_classes} classes of {args.dataset}: every "
-            "class of a random subset needs a pick in CREST's coresets. Raise --batch-size."
-        )
     sizes = len(train), len(test)  # type: ignore[arg-type]
     print(
         f"{args.dataset} / {args.model}: {sizes[0]} train, {sizes[1]} test, {args.epochs} reference epochs, "
