@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -146,3 +147,23 @@ def test_batch_shares_interleave_the_picks() -> None:
     picks = list(range(12))
     shares = [picks[batch_share(rank, 3)] for rank in range(3)]
     assert shares == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
+
+
+def test_loaders_use_their_batch_sizes_and_the_global_rank() -> None:
+    data = blobs(n=40)
+    dm = CrestDataModule(data, data, data, batch_size=8, eval_batch_size=16, predict_dataset=data)
+    assert dm.train_dataloader().batch_size == 8
+    assert [dm.val_dataloader().batch_size, dm.test_dataloader().batch_size] == [16, 16]
+    assert dm.predict_dataloader().batch_size == 16
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=2, local_rank=0, current_epoch=0)  # type: ignore[assignment]
+    sampler = dm.train_dataloader().sampler
+    assert (sampler.rank, sampler.num_replicas) == (2, 4)  # type: ignore[attr-defined]
+
+
+def test_fetch_keeps_the_order_of_a_dataset_with_getitems() -> None:
+    data = blobs(n=40)
+    subset = torch.utils.data.Subset(data, range(40))
+    subset.targets = data.targets  # type: ignore[attr-defined]
+    inputs, targets = CrestDataModule(subset).fetch([5, 3, 7])
+    assert torch.equal(targets, data.targets[[5, 3, 7]])
+    assert torch.equal(inputs, data.tensors[0][[5, 3, 7]])

@@ -18,6 +18,7 @@ from ddp_script import GLOBAL_BATCH, Audit, Classifier, accuracy, setting
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_crest import CrestCallback
+from lightning_crest.distributed import gather_shares, mean_over_processes, share
 
 pytestmark = pytest.mark.ddp
 
@@ -136,3 +137,30 @@ def test_check_sizes_that_leave_a_process_without_rows_are_refused(check_size: i
     callback = CrestCallback(fraction=0.25, random_subset_size=0.1, check_size=check_size)
     with pytest.raises(ValueError, match=re.escape(match)):
         callback.setup(trainer, Classifier(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("total", "world_size"), [(7, 3), (10, 4), (5, 2), (6, 3)])
+def test_gather_shares_of_uneven_totals(total: int, world_size: int) -> None:
+    full = torch.arange(2 * total).reshape(total, 2) + 1
+    size = -(-total // world_size)
+
+    def all_gather(padded: torch.Tensor) -> torch.Tensor:
+        assert padded.shape == (size, 2)
+        parts = [full[share(total, rank, world_size)] for rank in range(world_size)]
+        return torch.stack([torch.cat([p, p.new_zeros(size - len(p), 2)]) for p in parts])
+
+    trainer: Any = SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(all_gather=all_gather))
+    for rank in range(world_size):
+        assert torch.equal(gather_shares(trainer, full[share(total, rank, world_size)], total), full)
+
+
+def test_mean_over_processes_averages() -> None:
+    calls: list[str] = []
+
+    def reduce(value: torch.Tensor, reduce_op: str) -> torch.Tensor:
+        calls.append(reduce_op)
+        return value
+
+    trainer: Any = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    mean_over_processes(trainer, torch.ones(3))
+    assert calls == ["mean"]
