@@ -496,3 +496,17 @@ def test_check_interval_with_an_explicit_reference() -> None:
     assert model.check_interval(1.0, reference=12.0) == 3
     assert model.check_interval(2.0, reference=4.0) == 2
     assert model.check_interval(1.0, reference=1.0) == 1
+
+
+def test_hutchinson_gives_zeros_where_there_is_no_curvature() -> None:
+    # A frozen parameter, and a loss linear in the other: the documented zeros, in float32, without a crash.
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    frozen = torch.tensor([3.0, 4.0, 5.0])
+    (grad,) = torch.autograd.grad(0.5 * (torch.tensor([2.0, 3.0]) * w**2).sum(), [w], create_graph=True)
+    estimate = hutchinson_diagonal([grad, None], [w, frozen], torch.Generator().manual_seed(0))
+    assert torch.equal(estimate[0], torch.tensor([2.0, 3.0]))
+    assert estimate[0].dtype == torch.float32
+    assert torch.equal(estimate[1], torch.zeros(3))
+    (linear,) = torch.autograd.grad(3.0 * w.sum(), [w], create_graph=True)
+    estimate = hutchinson_diagonal([linear], [w], torch.Generator().manual_seed(0))
+    assert torch.equal(estimate[0], torch.zeros(2))
