@@ -83,3 +83,37 @@ def test_loader_yields_weighted_batches() -> None:
     assert inputs.flatten().tolist() == [4.0, 5.0, 6.0, 7.0]
     assert weights.dtype == torch.float32
     assert weights.tolist() == [2.0] * 4
+
+
+def test_served_since_and_restart() -> None:
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(4), torch.ones(4)), (torch.arange(4, 8), torch.ones(4))])
+    assert plan.served_since(0) == []
+    first, second = plan.next(2), plan.next(1)
+    assert [b[0].tolist() for b in plan.served_since(2)] == [first[0].tolist(), second[0].tolist()]
+    plan.restart()
+    assert plan.served == 0
+    assert plan.served_since(0) == []
+
+
+def test_replayed_batches_come_first_and_count_as_served() -> None:
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(8, 12), torch.ones(4))])
+    plan.replay = [(torch.arange(4), torch.ones(4)), (torch.arange(4, 8), torch.ones(4))]
+    served = [plan.next(3)[0].tolist() for _ in range(3)]
+    assert served == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert [b[0].tolist() for b in plan.served_since(3)] == served
+
+
+@pytest.mark.parametrize("steps", [0, -1, None])
+def test_a_plan_needs_a_positive_epoch_length(steps: int | None) -> None:
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        CoresetSampler(list(range(8)), 4, plan=CoresetPlan(), steps_per_epoch=steps)  # type: ignore[arg-type]
+
+
+def test_a_planned_batch_of_the_wrong_size_is_an_error() -> None:
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(10), torch.ones(10))])
+    sampler = CoresetSampler(list(range(20)), 4, num_replicas=2, rank=0, plan=plan, steps_per_epoch=1)
+    with pytest.raises(RuntimeError, match="A planned batch holds 10 examples, expected 2 processes x 4"):
+        list(sampler)
