@@ -113,9 +113,7 @@ class CrestCallback(Callback):
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
-    _stale: (
-        int  # batches of an earlier plan that loader workers read before the last selection, still to train
-    )
+    _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
@@ -288,16 +286,11 @@ class CrestCallback(Callback):
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
-        # Lightning may create an epoch's iterator twice (when it reloads the loaders): loader workers had read
-        # batches ahead into the first one, and training never reaches them.
-        self._skip_unread()
-        self._begin_epoch(epoch)
-
-    def _skip_unread(self) -> None:
-        """Forget the batches served but not trained: the loader that read them ahead is gone (an epoch cut short by
-        `limit_train_batches`, or an iterator replaced)."""
+        # Batches served but not trained are forgotten: the loader that read them ahead is gone (an epoch cut short
+        # by `limit_train_batches`, or the first of the two iterators Lightning creates when it reloads the loaders).
         self._trained = self._dm.plan.served
         self._stale = 0
+        self._begin_epoch(epoch)
 
     def _begin_epoch(self, epoch: int) -> None:
         """Work due when an epoch starts; runs once per epoch, from whichever comes first.
@@ -316,7 +309,6 @@ class CrestCallback(Callback):
             return
         self._started_epoch = epoch
         self._epoch_step = 0
-        self._skip_unread()
         self._dm.plan.replay.clear()
         if (
             self._dropping
@@ -944,8 +936,9 @@ class CrestCallback(Callback):
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
             stats = self._running_stats()
-            anchored = self._anchor_stats if len(self._anchor_stats) == len(stats) else stats
-            with _swapped(stats, anchored):
+            # A checkpoint from before the statistics were saved has none: the current ones are used.
+            anchored = len(self._anchor_stats) == len(stats)
+            with _swapped(stats, self._anchor_stats) if anchored else nullcontext():
                 _, losses = self._evaluate(self._check_batches)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
