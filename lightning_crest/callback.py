@@ -33,13 +33,14 @@ class CrestCallback(Callback):
     Every epoch has ``ceil(fraction * n / global_batch)`` steps, so a run of ``max_epochs`` epochs costs
     ``fraction`` of full training's backprops and epoch-based schedules keep working. Each step trains on one
     mini-batch coreset: ``global_batch`` examples picked by facility location on gradient proxies from a random
-    subset of the pool, with cluster-size weights. At each selection the callback draws ``P`` random subsets, picks
-    one coreset from each and builds a quadratic model of the loss. Every ``T1`` steps it compares the model's
-    prediction with the loss on the first subset; when the relative error exceeds ``tau`` it selects again. After
-    every re-selection ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is
-    the sharpest smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every
-    ``drop_interval`` epochs, examples whose losses recorded in the window all stayed below ``drop_threshold``
-    leave the pool of future random subsets.
+    subset of the pool, with cluster-size weights. At each selection the callback plans ``P`` coresets, each from its
+    own random subset (the first ``hessian_probes`` picked at once, the others when first reached), and builds a
+    quadratic model of the loss. Every ``T1`` steps it compares the model's prediction with the loss on a sample of
+    the first subset; when the relative error exceeds ``tau`` it selects again. After every re-selection
+    ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is the sharpest
+    smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every ``drop_interval``
+    epochs, examples whose losses recorded in the window all stayed at or under ``drop_threshold`` leave the pool of
+    future random subsets.
 
     The callback needs a :class:`~lightning_crest.CrestDataModule`, whose training batches are
     ``(inputs, targets, weights)``; the module's loss must use the weights (see
@@ -59,7 +60,7 @@ class CrestCallback(Callback):
             ``hessian_probes`` picked at the selection are picked only when first reached, so unused ones cost
             nothing.
         drop_learned: Exclude learned examples from future random subsets.
-        drop_threshold: ``alpha``, the loss under which an example counts as learned.
+        drop_threshold: ``alpha``, the loss at or under which an example counts as learned.
         drop_interval: ``T2``, epochs per exclusion window.
         min_pool_fraction: Never shrink the pool below this fraction of the training set.
         min_class_fraction: Never shrink a class below this fraction of its size.
@@ -1111,9 +1112,8 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
     """
     total = int(counts.sum())
     base = size * counts // total
-    remainders = (
-        size * counts % total
-    )  # fractional parts, in units of 1 / total; they sum to a multiple of total
+    # Fractional parts, in units of 1 / total; they sum to a multiple of total.
+    remainders = size * counts % total
     order = torch.rand(count, len(counts), generator=generator).argsort(dim=1)
     ends = remainders[order].cumsum(dim=1)
     offset = torch.randint(total, (count, 1), generator=generator)

@@ -36,8 +36,6 @@ class CrestDataModule(L.LightningDataModule):
             from its ``targets`` attribute when present, else in one pass over the data.
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
-        predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
-            come (no targets needed).
         batch_size: Examples per process and training step (one mini-batch coreset per step).
         num_workers: Data loader worker processes.
         eval_batch_size: Batch size of evaluation and of CREST's own forward passes; defaults to
@@ -45,10 +43,12 @@ class CrestDataModule(L.LightningDataModule):
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
         seed: Seed of the shuffle in plain epochs.
+        predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
+            come (no targets needed).
 
     Raises:
         TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
-        ValueError: If a size argument is not positive.
+        ValueError: If a batch size is not a positive int, or `num_workers` not a non-negative one.
 
     Example::
 
