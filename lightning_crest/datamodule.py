@@ -8,7 +8,6 @@ from functools import partial
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -213,8 +212,8 @@ def _check_item(dataset: Dataset[Any]) -> None:
     target = item[1]
     if isinstance(target, Tensor):  # a scalar: a target of shape (1,) would collate to (B, 1)
         integer = target.ndim == 0 and not target.is_floating_point() and target.dtype != torch.bool
-    else:  # Python and numpy integers (numpy's are not `int`), as default_collate batches them
-        integer = isinstance(target, numbers.Integral) and not isinstance(target, (bool, np.bool_))
+    else:  # Python and numpy integers (numpy's are not `int`, and numpy's bools are not Integral)
+        integer = isinstance(target, numbers.Integral) and not isinstance(target, bool)
     if not integer:
         raise TypeError(
             f"`train_dataset` targets must be integer class indices (scalars), got {target!r} for item 0. "

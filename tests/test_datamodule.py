@@ -167,3 +167,96 @@ def test_fetch_keeps_the_order_of_a_dataset_with_getitems() -> None:
     inputs, targets = CrestDataModule(subset).fetch([5, 3, 7])
     assert torch.equal(targets, data.targets[[5, 3, 7]])
     assert torch.equal(inputs, data.tensors[0][[5, 3, 7]])
+
+
+class OneRelabelled(LabelledTensors):
+    """Items whose target differs from the ``targets`` attribute at one index only."""
+
+    def __init__(self, data: LabelledTensors, index: int) -> None:
+        super().__init__(data.tensors[0], data.targets)
+        self.index = index
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        return inputs, (target + 1) % 4 if index == self.index else target
+
+
+@pytest.mark.parametrize("index", [20, 39])
+def test_targets_attribute_is_spot_checked_beyond_the_first_item(index: int) -> None:
+    with pytest.raises(
+        ValueError, match=rf"`train_dataset.targets\[{index}\]` is .* but item {index} has target"
+    ):
+        _ = CrestDataModule(OneRelabelled(blobs(n=40), index)).labels
+
+
+def test_targets_attribute_longer_than_the_data_set() -> None:
+    data = blobs(n=40)
+    data.targets = torch.cat([data.targets, data.targets[:5]])
+    with pytest.raises(ValueError, match="has 45 labels for 40 items"):
+        _ = CrestDataModule(data).labels
+
+
+@pytest.mark.parametrize(
+    ("targets", "error", "match"),
+    [
+        (
+            lambda t: t.reshape(-1, 1),
+            TypeError,
+            r"1-d sequence of integer classes, got dtype torch.int64 and shape",
+        ),
+        (lambda t: t.float(), TypeError, "got dtype torch.float32"),
+        (lambda t: t > 1, TypeError, "got dtype torch.bool"),
+        (lambda t: torch.where(t == 2, -1, t), ValueError, "non-negative class indices, got -1"),
+    ],
+    ids=["2-d", "float", "bool", "negative"],
+)
+def test_bad_targets_attributes_are_refused(targets: Any, error: type[Exception], match: str) -> None:
+    data = blobs(n=40)
+    data.targets = targets(data.targets)
+    with pytest.raises(error, match=match):
+        _ = CrestDataModule(data).labels
+
+
+def test_negative_targets_read_from_the_items_are_refused() -> None:
+    data = blobs(n=40)
+    labels = torch.where(torch.arange(40) == 30, -1, data.targets)  # item 0 is fine, a later one is not
+    with pytest.raises(ValueError, match="non-negative class indices, got -1"):
+        _ = CrestDataModule(torch.utils.data.TensorDataset(data.tensors[0], labels)).labels
+
+
+def test_int32_targets_become_int64_labels() -> None:
+    data = blobs(n=40)
+    narrow = LabelledTensors(data.tensors[0], data.targets.int())
+    labels = CrestDataModule(narrow).labels
+    assert labels.dtype == torch.int64
+    assert torch.equal(labels, data.targets)
+
+
+@pytest.mark.parametrize("target", [True, np.bool_(True), torch.tensor(True), 1.0, torch.tensor([1])])
+def test_targets_that_are_not_integer_scalars_are_refused(target: Any) -> None:
+    items = [(torch.zeros(2), target)] * 4
+    with pytest.raises(TypeError, match=r"targets must be integer class indices .* for item 0"):
+        CrestDataModule(items)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("num_workers", [True, -1, 1.0])
+def test_num_workers_must_be_a_non_negative_int(num_workers: Any) -> None:
+    with pytest.raises(ValueError, match=f"`num_workers` must be a non-negative int, got {num_workers!r}"):
+        CrestDataModule(blobs(n=40), num_workers=num_workers)
+
+
+def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
+    data = blobs(n=40)
+
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = CrestDataModule(data, batch_size=8, seed=seed).train_dataloader().sampler
+        sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        keys = list(sampler)
+        assert all(weight == 1.0 for _, weight in keys)
+        return [index for index, _ in keys]
+
+    reference = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    reference.set_epoch(1)
+    assert order(7, 1) == list(reference)
+    assert order(7, 1) != order(8, 1)
+    assert sorted(order(8, 1)) == list(range(40))

@@ -16,9 +16,11 @@ import torch
 from conftest import make_trainer
 from ddp_script import GLOBAL_BATCH, Audit, Classifier, accuracy, setting
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from lightning_crest import CrestCallback
-from lightning_crest.distributed import gather_shares, mean_over_processes, share
+from lightning_crest import CrestCallback, datamodule, distributed
+from lightning_crest.distributed import gather_shares, mean_over_processes, release_process_group, share
 
 pytestmark = pytest.mark.ddp
 
@@ -164,3 +166,54 @@ def test_mean_over_processes_averages() -> None:
     trainer: Any = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
     mean_over_processes(trainer, torch.ones(3))
     assert calls == ["mean"]
+
+
+@pytest.fixture
+def process_group(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A pretend initialised process group: records its destruction and the exit hooks registered."""
+    events: list[str] = []
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: "destroyed" not in events)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: events.append("destroyed"))
+    monkeypatch.setattr(distributed.atexit, "register", lambda hook: events.append(f"atexit {hook.__name__}"))
+    monkeypatch.setattr(distributed, "_exit_hook_registered", False)
+    return events
+
+
+def _trainer(world_size: int, launcher: Any) -> Any:
+    return SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(launcher=launcher))
+
+
+def test_spawned_processes_release_the_group_when_the_trainer_call_ends(process_group: list[str]) -> None:
+    spawn = _MultiProcessingLauncher.__new__(_MultiProcessingLauncher)
+    release_process_group(_trainer(1, spawn))
+    assert process_group == []  # one process: no group of ours to release
+    release_process_group(_trainer(2, spawn))
+    assert process_group == ["destroyed"]
+    release_process_group(_trainer(2, spawn))  # a second teardown finds no group
+    assert process_group == ["destroyed"]
+
+
+@pytest.mark.parametrize("launcher", [None, "script"])
+def test_script_processes_keep_the_group_until_the_interpreter_exits(
+    process_group: list[str], launcher: str | None
+) -> None:
+    # Plain `ddp` runs the rest of the user's script in every process, and a later fit reuses the group.
+    script = None if launcher is None else _SubprocessScriptLauncher.__new__(_SubprocessScriptLauncher)
+    for _ in range(3):
+        release_process_group(_trainer(2, script))
+    assert process_group == ["atexit _destroy_at_exit"]  # registered once, nothing destroyed yet
+    distributed._destroy_at_exit()
+    assert process_group[-1] == "destroyed"
+
+
+def test_the_data_module_releases_the_group_at_teardown(monkeypatch: pytest.MonkeyPatch) -> None:
+    released: list[Any] = []
+    monkeypatch.setattr(datamodule, "release_process_group", released.append)
+    dm, _ = setting(GLOBAL_BATCH)
+    dm.teardown("fit")  # not attached to a trainer
+    assert released == []
+    trainer = _trainer(2, None)
+    dm.trainer = trainer
+    dm.teardown("fit")
+    assert released == [trainer]

@@ -54,6 +54,23 @@ def test_weighted_cross_entropy_gradients_reach_weights_and_logits() -> None:
 
 
 @pytest.mark.parametrize(
+    ("logits_dtype", "weights_dtype"),
+    [(torch.float32, torch.float64), (torch.bfloat16, torch.float32), (torch.float64, torch.float32)],
+)
+def test_weighted_cross_entropy_keeps_the_dtype_of_the_logits(
+    logits_dtype: torch.dtype, weights_dtype: torch.dtype
+) -> None:
+    # Float32 weights (as the data module serves them) must not promote bf16 autocast logits, nor float64 weights
+    # a float32 model's loss.
+    logits, targets, weights = _batch(seed=5)
+    value = weighted_cross_entropy(logits.to(logits_dtype), targets, weights.to(weights_dtype))
+    assert value.dtype == logits_dtype
+    expected = (weights * F.cross_entropy(logits.to(logits_dtype).double(), targets, reduction="none")).mean()
+    tolerance = 5e-2 if logits_dtype == torch.bfloat16 else 1e-6
+    assert float(value) == pytest.approx(float(expected), rel=tolerance)
+
+
+@pytest.mark.parametrize(
     ("logits_shape", "targets_shape", "weights_shape", "match"),
     [
         ((8, 5), (8,), (8, 1), r"`weights` must have the shape of `targets` \(8,\), got \(8, 1\)"),

@@ -305,8 +305,9 @@ def test_check_interval_follows_curvature_ratio() -> None:
     model.update([torch.zeros(4)], [torch.full((4,), 7.75)])  # curvature doubles: hessian = 8
     assert model.check_interval(3.0) == 2  # ceil(1.5)
     assert model.check_interval(1.0) == 1  # ceil(0.5), never below 1
-    with pytest.raises(ValueError, match="h must be"):
-        model.check_interval(0.0)
+    for h in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="h must be a positive finite number"):
+            model.check_interval(h)
 
 
 def test_check_interval_before_reference_raises() -> None:
@@ -437,6 +438,7 @@ def test_state_dict_keeps_the_count_of_probes() -> None:
         ({"beta1": -0.1}, "beta1"),
         ({"beta1": float("nan")}, "beta1"),
         ({"beta2": 1.0}, "beta2"),
+        ({"beta2": -0.1}, "beta2"),
         ({"eps": 0.0}, "eps"),
         ({"eps": -1e-4}, "eps"),
         ({"eps": float("inf")}, "eps"),
@@ -510,3 +512,68 @@ def test_hutchinson_gives_zeros_where_there_is_no_curvature() -> None:
     (linear,) = torch.autograd.grad(3.0 * w.sum(), [w], create_graph=True)
     estimate = hutchinson_diagonal([linear], [w], torch.Generator().manual_seed(0))
     assert torch.equal(estimate[0], torch.zeros(2))
+
+
+def _trained_state(size: int = 3) -> dict[str, object]:
+    model = QuadraticModel()
+    model.update([torch.ones(size)], [torch.ones(size)])
+    model.anchor([torch.zeros(size)], 1.0)
+    return model.state_dict()
+
+
+def test_load_state_dict_rejects_inconsistent_sizes_and_anchors() -> None:
+    state = _trained_state()
+    with pytest.raises(ValueError, match=r"tensor sizes differ \[3, 4\]"):
+        QuadraticModel().load_state_dict({**state, "w0": torch.zeros(4)})
+    with pytest.raises(ValueError, match=r"tensor sizes differ \[2, 3\]"):
+        QuadraticModel().load_state_dict({**state, "hess_sq_avg": torch.ones(2)})
+    with pytest.raises(ValueError, match="w0 and loss0 must both be set or both be None"):
+        QuadraticModel().load_state_dict({**state, "loss0": None})
+    with pytest.raises(ValueError, match="w0 and loss0 must both be set or both be None"):
+        QuadraticModel().load_state_dict({**state, "w0": None})
+    with pytest.raises(ValueError, match=r"state\['w0'\] must be None or a 1-D tensor"):
+        QuadraticModel().load_state_dict({**state, "w0": torch.zeros(1, 3)})
+
+
+def test_loaded_state_does_not_alias_the_saved_tensors() -> None:
+    state = _trained_state()
+    model = QuadraticModel()
+    model.load_state_dict(state)
+    before = model.predict([torch.ones(3)])
+    for name in ("grad_avg", "hess_sq_avg", "w0"):
+        state[name].add_(100.0)  # type: ignore[union-attr]
+    assert model.predict([torch.ones(3)]) == before
+    assert torch.equal(model.gradient, torch.ones(3))
+
+
+def test_anchor_fixes_the_size_before_any_update() -> None:
+    model = QuadraticModel()
+    model.anchor([torch.zeros(3)], 1.0)
+    with pytest.raises(ValueError, match="got 4 entries but the model tracks 3"):
+        model.update([torch.ones(4)], [torch.ones(4)])
+    assert model.step == 0
+
+
+def test_stored_vectors_are_detached_copies() -> None:
+    w = torch.ones(3, requires_grad=True)
+    grad = w * 2  # part of a graph
+    model = QuadraticModel()
+    model.update([grad], [grad * 3])
+    model.anchor([w], torch.tensor(1.5, requires_grad=True))
+    assert not model.gradient.requires_grad
+    assert not model.hessian.requires_grad
+    assert not model.delta([w]).requires_grad
+    assert model.anchor_loss == 1.5
+    with torch.no_grad():
+        w.add_(1.0)  # moving the parameters afterwards moves them away from the recorded w0
+    assert torch.equal(model.delta([w]), torch.ones(3))
+
+
+def test_to_moves_every_stored_vector() -> None:
+    model = QuadraticModel()
+    model.update([torch.ones(3)], [torch.ones(3)])
+    model.anchor([torch.zeros(3)], 1.0)
+    assert model.to("meta") is model
+    state = model.state_dict()
+    for name in ("grad_avg", "hess_sq_avg", "w0"):
+        assert state[name].device.type == "meta", name
