@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -442,7 +443,9 @@ class CrestCallback(Callback):
             self._epoch_step,
             list(zip(state_dict.get("in_flight_indices", []), state_dict.get("in_flight_weights", []))),
         )
-        if self._dm is not None:  # Lightning restores callbacks after `setup`
+        # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
+        # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
+        if self._dm is not None and _fitting(self._trainer):
             self._apply_restored_plan(self._dm)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -1137,6 +1140,14 @@ def _swapped(tensors: list[Tensor], values: list[Tensor]) -> Iterator[None]:
     finally:
         for t, value in zip(tensors, saved, strict=True):
             t.copy_(value)
+
+
+def _fitting(trainer: L.Trainer | None) -> bool:
+    return (
+        trainer is not None
+        and trainer.state.fn == TrainerFn.FITTING
+        and trainer.state.status == TrainerStatus.RUNNING
+    )
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:

@@ -1,0 +1,194 @@
+"""CrestCallback behaviours found untested by a mutation audit of callback.py."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from conftest import TinyClassifier, blobs, fit, make_trainer
+from torch import Tensor
+
+import lightning_crest.callback as crest_callback
+from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.callback import stratified_quotas
+
+
+class Events(CrestCallback):
+    """Keeps the global step of every selection and check."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.events: list[tuple[str, int]] = []
+
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
+        self.events.append(("select", self._trainer.global_step if self._trainer else -1))
+
+    def _check(self) -> bool:
+        drifted = super()._check()
+        self.events.append(("check", self._trainer.global_step if self._trainer else -1))
+        return drifted
+
+    def steps(self, kind: str) -> list[int]:
+        return [step for event, step in self.events if event == kind]
+
+
+def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Re-selection needs the error to exceed tau: an error of exactly tau keeps the selection.
+    monkeypatch.setattr(crest_callback, "relative_error", lambda predicted, actual: 0.05)
+    kept = Events(random_subset_size=0.1, tau=0.05, interval_mul=1e-6)
+    fit(kept, max_epochs=2)
+    assert kept.steps("check") == list(range(1, 9))  # T1 = 1 over 2 epochs of ceil(0.1 * 1200 / 32) = 4 steps
+    assert kept.steps("select") == [0]
+    # Just under the error, every check re-selects (the patched error did reach the decision).
+    drifted = Events(random_subset_size=0.1, tau=0.0499, interval_mul=1e-6)
+    fit(drifted, max_epochs=2)
+    assert drifted.steps("select") == [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_check_one_step_before_the_epoch_end_reselects_at_once_with_loader_workers() -> None:
+    # With loader workers the epoch's last batch is read ahead: a check that fails with one step left selects at
+    # once (that batch is stale), rather than training it under the old model and selecting at the next epoch.
+    class DriftAtStep3(Events):
+        def _check(self) -> bool:
+            super()._check()
+            return self._trainer is not None and self._trainer.global_step == 3
+
+    callback = DriftAtStep3(random_subset_size=0.1, tau=1e9, interval_mul=1e-6)
+    torch.manual_seed(0)
+    dm = CrestDataModule(blobs(), batch_size=32, num_workers=2)
+    trainer = make_trainer([callback], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 8
+    assert callback.steps("select") == [0, 3]
+    assert 4 not in callback.steps("check")  # the batch read before the selection is not checked
+
+
+class Ascent(TinyClassifier):
+    """Gradient ascent on the weighted loss: every example's loss grows during training."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return -super().training_step(batch, batch_idx)
+
+
+def test_check_losses_enter_the_exclusion_window() -> None:
+    # The window keeps each example's largest loss: the losses measured at the checks count, not only those of the
+    # selection. Under gradient ascent the last check (after the last step) holds the check sample's largest losses.
+    data = blobs()
+    callback = CrestCallback(random_subset_size=0.1, tau=1e9, interval_mul=1e-6, drop_interval=100)
+    _, model = fit(callback, data=data, model=Ascent(), max_epochs=2)
+    assert callback._selections == 1
+    assert callback._checks == 8
+    check = callback._check_indices
+    model.eval()
+    with torch.no_grad():
+        final = torch.nn.functional.cross_entropy(
+            model(data.tensors[0][check]), data.tensors[1][check], reduction="none"
+        )
+    window = callback._window_max_loss[check]
+    assert bool(torch.isfinite(window).all())
+    assert bool((window >= final - 1e-5).all())
+    torch.testing.assert_close(window, torch.maximum(window, final), rtol=1e-5, atol=1e-5)
+
+
+def test_stratified_quotas_are_exact_on_average_with_unequal_fractional_parts() -> None:
+    # Shares 7.3 and 2.7: the spare slot goes to the first class 30% of the time, not half of it.
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([73, 27])
+    quotas = stratified_quotas(counts, 10, 20_000, generator)
+    assert bool((quotas.sum(1) == 10).all())
+    assert set(quotas[:, 0].tolist()) == {7, 8}
+    torch.testing.assert_close(quotas.float().mean(0), torch.tensor([7.3, 2.7]), atol=0.02, rtol=0)
+    # Three classes with fractional parts 0.2, 0.3 and 0.5 of shares 2.2, 3.3 and 4.5.
+    counts = torch.tensor([22, 33, 45])
+    quotas = stratified_quotas(counts, 10, 20_000, generator)
+    assert bool((quotas.sum(1) == 10).all())
+    torch.testing.assert_close(quotas.float().mean(0), torch.tensor([2.2, 3.3, 4.5]), atol=0.02, rtol=0)
+
+
+def test_uniform_subsets_wrap_around_a_small_pool_without_repeating_an_example() -> None:
+    # 40 classes, subsets of 20: plain uniform subsets. 60 examples hold fewer than the 4 x 20 drawn at once.
+    draws: list[tuple[Tensor, Tensor]] = []
+
+    class Draws(CrestCallback):
+        def _draw(self, count: int, size: int) -> Tensor:
+            drawn = super()._draw(count, size)
+            assert self._pool is not None
+            draws.append((self._pool.clone(), drawn))
+            return drawn
+
+    data = blobs(n=60, num_classes=40)
+    callback = Draws(random_subset_size=20, tau=1e9)
+    fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
+    wrapped = [drawn for _, drawn in draws if drawn.numel() > 60]
+    assert wrapped  # the P - 1 = 4 subsets planned beyond the probed one
+    for pool, drawn in draws:
+        assert bool(pool[drawn].all())
+        for members in drawn:
+            assert len(members.unique()) == len(members) == 20
+        # Consecutive positions modulo the pool: each example appears floor or ceil of numel / 60 times.
+        times = torch.bincount(drawn.flatten(), minlength=60)
+        assert set(times.tolist()) <= {drawn.numel() // 60, math.ceil(drawn.numel() / 60)}
+
+
+def test_a_fractional_random_subset_size_rounds_up() -> None:
+    callback = CrestCallback(random_subset_size=0.1234, tau=1e9)
+    fit(callback, max_epochs=1)
+    expected = math.ceil(0.1234 * 1200)  # 148.08 -> 149: never fewer than the fraction asks
+    assert callback._subset == expected == 149
+    assert len(callback._check_indices) == expected  # check_size=None checks on the whole first subset
+
+
+def test_as_many_classes_as_picks_gives_every_class_exactly_one_pick() -> None:
+    # 16 classes and a global batch of 16: the greedy still runs class by class, one pick each, even once the
+    # model is confident and the proxies of well-learned examples of different classes are close.
+    picks: list[Tensor] = []
+
+    class Picks(CrestCallback):
+        def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+            coresets, weights, losses = super()._pick(subsets, *args)
+            picks.extend(coresets)
+            return coresets, weights, losses
+
+    data = blobs(n=1200, num_classes=16, noise=0.3)
+    callback = Picks(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)
+    fit(callback, data=data, model=TinyClassifier(num_classes=16, lr=0.5), batch_size=16, max_epochs=3)
+    assert callback._per_class
+    assert len(picks) > 10
+    for coreset in picks:
+        assert torch.bincount(data.targets[coreset], minlength=16).tolist() == [1] * 16
+
+
+def test_a_check_size_equal_to_the_subset_is_accepted() -> None:
+    callback = CrestCallback(random_subset_size=120, check_size=120, tau=1e9)
+    trainer, _ = fit(callback, max_epochs=1)
+    assert trainer.global_step == 4
+    assert len(callback._check_indices.unique()) == 120
+
+
+def test_hessian_probes_beyond_the_planned_coresets_are_not_taken() -> None:
+    # P = coreset_mul = 2 at the first selection: only those 2 coresets update the quadratic model, not 10.
+    callback = CrestCallback(random_subset_size=0.1, hessian_probes=10, coreset_mul=2, tau=1e9)
+    fit(callback, max_epochs=1)
+    assert callback._selections == 1
+    assert len(callback.coresets) == 2
+    assert callback._quadratic.step == 2
+
+
+def test_a_state_loaded_by_hand_into_a_used_callback_is_kept_for_the_next_fit() -> None:
+    # Dropping learned examples at every epoch shrinks the pool; that state, loaded into a callback that already
+    # trained another module, must reach the next fit instead of being reset with the earlier module's state.
+    data = blobs(noise=0.3)
+    saved = CrestCallback(random_subset_size=0.2, drop_interval=1, tau=1e9)
+    fit(saved, data=data, model=TinyClassifier(lr=0.2), max_epochs=2)
+    state = saved.state_dict()
+    assert int(state["pool"].sum()) < 1200
+    used = CrestCallback(random_subset_size=0.2, drop_interval=1, tau=1e9)
+    fit(used, data=data, max_epochs=1)
+    used.load_state_dict(state)
+    fit(used, data=data, model=TinyClassifier(lr=0.2), max_epochs=3)
+    assert used._selections >= state["selections"]
+    assert int(used.pool.sum()) <= int(state["pool"].sum())
+    assert not bool((used.pool & ~state["pool"]).any())  # examples dropped before stay dropped
