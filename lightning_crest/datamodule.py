@@ -47,7 +47,7 @@ class CrestDataModule(L.LightningDataModule):
 
     Raises:
         TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
-        ValueError: If a batch size is not a positive int, or `num_workers` not a non-negative one.
+        ValueError: If a batch size is not a positive int, or ``num_workers`` not a non-negative one.
 
     Example::
 
