@@ -145,6 +145,7 @@ def facility_location(
     """
     _validate(features, budget, labels, similarity, knn, backend)
     budget = int(budget)  # numpy integers too
+    knn = None if knn is None else int(knn)
     # Selection is not differentiable; a graph would also reach the reused buffers (see _workspace).
     features = features.detach()
     batched = features.ndim == 3
@@ -647,7 +648,7 @@ def _validate(
             raise ValueError(f"`labels` must be non-negative class indices, got a minimum of {lowest}.")
     if similarity not in SIMILARITIES:
         raise ValueError(f"`similarity` must be one of {SIMILARITIES}, got {similarity!r}.")
-    if knn is not None and (isinstance(knn, bool) or not isinstance(knn, int) or knn < 1):
+    if knn is not None and (isinstance(knn, bool) or not isinstance(knn, numbers.Integral) or knn < 1):
         raise ValueError(f"`knn` must be None (dense) or a positive int, got {knn!r}.")
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}.")
