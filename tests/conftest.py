@@ -64,6 +64,20 @@ class TinyClassifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class RecordedDraws(CrestCallback):
+    """Keeps every draw of random subsets (or random batches) with the pool it was drawn from."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.draws: list[tuple[Tensor, Tensor]] = []
+
+    def _draw(self, count: int, size: int) -> Tensor:
+        drawn = super()._draw(count, size)
+        assert self._pool is not None
+        self.draws.append((self._pool.clone(), drawn))
+        return drawn
+
+
 def make_trainer(callbacks: list[Any] | None = None, **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = {
         "max_epochs": 2,

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import LabelledTensors, TinyClassifier, blobs, fit, make_trainer
+from conftest import LabelledTensors, RecordedDraws, TinyClassifier, blobs, fit, make_trainer
 from torch import Tensor
 
 import lightning_crest.callback as crest_callback
@@ -504,17 +504,10 @@ def test_random_baseline_uses_weight_one_and_no_model() -> None:
 
 @pytest.mark.parametrize("selection", ["crest", "random"])
 def test_random_batches_and_subsets_are_class_stratified(selection: str) -> None:
-    draws: list[tuple[Tensor, Tensor]] = []  # the pool and the subsets (or batches) drawn from it
-
-    class Draws(CrestCallback):
-        def _draw(self, count: int, size: int) -> Tensor:
-            drawn = super()._draw(count, size)
-            assert self._pool is not None
-            draws.append((self._pool.clone(), drawn))
-            return drawn
-
     data = blobs()
-    fit(Draws(random_subset_size=0.1, selection=selection), data=data, max_epochs=2)
+    callback = RecordedDraws(random_subset_size=0.1, selection=selection)
+    fit(callback, data=data, max_epochs=2)
+    draws = callback.draws  # the pool and the subsets (or batches) drawn from it
     assert draws
     for pool, drawn in draws:
         assert bool(pool[drawn].all())

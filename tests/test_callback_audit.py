@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TinyClassifier, blobs, fit, make_trainer
+from conftest import RecordedDraws, TinyClassifier, blobs, fit, make_trainer
 from torch import Tensor
 
 import lightning_crest.callback as crest_callback
@@ -110,18 +110,10 @@ def test_stratified_quotas_are_exact_on_average_with_unequal_fractional_parts() 
 
 def test_uniform_subsets_wrap_around_a_small_pool_without_repeating_an_example() -> None:
     # 40 classes, subsets of 20: plain uniform subsets. 60 examples hold fewer than the 4 x 20 drawn at once.
-    draws: list[tuple[Tensor, Tensor]] = []
-
-    class Draws(CrestCallback):
-        def _draw(self, count: int, size: int) -> Tensor:
-            drawn = super()._draw(count, size)
-            assert self._pool is not None
-            draws.append((self._pool.clone(), drawn))
-            return drawn
-
     data = blobs(n=60, num_classes=40)
-    callback = Draws(random_subset_size=20, tau=1e9)
+    callback = RecordedDraws(random_subset_size=20, tau=1e9)
     fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
+    draws = callback.draws
     wrapped = [drawn for _, drawn in draws if drawn.numel() > 60]
     assert wrapped  # the P - 1 = 4 subsets planned beyond the probed one
     for pool, drawn in draws:
