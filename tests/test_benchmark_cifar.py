@@ -279,18 +279,8 @@ def test_a_batch_below_the_number_of_classes_runs(
     root, _ = use_fake("cifar100")
     output = tmp_path / "r.json"
     argv = ["--dataset", "cifar100", "--data-dir", str(root), "--methods", "crest", "--batch-size", "64"]
-    argv += [
-        "--epochs",
-        "1",
-        "--seeds",
-        "1",
-        "--model",
-        "resnet20",
-        "--check-size",
-        "32",
-        "--output",
-        str(output),
-    ]
+    argv += ["--epochs", "1", "--seeds", "1", "--model", "resnet20", "--check-size", "32"]
+    argv += ["--output", str(output)]
     bench.main(argv)
     (run,) = json.loads(output.read_text())["runs"]
     assert run["method"] == "crest"

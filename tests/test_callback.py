@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import LabelledTensors, RecordedDraws, TinyClassifier, blobs, fit, make_trainer
+from conftest import LabelledTensors, RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
 from torch import Tensor
 
 import lightning_crest.callback as crest_callback
@@ -23,57 +23,6 @@ from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.callback import learned_examples, stratified_quotas
 from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
-
-
-class Recorder(CrestCallback):
-    """Keeps what happened at every selection, pick and check, for assertions."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.events: list[tuple[str, int]] = []
-        self.adaptations: list[tuple[int, int, float, float]] = []
-        self.plans: list[list[tuple[Tensor, Tensor]]] = []  # the plan right after each selection
-        # (global step, subsets, their logits and targets at that moment, coresets, weights), one per `_pick`.
-        self.picks: list[tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor]] = []
-        self.batches: list[tuple[Tensor, Tensor]] = []
-
-    def _select_coresets(self) -> None:
-        super()._select_coresets()
-        self.events.append(("select", self._trainer.global_step if self._trainer else -1))
-        q = self._quadratic
-        self.adaptations.append(
-            (self._interval, self._num_coresets, self._peak_curvature, q.curvature_norm())
-        )
-        self.plans.append([(i.clone(), w.clone()) for i, w in self._dm.plan.batches])
-
-    def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
-        # The reference's input: logits of the module as it is now, in eval mode, read straight from the data set.
-        module, trainer = self._module, self._trainer
-        assert module is not None
-        assert trainer is not None
-        inputs, targets = self._dm.train_dataset[subsets]  # (k, r, d), (k, r)
-        training = module.training
-        module.eval()
-        with torch.no_grad():
-            logits = torch.stack([module(x) for x in inputs])
-        module.train(training)
-        coresets, weights, losses = super()._pick(subsets, *args)
-        self.picks.append((trainer.global_step, subsets.clone(), logits, targets, coresets, weights))
-        return coresets, weights, losses
-
-    def _check(self) -> bool:
-        drifted = super()._check()
-        self.events.append(("check", self._trainer.global_step if self._trainer else -1))
-        return drifted
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
-    ) -> None:
-        self.batches.append((batch[0].detach().clone(), batch[2].detach().clone()))
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
-
-    def steps(self, kind: str) -> list[int]:
-        return [step for event, step in self.events if event == kind]
 
 
 def seeded_classifier(**kwargs: Any) -> TinyClassifier:

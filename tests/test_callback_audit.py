@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import RecordedDraws, TinyClassifier, blobs, fit, make_trainer
+from conftest import RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
 from torch import Tensor
 
 import lightning_crest.callback as crest_callback
@@ -15,35 +15,15 @@ from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.callback import stratified_quotas
 
 
-class Events(CrestCallback):
-    """Keeps the global step of every selection and check."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.events: list[tuple[str, int]] = []
-
-    def _select_coresets(self) -> None:
-        super()._select_coresets()
-        self.events.append(("select", self._trainer.global_step if self._trainer else -1))
-
-    def _check(self) -> bool:
-        drifted = super()._check()
-        self.events.append(("check", self._trainer.global_step if self._trainer else -1))
-        return drifted
-
-    def steps(self, kind: str) -> list[int]:
-        return [step for event, step in self.events if event == kind]
-
-
 def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.MonkeyPatch) -> None:
     # Re-selection needs the error to exceed tau: an error of exactly tau keeps the selection.
     monkeypatch.setattr(crest_callback, "relative_error", lambda predicted, actual: 0.05)
-    kept = Events(random_subset_size=0.1, tau=0.05, interval_mul=1e-6)
+    kept = Recorder(random_subset_size=0.1, tau=0.05, interval_mul=1e-6)
     fit(kept, max_epochs=2)
     assert kept.steps("check") == list(range(1, 9))  # T1 = 1 over 2 epochs of ceil(0.1 * 1200 / 32) = 4 steps
     assert kept.steps("select") == [0]
     # Just under the error, every check re-selects (the patched error did reach the decision).
-    drifted = Events(random_subset_size=0.1, tau=0.0499, interval_mul=1e-6)
+    drifted = Recorder(random_subset_size=0.1, tau=0.0499, interval_mul=1e-6)
     fit(drifted, max_epochs=2)
     assert drifted.steps("select") == [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -51,7 +31,7 @@ def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.Mon
 def test_a_check_one_step_before_the_epoch_end_reselects_at_once_with_loader_workers() -> None:
     # With loader workers the epoch's last batch is read ahead: a check that fails with one step left selects at
     # once (that batch is stale), rather than training it under the old model and selecting at the next epoch.
-    class DriftAtStep3(Events):
+    class DriftAtStep3(Recorder):
         def _check(self) -> bool:
             super()._check()
             return self._trainer is not None and self._trainer.global_step == 3
@@ -136,18 +116,11 @@ def test_a_fractional_random_subset_size_rounds_up() -> None:
 def test_as_many_classes_as_picks_gives_every_class_exactly_one_pick() -> None:
     # 16 classes and a global batch of 16: the greedy still runs class by class, one pick each, even once the
     # model is confident and the proxies of well-learned examples of different classes are close.
-    picks: list[Tensor] = []
-
-    class Picks(CrestCallback):
-        def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
-            coresets, weights, losses = super()._pick(subsets, *args)
-            picks.extend(coresets)
-            return coresets, weights, losses
-
     data = blobs(n=1200, num_classes=16, noise=0.3)
-    callback = Picks(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)
+    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)
     fit(callback, data=data, model=TinyClassifier(num_classes=16, lr=0.5), batch_size=16, max_epochs=3)
     assert callback._per_class
+    picks = [coreset for *_, coresets, _ in callback.picks for coreset in coresets]
     assert len(picks) > 10
     for coreset in picks:
         assert torch.bincount(data.targets[coreset], minlength=16).tolist() == [1] * 16
