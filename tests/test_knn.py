@@ -272,3 +272,104 @@ def test_sparse_selection_stays_on_the_device() -> None:
     assert {field.device.type for field in (selection.indices, selection.weights, selection.gains)} == {
         "cuda"
     }
+
+
+# --- searching large pools cell by cell ------------------------------------------------------------------------
+
+
+class _Recording:
+    """A backend that records the size of every search it is given."""
+
+    def __init__(self, inner: knn.KnnBackend) -> None:
+        self.name = inner.name
+        self.inner = inner
+        self.searches: list[tuple[int, int]] = []
+
+    def search(self, database: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        self.searches.append((len(database), len(queries)))
+        return self.inner.search(database, queries, k)
+
+
+def _blobs(n: int, d: int, seed: int, blobs: int = 12) -> Tensor:
+    """Gaussian blobs of different spreads: cells around them rule most of the pool out."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 20.0 * torch.randn(blobs, d, generator=g)
+    spread = 0.2 + 2.0 * torch.rand(blobs, 1, generator=g)
+    which = torch.randint(0, blobs, (n,), generator=g)
+    return centres[which] + spread[which] * torch.randn(n, d, generator=g)
+
+
+def _by_cells(monkeypatch: pytest.MonkeyPatch, points_per_cell: int) -> None:
+    monkeypatch.setattr(knn, "CELL_SEARCH_MIN_POOL", {"torch": 1, "faiss": 1})
+    monkeypatch.setattr(knn, "_CELL_POINTS", points_per_cell)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "faiss"])
+@pytest.mark.parametrize(
+    ("k", "points_per_cell", "offset", "d"),
+    [
+        (8, 40, 0.0, 6),
+        (25, 15, 0.0, 6),  # most cells hold fewer than k points and borrow their neighbours'
+        (8, 40, 1000.0, 6),  # far from the origin
+        (1, 40, 0.0, 6),
+        (8, 40, 0.0, 2),  # a uniform square: the cells tile it, and many neighbours lie across a border
+    ],
+)
+def test_cell_search_matches_one_search(
+    monkeypatch: pytest.MonkeyPatch, backend_name: str, k: int, points_per_cell: int, offset: float, d: int
+) -> None:
+    if backend_name == "faiss":
+        pytest.importorskip("faiss")
+    _by_cells(monkeypatch, points_per_cell)
+    g = torch.Generator().manual_seed(10)
+    features = offset + (_blobs(1500, d, seed=10) if d > 2 else torch.rand(1500, d, generator=g))
+    backend = _Recording(knn._backend_instance(backend_name))
+    got = knn_graph(features, k, backend)
+    _assert_same_neighbours(got, _brute_force(features, features, k), features, features)
+    # One search per cell, each over a small part of the pool.
+    cells = round(1500 / points_per_cell)
+    assert cells - 3 <= len(backend.searches) <= cells
+    assert sum(queries for _, queries in backend.searches) == 1500
+    pairs = sum(database * queries for database, queries in backend.searches)
+    assert pairs < 0.3 * 1500**2
+
+
+def test_cell_search_with_duplicates(monkeypatch: pytest.MonkeyPatch) -> None:
+    _by_cells(monkeypatch, 30)
+    g = torch.Generator().manual_seed(11)
+    # A blob of 300 identical points (confidently learned examples), and points near it.
+    features = torch.cat(
+        [torch.zeros(300, 4), 0.5 * torch.randn(600, 4, generator=g), _blobs(300, 4, seed=12)]
+    )
+    dist, idx = knn_graph(features, 10, TorchKnn())
+    ref_dist, _ = _brute_force(features, features, 10)
+    torch.testing.assert_close(dist, ref_dist, atol=1e-5, rtol=1e-5)
+    actual = (features[idx] - features.unsqueeze(1)).norm(dim=2)
+    torch.testing.assert_close(actual, dist, atol=1e-5, rtol=1e-5)
+    assert torch.all(dist[:300] == 0)
+
+
+def test_cell_search_searches_at_once_where_cells_do_not_prune(monkeypatch: pytest.MonkeyPatch) -> None:
+    _by_cells(monkeypatch, 20)
+    # Spread evenly in 32 dimensions, every cell is within reach of every point.
+    features = torch.rand(800, 32, generator=torch.Generator().manual_seed(13))
+    backend = _Recording(TorchKnn())
+    got = knn_graph(features, 5, backend)
+    assert backend.searches == [(800, 800)]
+    _assert_same_neighbours(got, _brute_force(features, features, 5), features, features)
+
+
+def test_knn_graph_searches_cell_by_cell_from_the_backends_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(knn, "CELL_SEARCH_MIN_POOL", {"torch": 1000})
+    monkeypatch.setattr(knn, "_CELL_POINTS", 50)
+    features = _blobs(1000, 5, seed=14)
+    below = _Recording(TorchKnn())
+    knn_graph(features[:999], 4, below)
+    assert below.searches == [(999, 999)]
+    at = _Recording(TorchKnn())
+    knn_graph(features, 4, at)
+    assert len(at.searches) > 10
+    other = _Recording(TorchKnn())
+    other.name = "custom"  # a backend without a threshold is always searched at once
+    knn_graph(features, 4, other)
+    assert other.searches == [(1000, 1000)]

@@ -13,6 +13,8 @@ Two interchangeable backends implement the :class:`KnnBackend` protocol:
   needs ``pip install 'lightning-crest[faiss]'``.
 
 :func:`get_backend` picks one (``"auto"`` prefers faiss on large pools) and caches the instances.
+:func:`knn_graph` searches large CPU pools cell by cell with either backend, skipping the cells that cannot
+hold a point's neighbours (exact, by the triangle inequality).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 __all__ = [
     "AUTO_FAISS_MIN_POOL",
     "BACKEND_NAMES",
+    "CELL_SEARCH_MIN_POOL",
     "FaissKnn",
     "KnnBackend",
     "TorchKnn",
@@ -45,6 +48,14 @@ __all__ = [
 # Below ~4k points the two are within noise and a few milliseconds of each other; from 4096 up faiss
 # is consistently 1.2-3x faster.
 AUTO_FAISS_MIN_POOL = 4096
+
+# CPU pools of at least this many points are searched cell by cell (:func:`_cell_search`), in cells of about
+# ``_CELL_POINTS`` points. Measured like the table above on gradient proxies of a briefly trained CNN: at 16,384
+# points 0.6 s for torch cell by cell against 1.0 s at once, and 0.96 s against 0.5-0.7 s for faiss, whose
+# small searches cost more; at 32,768 points 1.3-1.5 s against 4.3-4.5 s for torch and 2.0 s against 2.6 s for
+# faiss. Uniform or Gaussian pools, which the cells cannot prune, took at most 15% longer.
+CELL_SEARCH_MIN_POOL = {"torch": 16384, "faiss": 32768}
+_CELL_POINTS = 100
 
 BACKEND_NAMES = ("auto", "torch", "faiss")
 
@@ -257,7 +268,9 @@ def knn_graph(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor, Te
     """Build the kNN graph of a pool: each point's ``k`` nearest points, itself included.
 
     Row ``i`` is the covered point ``i``; its entries are the candidates that can cover it, closest first.
-    For distinct points the first entry is the point itself at distance 0.
+    For distinct points the first entry is the point itself at distance 0. Large pools on the CPU (at least
+    :data:`CELL_SEARCH_MIN_POOL` points for the backend) are searched cell by cell, each cell among the cells
+    that can hold its points' neighbours: the same graph, up to the order of neighbours at equal distances.
 
     Args:
         features: ``(r, d)`` floating tensor of the pool's points.
@@ -277,4 +290,95 @@ def knn_graph(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor, Te
         r = features.shape[0]
         if not 1 <= k <= r:
             raise ValueError(f"knn_graph: k must satisfy 1 <= k <= r = {r} (pool size), got k={k}")
+    cells_from = CELL_SEARCH_MIN_POOL.get(backend.name)
+    if (
+        isinstance(features, Tensor)
+        and features.device.type == "cpu"
+        and cells_from
+        and len(features) >= cells_from
+    ):
+        return _cell_search(features, k, backend)
     return backend.search(features, features, k)
+
+
+def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor, Tensor]:
+    """The graph of one brute-force search of the pool, from one small search of ``backend`` per cell.
+
+    The pool is split into cells around k-means centroids ``mu_c``, each with its radius ``R_c`` (the largest
+    distance of a member to its centroid). No point of cell ``c`` is closer to a query ``q`` than
+    ``|q - mu_c| - R_c``, so the members of a cell are searched only among the cells for which that bound, for
+    one of them, does not exceed an upper bound on its ``k``-th distance (its ``k``-th distance within its own
+    cell). The result is exact; neighbours at exactly equal distances may come in another order than one search
+    of the whole pool gives them. Where the cells prune less than half of the pairs (points spread evenly in
+    many dimensions), the pool is searched at once instead.
+    """
+    points, _ = _prepare(features, features, k)
+    n, d = points.shape
+    centroids, owner, radius = _cells(points, max(1, round(n / _CELL_POINTS)))
+    count = len(centroids)
+    sizes = torch.bincount(owner, minlength=count)
+    starts = sizes.cumsum(0) - sizes
+    by_cell = torch.argsort(owner, stable=True)
+    members = [by_cell[start : start + size] for start, size in zip(starts.tolist(), sizes.tolist())]
+    # The expansion |a|^2 + |b|^2 - 2ab of a squared distance is off by less than (d + 2) eps (|a| + |b|)^2;
+    # every comparison allows this much (the points are centred: every norm is at most the largest).
+    rounding = 4 * (d + 2) * torch.finfo(torch.float32).eps * float(points.square().sum(dim=1).max())
+    gaps = torch.cdist(centroids, centroids)
+    needed = torch.zeros(count, count, dtype=torch.bool)
+    pairs = searched = 0.0
+    for cell in torch.randperm(count, generator=torch.Generator().manual_seed(0)).tolist():
+        queries = members[cell]
+        # Each point's k-th squared distance within its own cell bounds its k-th distance in the pool (a cell
+        # with fewer than k points borrows the nearest cells').
+        around = queries
+        if len(queries) < k:
+            near = torch.argsort(gaps[cell])
+            enough = int(torch.searchsorted(sizes[near].cumsum(0), k)) + 1
+            around = torch.cat([members[c] for c in near[:enough].tolist()])
+        block = points[queries]
+        reach = _squared_distances(block, points[around]).kthvalue(k, dim=1, keepdim=True).values
+        reach = reach.add_(rounding).sqrt_()
+        # Cell c is needed when |q - mu_c| - R_c <= reach_q for a query q, i.e. |q - mu_c|^2 <= (reach_q + R_c)^2.
+        bound = (reach + radius).square_().add_(rounding)
+        needed[cell] = (_squared_distances(block, centroids) <= bound).any(dim=0)
+        pairs += len(queries) * float(sizes[needed[cell]].sum())
+        searched += len(queries)
+        # The cells come in random order: a tenth of the points tell whether pruning pays.
+        if searched >= n / 10 and pairs > searched * n / 2:
+            return backend.search(features, features, k)
+    distances = torch.empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64)
+    for cell, queries in enumerate(members):
+        candidates = torch.cat([members[c] for c in torch.nonzero(needed[cell]).flatten().tolist()])
+        dist, idx = backend.search(points[candidates], points[queries], k)
+        distances[queries] = dist.cpu()
+        indices[queries] = candidates[idx.cpu()]
+    return distances.to(features.device), indices.to(features.device)
+
+
+def _squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """``(len(a), len(b))`` squared Euclidean distances by the expansion (rounded; see :func:`_cell_search`)."""
+    return torch.addmm(b.square().sum(dim=1), a, b.T, alpha=-2.0).add_(a.square().sum(dim=1, keepdim=True))
+
+
+def _cells(points: Tensor, count: int, steps: int = 2) -> tuple[Tensor, Tensor, Tensor]:
+    """Centroids ``(c, d)`` of a few k-means steps from a fixed random start, each point's cell ``(n,)`` and each
+    cell's radius ``(c,)``; cells left empty are dropped."""
+    generator = torch.Generator().manual_seed(0)
+    centroids = points[torch.randperm(len(points), generator=generator)[:count]]
+    for step in range(steps + 1):
+        owner = torch.cat(
+            [torch.cdist(chunk, centroids).argmin(dim=1) for chunk in torch.split(points, 8192)]
+        )
+        sizes = torch.bincount(owner, minlength=len(centroids))
+        kept = sizes > 0
+        if step == steps:
+            owner = (torch.cumsum(kept, 0) - 1)[owner]
+            centroids = centroids[kept]
+            break
+        sums = torch.zeros_like(centroids).index_add_(0, owner, points)
+        centroids = sums[kept] / sizes[kept].unsqueeze(1).to(points.dtype)
+    # The radii from the differences themselves: the bounds of the search rely on them.
+    spread = torch.linalg.vector_norm(points - centroids[owner], dim=1)
+    radius = torch.zeros(len(centroids), dtype=points.dtype).scatter_reduce_(0, owner, spread, "amax")
+    return centroids, owner, radius
