@@ -158,7 +158,7 @@ class TorchKnn:
 
     name = "torch"
 
-    def __init__(self, max_chunk_bytes: int = 256 * 2**20) -> None:
+    def __init__(self, max_chunk_bytes: int = 64 * 2**20) -> None:
         if max_chunk_bytes <= 0:
             raise ValueError(f"TorchKnn: max_chunk_bytes must be positive, got {max_chunk_bytes}")
         self.max_chunk_bytes = max_chunk_bytes
