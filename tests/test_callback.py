@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import inspect
 import math
 import re
@@ -16,6 +17,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import LabelledTensors, RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
 import lightning_crest.callback as crest_callback
@@ -509,6 +511,9 @@ def test_logged_statistics_and_timings(selection: str) -> None:
         assert callback._selections == 2  # one per epoch
     assert logged.keys() == {*state, "overhead"}
     assert {name: logged[name] for name in state} == pytest.approx(state, rel=1e-6)
+    statistics = callback.statistics
+    assert statistics.keys() == logged.keys()
+    assert {name: statistics[name] for name in state} == pytest.approx(state, rel=1e-6)
     timings = callback.timings
     assert timings.keys() == {"proxies", "greedy", "hessian", "checks", "exclusion"}
     assert min(timings.values()) >= 0
@@ -1080,3 +1085,53 @@ def test_lightning_cli_configures_the_callback(tmp_path: Path, subset: str) -> N
     assert result.returncode == 0, result.stderr[-2000:]
     expected = f"proxy_dtype=torch.bfloat16 random_subset_size={subset} steps=10"
     assert f"CREST fraction=0.25 tau=0.02 {expected}" in result.stdout
+
+
+class LogCounter(TinyClassifier):
+    """Records the global step of every ``log_dict`` call with CREST's statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged_at: list[int] = []
+
+    def log_dict(self, dictionary: Any, *args: Any, **kwargs: Any) -> None:
+        if any(name.startswith("crest/") for name in dictionary):
+            self.logged_at.append(self.trainer.global_step)
+        super().log_dict(dictionary, *args, **kwargs)
+
+
+class StatisticsTrace(L.Callback):
+    def __init__(self, crest: CrestCallback) -> None:
+        self.crest = crest
+        self.trace: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.trace.append((trainer.global_step, self.crest.statistics["selections"]))
+
+
+@pytest.mark.parametrize(
+    ("every", "expected", "written"),
+    [(4, [4, 5, 8, 10], {4, 8}), (1, list(range(1, 11)), set(range(1, 11))), (0, [5, 10], set())],
+)
+def test_statistics_logged_where_the_loggers_write_and_at_epoch_ends(
+    tmp_path: Path, every: int, expected: list[int], written: set[int]
+) -> None:
+    # 1200 examples, a budget of 12.5% in batches of 32: 5 steps per epoch.
+    callback = CrestCallback(fraction=0.125, random_subset_size=0.1)
+    trace = StatisticsTrace(callback)
+    model = LogCounter()
+    dm = CrestDataModule(blobs(), batch_size=32)
+    trainer = make_trainer(
+        [callback, trace], max_epochs=2, log_every_n_steps=every, logger=CSVLogger(tmp_path, "logs")
+    )
+    trainer.fit(model, datamodule=dm)
+    assert trainer.num_training_batches == 5
+    assert model.logged_at == expected
+    # The loggers wrote CREST's statistics at each of their steps (the epochs' ends refresh callback_metrics).
+    assert trainer.logger is not None
+    metrics_csv = Path(trainer.logger.log_dir) / "metrics.csv"
+    rows = list(csv.DictReader(metrics_csv.open())) if metrics_csv.exists() else []
+    assert {int(row["step"]) + 1 for row in rows if row.get("crest/selections")} == written
+    # `statistics` follows every step: one entry per step, the count of selections never behind the logged one.
+    assert [step for step, _ in trace.trace] == list(range(1, 11))
+    assert trace.trace[-1][1] == float(trainer.callback_metrics["crest/selections"]) == callback._selections

@@ -34,13 +34,14 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 class SelectionTrace(L.Callback):
     """Records the number of selections after every step, for the plot of selections over training."""
 
-    def __init__(self) -> None:
+    def __init__(self, crest: CrestCallback) -> None:
+        self.crest = crest
         self.trace: list[tuple[int, int]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        selections = trainer.callback_metrics.get("crest/selections")
-        if selections is not None and (not self.trace or self.trace[-1][1] != int(selections)):
-            self.trace.append((trainer.global_step, int(selections)))
+        selections = int(self.crest.statistics["selections"])
+        if not self.trace or self.trace[-1][1] != selections:
+            self.trace.append((trainer.global_step, selections))
 
 
 def make_callback(method: str, budget: float, seed: int, args: argparse.Namespace) -> CrestCallback | None:
@@ -76,7 +77,7 @@ def run_one(
     model = build_model(args.model, num_classes, in_channels, image_size=size)
     module = Classifier(model, num_classes, lr=args.lr, memory_format=MEMORY_FORMATS[args.memory_format])
     callback = make_callback(method, budget, seed, args)
-    trace = SelectionTrace()
+    trace = None if callback is None else SelectionTrace(callback)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator=args.device,
@@ -110,7 +111,7 @@ def run_one(
         "peak_memory_mb": _peak_memory_mb(args.device),
         # Seconds of CREST's own work by part (forward passes for proxies, facility location, Hessian probes, ...).
         "crest_time_s": callback.timings if callback is not None and method.startswith("crest") else {},
-        "selection_trace": trace.trace,
+        "selection_trace": [] if trace is None else trace.trace,
     }
 
 
