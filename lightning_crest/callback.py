@@ -1057,7 +1057,7 @@ class CrestCallback(Callback):
         """
         # Lightning's own test of whether the loggers write at this step; if it ever goes, log at every step.
         writes = getattr(trainer._logger_connector, "should_update_logs", True)
-        if not (writes or trainer.fast_dev_run or batch_idx + 1 >= trainer.num_training_batches):
+        if not (writes or batch_idx + 1 >= trainer.num_training_batches):
             return
         metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._global_batch)
