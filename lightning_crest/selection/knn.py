@@ -346,7 +346,7 @@ def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor,
         # The cells come in random order: a tenth of the points tell whether pruning pays.
         if searched >= n / 10 and pairs > searched * n / 2:
             return backend.search(features, features, k)
-    distances = torch.empty(n, k)
+    distances = torch.empty(n, k, dtype=torch.float32)
     indices = torch.empty(n, k, dtype=torch.int64)
     for cell, queries in enumerate(members):
         candidates = torch.cat([members[c] for c in torch.nonzero(needed[cell]).flatten().tolist()])
