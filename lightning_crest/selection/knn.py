@@ -324,8 +324,7 @@ def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor,
     # The expansion |a|^2 + |b|^2 - 2ab of a squared distance is off by less than (d + 2) eps (|a| + |b|)^2;
     # every comparison allows this much (the points are centred: every norm is at most the largest).
     rounding = 4 * (d + 2) * torch.finfo(torch.float32).eps * float(points.square().sum(dim=1).max())
-    gaps = torch.cdist(centroids, centroids)
-    needed = torch.zeros(count, count, dtype=torch.bool)
+    needed: list[Tensor] = [torch.empty(0, dtype=torch.int64)] * count  # each cell's candidate cells
     pairs = searched = 0.0
     for cell in torch.randperm(count, generator=torch.Generator().manual_seed(0)).tolist():
         queries = members[cell]
@@ -333,7 +332,7 @@ def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor,
         # with fewer than k points borrows the nearest cells').
         around = queries
         if len(queries) < k:
-            near = torch.argsort(gaps[cell])
+            near = torch.argsort(torch.linalg.vector_norm(centroids - centroids[cell], dim=1))
             enough = int(torch.searchsorted(sizes[near].cumsum(0), k)) + 1
             around = torch.cat([members[c] for c in near[:enough].tolist()])
         block = points[queries]
@@ -341,7 +340,7 @@ def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor,
         reach = reach.add_(rounding).sqrt_()
         # Cell c is needed when |q - mu_c| - R_c <= reach_q for a query q, i.e. |q - mu_c|^2 <= (reach_q + R_c)^2.
         bound = (reach + radius).square_().add_(rounding)
-        needed[cell] = (_squared_distances(block, centroids) <= bound).any(dim=0)
+        needed[cell] = torch.nonzero((_squared_distances(block, centroids) <= bound).any(dim=0)).flatten()
         pairs += len(queries) * float(sizes[needed[cell]].sum())
         searched += len(queries)
         # The cells come in random order: a tenth of the points tell whether pruning pays.
@@ -350,7 +349,7 @@ def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor,
     distances = torch.empty(n, k, dtype=torch.float32)
     indices = torch.empty(n, k, dtype=torch.int64)
     for cell, queries in enumerate(members):
-        candidates = torch.cat([members[c] for c in torch.nonzero(needed[cell]).flatten().tolist()])
+        candidates = torch.cat([members[c] for c in needed[cell].tolist()])
         dist, idx = backend.search(points[candidates], points[queries], k)
         distances[queries] = dist.cpu()
         indices[queries] = candidates[idx.cpu()]
@@ -367,9 +366,10 @@ def _cells(points: Tensor, count: int, steps: int = 2) -> tuple[Tensor, Tensor, 
     cell's radius ``(c,)``; cells left empty are dropped."""
     generator = torch.Generator().manual_seed(0)
     centroids = points[torch.randperm(len(points), generator=generator)[:count]]
+    rows = max(1, 2**22 // count)  # distance blocks of at most 16 MB
     for step in range(steps + 1):
         owner = torch.cat(
-            [torch.cdist(chunk, centroids).argmin(dim=1) for chunk in torch.split(points, 8192)]
+            [torch.cdist(chunk, centroids).argmin(dim=1) for chunk in torch.split(points, rows)]
         )
         sizes = torch.bincount(owner, minlength=len(centroids))
         kept = sizes > 0
