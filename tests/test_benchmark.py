@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,19 @@ def test_benchmark_records_tables_and_plot(
     assert "| crest | 25% | 2 |" in printed
     assert "| crest-first-order | 25% |" in printed.split("CREST's own time by part")[1]
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_benchmark_hides_lightnings_info_lines_unless_asked_for_progress(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _use_images(monkeypatch, 256, 64)
+    caplog.set_level(logging.INFO)
+    level = logging.getLogger("lightning.pytorch").level
+    bench.main(_ONE_CREST_RUN)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("lightning")] == []
+    assert logging.getLogger("lightning.pytorch").level == level
+    bench.main([*_ONE_CREST_RUN, "--progress"])
+    assert any("GPU available" in r.getMessage() for r in caplog.records if r.name.startswith("lightning"))
 
 
 def test_benchmark_options_and_seed_reach_the_callback() -> None:

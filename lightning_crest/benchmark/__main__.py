@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import platform
@@ -13,7 +14,7 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,21 @@ def run_one(
         "crest_time_s": callback.timings if callback is not None and method.startswith("crest") else {},
         "selection_trace": [] if trace is None else trace.trace,
     }
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool) -> Iterator[None]:
+    """Hide Lightning's informational lines (devices, tips, why fit stopped), repeated for every run; warnings stay."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    if quiet:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _reset_peak_memory(device: str) -> None:
@@ -373,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for seed in range(args.seed_offset, args.seed_offset + args.seeds):
         for method in args.methods:
             for budget in [1.0] if method == "full" else args.budget:
-                run = run_one(method, budget, seed, (train, test, num_classes), args)
+                with _quiet_lightning(not args.progress):
+                    run = run_one(method, budget, seed, (train, test, num_classes), args)
                 runs.append(run)
                 print(
                     f"  {method:<18} budget {run['budget']:>4.0%}  seed {seed}  test acc {100 * run['test_acc']:.2f}%  "
