@@ -32,7 +32,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/selection.py
 
-# The full Fashion-MNIST comparison (about 45 minutes on 2 cores).
+# The full Fashion-MNIST comparison (45 to 85 minutes on 2 cores, by machine).
 benchmark: $(STAMP)
 	scripts/fetch-fashion-mnist data
 	$(PY) -m lightning_crest.benchmark --budget 0.1 0.2 --seeds 3 --output benchmarks/results/fashion_mnist.json
