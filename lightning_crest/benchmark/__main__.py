@@ -350,7 +350,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output", type=Path, help="JSON file of all runs (a PNG plot is written next to it)"
     )
-    parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar")
+    parser.add_argument("--progress", action="store_true", help="show Lightning's progress bar and messages")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(METHODS))
