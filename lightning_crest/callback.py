@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from fractions import Fraction
 from typing import Any, Literal
 
 import lightning as L
@@ -599,7 +600,7 @@ class CrestCallback(Callback):
         # (the proxies' one-hot part keeps the classes apart) instead of class by class.
         self._per_class = present <= global_batch
         limit = trainer.limit_train_batches
-        steps_per_epoch = math.ceil(self.fraction * n / global_batch)
+        steps_per_epoch = _ceil_share(self.fraction, n, global_batch)
         if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
             rank_zero_warn(
                 f"`max_steps`={trainer.max_steps} without `max_epochs` trains that many coreset steps, over epochs "
@@ -663,7 +664,7 @@ class CrestCallback(Callback):
 
     def _subset_size(self, n: int, global_batch: int) -> int:
         if isinstance(self.random_subset_size, float):
-            return min(n, max(global_batch, math.ceil(self.random_subset_size * n)))
+            return min(n, max(global_batch, _ceil_share(self.random_subset_size, n)))
         if not global_batch <= self.random_subset_size <= n:
             raise ValueError(
                 f"`random_subset_size`={self.random_subset_size} must lie between the global batch "
@@ -781,9 +782,9 @@ class CrestCallback(Callback):
         order = torch.sort(self._labels[shuffled], stable=True)
         grouped = shuffled[order.indices]
         counts = torch.bincount(order.values, minlength=self._num_classes)
-        if int((counts > 0).sum()) > size:  # more classes than slots: plain uniform subsets
-            positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(grouped)
-            return grouped[positions]
+        if int((counts > 0).sum()) > size:  # more classes than slots: plain uniform subsets, in shuffled order
+            positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(shuffled)
+            return shuffled[positions]
         quotas = stratified_quotas(counts, size, count, self._generator)
         # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped.
         starts = counts.cumsum(0) - counts
@@ -986,8 +987,12 @@ class CrestCallback(Callback):
 
     def _record_losses(self, indices: Tensor, losses: Tensor) -> None:
         if self._dropping:
-            idx = indices.cpu()
-            self._window_max_loss[idx] = torch.fmax(self._window_max_loss[idx], losses.detach().float().cpu())
+            # An example scored twice in one call (overlapping subsets) keeps the larger of its losses.
+            idx, inverse = indices.cpu().unique(return_inverse=True)
+            largest = torch.full((len(idx),), -math.inf).scatter_reduce_(
+                0, inverse, losses.detach().float().cpu(), reduce="amax"
+            )
+            self._window_max_loss[idx] = torch.fmax(self._window_max_loss[idx], largest)
 
     def _drop_learned_examples(self) -> None:
         """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
@@ -1108,6 +1113,12 @@ def learned_examples(
     dropped = candidates[rank < room[classes]]
     global_room = max(0, int(pool.sum()) - max(math.ceil(min_pool_fraction * len(pool)), min_pool))
     return dropped[:global_room]
+
+
+def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
+    """``ceil(fraction * total / per)`` for the fraction as written in decimal: in floats, 0.07 * 50000 / 125 is
+    28.000000000000004, and a step or an example more than asked for."""
+    return math.ceil(Fraction(repr(fraction)) * total / per)
 
 
 @contextmanager

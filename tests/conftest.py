@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import lightning as L
@@ -12,11 +11,6 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entropy
-
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-warnings.filterwarnings("ignore", ".*LeafSpec.*")
-warnings.filterwarnings("ignore", ".*no `val_dataloader`. Skipping val loop.*")
-
 
 class LabelledTensors(TensorDataset):
     """``(x, y)`` pairs with a ``targets`` attribute, like torchvision datasets."""

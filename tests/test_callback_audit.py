@@ -105,12 +105,36 @@ def test_uniform_subsets_wrap_around_a_small_pool_without_repeating_an_example()
         assert set(times.tolist()) <= {drawn.numel() // 60, math.ceil(drawn.numel() / 60)}
 
 
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_uniform_subsets_mix_the_classes(selection: str) -> None:
+    # 40 balanced classes of 30 examples, subsets and random batches of 16: too few slots for stratified quotas.
+    # A uniform draw of 16 holds about 13 distinct classes; slices of a class-sorted order would hold one or two.
+    data = blobs(n=1200, num_classes=40)
+    callback = RecordedDraws(random_subset_size=16, tau=1e9, selection=selection)
+    fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
+    labels = data.targets
+    subsets = torch.cat([drawn for _, drawn in callback.draws])
+    assert len(subsets) >= 5
+    distinct = torch.tensor([len(labels[members].unique()) for members in subsets], dtype=torch.float)
+    assert float(distinct.mean()) > 10
+
+
 def test_a_fractional_random_subset_size_rounds_up() -> None:
     callback = CrestCallback(random_subset_size=0.1234, tau=1e9)
     fit(callback, max_epochs=1)
     expected = math.ceil(0.1234 * 1200)  # 148.08 -> 149: never fewer than the fraction asks
     assert callback._subset == expected == 149
     assert len(callback._check_indices) == expected  # check_size=None checks on the whole first subset
+
+
+def test_decimal_fractions_are_not_rounded_up_by_float_noise() -> None:
+    # In floats 0.07 * 1200 / 12 is 7.000000000000001 and 0.07 * 1200 is 84.00000000000001: ceil would give a step
+    # per epoch and an example per subset more than asked for.
+    callback = CrestCallback(fraction=0.07, random_subset_size=0.07, tau=1e9)
+    trainer, _ = fit(callback, batch_size=12, max_epochs=1)
+    assert callback._steps_per_epoch == 7
+    assert trainer.global_step == 7
+    assert callback._subset == 84
 
 
 def test_as_many_classes_as_picks_gives_every_class_exactly_one_pick() -> None:
@@ -157,3 +181,15 @@ def test_a_state_loaded_by_hand_into_a_used_callback_is_kept_for_the_next_fit() 
     assert used._selections >= state["selections"]
     assert int(used.pool.sum()) <= int(state["pool"].sum())
     assert not bool((used.pool & ~state["pool"]).any())  # examples dropped before stay dropped
+
+
+def test_an_example_scored_twice_in_one_call_keeps_its_largest_loss() -> None:
+    # Overlapping subsets score an example twice (with random augmentations, with two losses): it is learned only
+    # if every loss is below the threshold, so the window keeps the larger, whichever came last.
+    callback = CrestCallback()
+    callback._window_max_loss = torch.full((5,), math.nan)
+    callback._record_losses(torch.tensor([2, 3, 2]), torch.tensor([0.9, 0.2, 0.05]))
+    callback._record_losses(torch.tensor([2, 4]), torch.tensor([0.5, 0.01]))
+    recorded = callback._window_max_loss
+    assert recorded[[2, 3, 4]].tolist() == pytest.approx([0.9, 0.2, 0.01])
+    assert bool(recorded[[0, 1]].isnan().all())  # never scored: stays in the pool

@@ -160,9 +160,11 @@ def test_resume_after_epochs_cut_short_with_loader_workers(tmp_path: Path) -> No
     with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
         run(full, extra=[steps], enable_checkpointing=True, num_workers=2, limit_train_batches=7)
     resumed = crest()
-    _, model = run(resumed, ckpt_path=str(tmp_path / "step=9.ckpt"), num_workers=2, limit_train_batches=7)
+    with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
+        _, model = run(resumed, ckpt_path=str(tmp_path / "step=9.ckpt"), num_workers=2, limit_train_batches=7)
     assert resumed.trained == [t for t in full.trained if t[0] > 9]
-    _, reference = run(crest(), num_workers=2, limit_train_batches=7)
+    with pytest.warns(UserWarning, match="`limit_train_batches`=7 cuts CREST's epochs"):
+        _, reference = run(crest(), num_workers=2, limit_train_batches=7)
     assert same_parameters(model, reference)
 
 
