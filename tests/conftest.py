@@ -12,6 +12,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entropy
 
+
 class LabelledTensors(TensorDataset):
     """``(x, y)`` pairs with a ``targets`` attribute, like torchvision datasets."""
 
