@@ -990,7 +990,7 @@ class CrestCallback(Callback):
     def _record_losses(self, indices: Tensor, losses: Tensor) -> None:
         if self._dropping:
             # An example scored twice in one call (overlapping subsets) keeps the larger of its losses.
-            idx, inverse = indices.cpu().unique(return_inverse=True)
+            idx, inverse = torch.unique(indices.cpu(), return_inverse=True)
             largest = torch.full((len(idx),), -math.inf).scatter_reduce_(
                 0, inverse, losses.detach().float().cpu(), reduce="amax"
             )
