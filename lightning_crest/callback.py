@@ -115,6 +115,7 @@ class CrestCallback(Callback):
     _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
+    _restored_shape: tuple[int | None, int | None]
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
@@ -293,9 +294,21 @@ class CrestCallback(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._release_data_module()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._release_data_module()
+
+    def _release_data_module(self) -> None:
         # Leave the data module as a plain one: a later fit without this callback trains on full shuffled epochs.
         # The plan's batches stay readable through `coresets`.
-        if stage == "fit" and self._dm is not None:
+        if self._dm is not None:
             self._dm.use_plan(None)
             self._dm.plan.refill = self._dm.plan.resolve = self._dm.plan.on_epoch_start = None
 
@@ -429,6 +442,8 @@ class CrestCallback(Callback):
             "plan_cursor": plan.cursor,
             "in_flight_indices": [idx for idx, _ in in_flight],
             "in_flight_weights": [w for _, w in in_flight],
+            "global_batch": self._global_batch,
+            "steps_per_epoch": self._steps_per_epoch,
             "epoch_step": self._steps_per_epoch if epoch_done else self._epoch_step,
             # The epoch whose start-of-epoch work ran (after a mid-epoch restore, the restored one: its start-of-epoch
             # work ran before the checkpoint), and whether all its steps were trained.
@@ -469,6 +484,8 @@ class CrestCallback(Callback):
             self._epoch_step,
             list(zip(state_dict.get("in_flight_indices", []), state_dict.get("in_flight_weights", []))),
         )
+        # Checkpoints from before these were saved are not compared.
+        self._restored_shape = (state_dict.get("global_batch"), state_dict.get("steps_per_epoch"))
         # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
         # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
         if self._dm is not None and _fitting(self._trainer):
@@ -523,6 +540,7 @@ class CrestCallback(Callback):
         self._started_epoch = -1
         self._epoch_floor = 0
         self._restored_plan = None
+        self._restored_shape = (None, None)
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._module is not None and self._module is not pl_module and self._restored_plan is None:
@@ -656,6 +674,21 @@ class CrestCallback(Callback):
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:
         """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
         assert self._restored_plan is not None
+        global_batch, steps_per_epoch = self._restored_shape
+        trainer = self._trainer
+        assert trainer is not None
+        if global_batch is not None and global_batch != self._global_batch:
+            raise ValueError(
+                f"The checkpoint's coresets are global batches of {global_batch} examples; this run's are "
+                f"{trainer.world_size} processes x batch_size={dm.batch_size} = {self._global_batch}. Resume with "
+                f"batch_size x devices x num_nodes = {global_batch}, or start afresh."
+            )
+        if steps_per_epoch is not None and steps_per_epoch != self._steps_per_epoch:
+            raise ValueError(
+                f"The checkpoint's epochs have {steps_per_epoch} steps; this run's have {self._steps_per_epoch} "
+                f"(ceil(fraction * n / global batch) with fraction={self.fraction}, n={len(self._labels)}). Resume "
+                "with the checkpoint's `fraction` and training set, or start afresh."
+            )
         batches, cursor, epoch_step, in_flight = self._restored_plan
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step

@@ -11,11 +11,11 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_crest.distributed import release_process_group
-from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset
+from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset, class_index
 
 
 class CrestDataModule(L.LightningDataModule):
@@ -75,7 +75,8 @@ class CrestDataModule(L.LightningDataModule):
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
-        _check_item(train_dataset)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int (it seeds the shuffled full-data epochs), got {seed!r}.")
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
@@ -87,7 +88,17 @@ class CrestDataModule(L.LightningDataModule):
         self.seed = seed
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
-        self._labels: Tensor | None = None
+
+    @property
+    def train_dataset(self) -> Dataset[Any]:
+        """The training set: map-style, of ``(input, target)`` items with integer class targets."""
+        return self._train_dataset
+
+    @train_dataset.setter
+    def train_dataset(self, dataset: Dataset[Any]) -> None:
+        _check_item(dataset)
+        self._train_dataset = dataset
+        self._labels: Tensor | None = None  # read again from the new set when asked for
 
     @property
     def val_dataset(self) -> Dataset[Any] | None:
@@ -98,8 +109,9 @@ class CrestDataModule(L.LightningDataModule):
     def val_dataset(self, dataset: Dataset[Any] | None) -> None:
         self._val_dataset = dataset
         # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance takes
-        # back the base class's method, so a fit skips validation as with any data module that has none.
-        if dataset is None:
+        # back the base class's method, so a fit skips validation as with any data module that has none (a subclass
+        # with its own `val_dataloader` keeps it).
+        if dataset is None and type(self).val_dataloader is CrestDataModule.val_dataloader:
             self.val_dataloader = partial(L.LightningDataModule.val_dataloader, self)  # type: ignore[method-assign]
         else:
             self.__dict__.pop("val_dataloader", None)
@@ -172,11 +184,12 @@ class CrestDataModule(L.LightningDataModule):
         """
         getitems = getattr(self.train_dataset, "__getitems__", None)
         if getitems is not None:
-            return default_collate(getitems(list(indices)))
+            return default_collate([(x, class_index(y)) for x, y in getitems(list(indices))])
         items = []
         for index in indices:
             try:
-                items.append(self.train_dataset[index])
+                x, y = self.train_dataset[index]
+                items.append((x, class_index(y)))
             except Exception as error:
                 if hasattr(error, "add_note"):  # Python 3.11+
                     error.add_note(f"CREST failed to load training item {index} while scoring examples.")
@@ -194,12 +207,16 @@ class CrestDataModule(L.LightningDataModule):
 
 
 def _check_item(dataset: Dataset[Any]) -> None:
+    not_map_style = TypeError(
+        f"`train_dataset` must be a map-style dataset with a length, got {type(dataset).__name__}: CREST reads "
+        "the examples it picks by index."
+    )
+    if isinstance(dataset, IterableDataset):
+        raise not_map_style
     try:
         size = len(dataset)  # type: ignore[arg-type]
     except TypeError:
-        raise TypeError(
-            f"`train_dataset` must be a map-style dataset with a length, got {type(dataset).__name__}."
-        ) from None
+        raise not_map_style from None
     if size == 0:
         raise ValueError("`train_dataset` is empty.")
     item = dataset[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -183,7 +184,7 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
     def __getitem__(self, key: Key | int) -> tuple[Any, Any, Tensor]:
         index, weight = _key(key)
         inputs, target = self.dataset[index]
-        return inputs, target, torch.tensor(weight, dtype=torch.float32)
+        return inputs, class_index(target), torch.tensor(weight, dtype=torch.float32)
 
     def __getitems__(self, keys: Sequence[Key | int]) -> list[tuple[Any, Any, Tensor]]:
         getitems = getattr(self.dataset, "__getitems__", None)
@@ -191,7 +192,16 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
             return [self[key] for key in keys]
         pairs = [_key(key) for key in keys]
         items = getitems([index for index, _ in pairs])
-        return [(x, y, torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, pairs)]
+        return [
+            (x, class_index(y), torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, pairs)
+        ]
+
+
+def class_index(target: Any) -> Any:
+    """An integer target as torch's losses take class indices: int32 and other widths become int64."""
+    if isinstance(target, Tensor):
+        return target if target.dtype == torch.int64 else target.long()
+    return int(target) if isinstance(target, numbers.Integral) else target
 
 
 def _key(key: Key | int) -> Key:

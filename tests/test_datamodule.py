@@ -11,6 +11,7 @@ import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.utils.data import DataLoader
 
 from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.distributed import batch_share, share
@@ -20,6 +21,25 @@ from lightning_crest.distributed import batch_share, share
 def test_eval_batch_size_must_be_positive(eval_batch_size: Any) -> None:
     with pytest.raises(ValueError, match=f"`eval_batch_size` must be a positive int, got {eval_batch_size}"):
         CrestDataModule(blobs(n=40), eval_batch_size=eval_batch_size)
+
+
+def test_seed_must_be_an_int() -> None:
+    with pytest.raises(ValueError, match=r"`seed` must be an int .* got None"):
+        CrestDataModule(blobs(n=40), seed=None)  # type: ignore[arg-type]
+
+
+def test_an_iterable_dataset_with_a_length_is_refused() -> None:
+    class Stream(torch.utils.data.IterableDataset[tuple[Tensor, int]]):
+        def __iter__(self) -> Any:
+            return iter([(torch.zeros(2), 0)] * 4)
+
+        def __len__(self) -> int:
+            return 4
+
+    with pytest.raises(
+        TypeError, match="`train_dataset` must be a map-style dataset with a length, got Stream"
+    ):
+        CrestDataModule(Stream())
 
 
 def test_eval_batch_size_defaults_to_the_batch_size() -> None:
@@ -56,8 +76,8 @@ def test_labels_without_a_targets_attribute_are_read_from_the_items() -> None:
 class NumpyTargets(torch.utils.data.Dataset[tuple[Tensor, np.int64]]):
     """Items whose targets are numpy integers, as a dataset indexing a numpy array returns them."""
 
-    def __init__(self, data: LabelledTensors) -> None:
-        self.inputs, self.targets_np = data.tensors[0], data.targets.numpy()
+    def __init__(self, data: LabelledTensors, dtype: Any = np.int64) -> None:
+        self.inputs, self.targets_np = data.tensors[0], data.targets.numpy().astype(dtype)
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -66,13 +86,45 @@ class NumpyTargets(torch.utils.data.Dataset[tuple[Tensor, np.int64]]):
         return self.inputs[index], self.targets_np[index]
 
 
-def test_numpy_integer_targets_are_class_indices() -> None:
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint8])
+def test_numpy_integer_targets_are_class_indices(dtype: Any) -> None:
+    # Other widths than int64 reach the training step (and CREST's own passes) as int64, as torch's losses need.
     data = blobs(n=320)
-    dm = CrestDataModule(NumpyTargets(data), batch_size=32)
+    dm = CrestDataModule(NumpyTargets(data, dtype), batch_size=32)
     assert torch.equal(dm.labels, data.targets)
+    seen = []
+
+    class Seen(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            seen.append(batch[1].dtype)
+            return super().training_step(batch, batch_idx)
+
+    model = Seen()
+    trainer = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=2)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 4
+    assert seen == [torch.int64] * 4
+    assert dm.fetch([0, 1])[1].dtype == torch.int64
+
+
+def test_a_new_training_set_is_checked_and_its_labels_read() -> None:
+    dm = CrestDataModule(blobs(n=320), batch_size=32)
+    assert torch.equal(dm.labels, blobs(n=320).targets)
+    other = blobs(n=320, num_classes=3, seed=5)
+    dm.train_dataset = other
+    assert torch.equal(dm.labels, other.targets)
+    with pytest.raises(TypeError, match="`train_dataset` items must be \\(input, target\\) pairs"):
+        dm.train_dataset = torch.utils.data.TensorDataset(torch.zeros(4, 2))
+    assert dm.train_dataset is other
+
+
+def test_int32_tensor_targets_are_class_indices() -> None:
+    data = blobs(n=320)
+    dm = CrestDataModule(LabelledTensors(data.tensors[0], data.targets.int()), batch_size=32)
     trainer = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=2)
     trainer.fit(TinyClassifier(), datamodule=dm)
     assert trainer.global_step == 4
+    assert dm.fetch([0, 1])[1].dtype == torch.int64
 
 
 @pytest.mark.parametrize("first", ["crest", "random", "crest then none"])
@@ -125,6 +177,18 @@ def test_validation_runs_only_with_a_validation_set() -> None:
     assert "val_acc" not in trainer.callback_metrics
 
 
+def test_a_subclass_keeps_its_own_val_dataloader_without_a_validation_set() -> None:
+    class OwnValidation(CrestDataModule):
+        def val_dataloader(self) -> Any:
+            return DataLoader(blobs(n=48, seed=1), batch_size=16)
+
+    dm = OwnValidation(blobs(n=64), batch_size=32)
+    trainer = make_trainer(max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.num_val_batches == [3]
+    assert "val_acc" in trainer.callback_metrics
+
+
 def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> None:
     dm = CrestDataModule(blobs(n=320), batch_size=32)
     crest = make_trainer([CrestCallback(fraction=0.2, random_subset_size=0.2)], max_epochs=1)
@@ -133,6 +197,27 @@ def test_a_fit_without_the_callback_after_a_crest_fit_trains_full_epochs() -> No
     plain = make_trainer(max_epochs=1)
     plain.fit(TinyClassifier(), datamodule=dm)
     assert plain.global_step == 10  # every example once
+
+
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_fit_without_the_callback_after_a_failed_crest_fit_trains_full_epochs(failure: type) -> None:
+    # Lightning skips `teardown` when a fit raises or is interrupted: the data module must still be released.
+    class FailsAtStep2(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            if self.trainer.global_step == 2:
+                raise failure("stop")
+            return super().training_step(batch, batch_idx)
+
+    dm = CrestDataModule(blobs(n=320), batch_size=32)
+    crest = make_trainer([CrestCallback(fraction=0.5, random_subset_size=0.2)], max_epochs=1)
+    # Lightning shuts down on an interrupt and exits.
+    with pytest.raises(SystemExit if failure is KeyboardInterrupt else failure):
+        crest.fit(FailsAtStep2(), datamodule=dm)
+    assert crest.global_step == 2
+    plain = make_trainer(max_epochs=1)
+    plain.fit(TinyClassifier(), datamodule=dm)
+    assert plain.global_step == 10  # every example once, in plain shuffled batches
+    assert dm.steps_per_epoch is None
 
 
 @pytest.mark.parametrize(("total", "world_size"), [(20, 8), (18, 8), (128, 3), (5, 5), (300, 2)])

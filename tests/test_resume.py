@@ -152,6 +152,34 @@ def test_checkpoint_on_the_last_step_of_an_epoch(tmp_path: Path, selection: str,
     assert same_parameters(model, reference)
 
 
+@pytest.mark.parametrize("checkpoint", ["step=5.ckpt", "step=10.ckpt"])  # mid-epoch, and on an epoch's end
+def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
+    tmp_path: Path, checkpoint: str
+) -> None:
+    # The plan holds global batches of the checkpoint's size and its position counts the checkpoint's epoch length:
+    # another batch size (or number of processes), or another training set, would train the wrong number of steps.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    run(crest(), extra=[steps], enable_checkpointing=True, max_epochs=1)
+    ckpt = str(tmp_path / checkpoint)
+
+    def resume(callback: CrestCallback, batch_size: int = BATCH, n: int = N) -> None:
+        dm = CrestDataModule(blobs(n=n), batch_size=batch_size)
+        make_trainer([callback], max_epochs=EPOCHS).fit(TinyClassifier(), datamodule=dm, ckpt_path=ckpt)
+
+    with pytest.raises(
+        ValueError, match=r"global batches of 32 examples; this run's are 1 processes x batch_size=16"
+    ):
+        resume(crest(), batch_size=BATCH // 2)
+    # (Another `fraction` is another callback to Lightning, whose state key holds it: Lightning warns.)
+    with pytest.raises(ValueError, match=r"epochs have 10 steps; this run's have 5 \(.*n=600\)"):
+        resume(crest(), n=N // 2)
+    # The same settings resume.
+    resumed = crest()
+    resume(resumed)
+    assert resumed._trainer is not None
+    assert resumed._trainer.global_step == EPOCHS * STEPS
+
+
 def test_resume_after_epochs_cut_short_with_loader_workers(tmp_path: Path) -> None:
     # With `limit_train_batches`, workers read batches beyond each epoch's end that are never trained; a mid-epoch
     # checkpoint of a later epoch must save only the batches read ahead in that epoch.
