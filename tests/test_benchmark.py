@@ -152,17 +152,60 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["--hessian-every", "0"], "`hessian_every`"),
-        (["--hessian-subsample", "0"], "`hessian_subsample`"),
-        (["--coreset-mul", "0"], "`coreset_mul`"),
+        (["--hessian-every", "0"], "--hessian-every must be a positive int, got 0"),
+        (["--hessian-subsample", "0"], "--hessian-subsample must be a positive int, got 0"),
+        (["--coreset-mul", "0"], "--coreset-mul must be a positive int, got 0"),
+        (["--tau", "-1"], "--tau must lie in [0.0, inf], got -1.0"),
+        (["--random-subset-size", "2.5"], "a fraction in (0, 1] or a whole count such as 300, got 2.5"),
+        (["--check-size", "0"], "argument --check-size: must be a positive integer, got 0"),
+        (["--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),
+        (["--epochs", "0"], "argument --epochs: must be a positive integer, got 0"),
+        (["--batch-size", "-2"], "argument --batch-size: must be a positive integer, got -2"),
+        (["--num-workers", "-1"], "argument --num-workers: must be 0 or more, got -1"),
+        (["--lr", "0"], "argument --lr: must be a positive number, got 0"),
+        (
+            ["--budget", "0.1", "1.5"],
+            "argument --budget: must be a fraction of full training in (0, 1], got 1.5",
+        ),
+        (["--methods", ","], "--methods names no method"),
+        (["--methods", "crest,craig"], "unknown --methods ['craig']"),
+        (["--output", "/dev/null/runs.json"], "--output /dev/null/runs.json: cannot create its folder"),
     ],
 )
-def test_benchmark_refuses_bad_crest_options_before_training(
+def test_benchmark_refuses_bad_options_before_training(
     argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+def test_benchmark_refuses_a_folder_as_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--output", str(tmp_path)])
+    assert f"--output {tmp_path} is a folder" in capsys.readouterr().err
+    args = bench.parse_args(["--output", str(tmp_path / "new" / "runs.json")])  # its folder is created
+    assert (tmp_path / "new").is_dir()
+    assert args.output == tmp_path / "new" / "runs.json"
+
+
+def test_benchmark_reports_missing_data_as_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--data-dir", str(tmp_path), "--methods", "random", "--quick"])
+    assert str(exit_info.value.code).startswith(
+        "python -m lightning_crest.benchmark: error: fashion-mnist not found"
+    )
+    assert "scripts/fetch-fashion-mnist" in str(exit_info.value.code)
+
+
+def test_benchmark_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seeds SEEDS number of seeds per (method, budget) (default: 3)" in text
+    assert "about 45 minutes on 2 CPU cores" in text
+    assert "(default: None)" not in text
+    assert "(default: False)" not in text
 
 
 def test_benchmark_precision_reaches_the_trainer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
