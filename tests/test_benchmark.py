@@ -180,6 +180,18 @@ def test_benchmark_refuses_bad_options_before_training(
     assert match in capsys.readouterr().err
 
 
+def test_quick_runs_drop_learned_examples_within_their_epochs() -> None:
+    # --quick trains 5 epochs: with the default window of 20 no example would ever be dropped, and crest-no-drop
+    # would repeat crest.
+    assert bench.parse_args([]).drop_interval == 20
+    quick = bench.parse_args(["--quick"])
+    assert quick.drop_interval == 4 < quick.epochs
+    assert bench.parse_args(["--quick", "--drop-interval", "2"]).drop_interval == 2
+    callback = bench.make_callback("crest", 0.1, 0, quick)
+    assert callback is not None
+    assert callback.drop_interval == 4
+
+
 def test_benchmark_refuses_a_folder_as_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--output", str(tmp_path)])

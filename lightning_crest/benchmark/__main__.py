@@ -62,6 +62,7 @@ def make_callback(method: str, budget: float, seed: int, args: argparse.Namespac
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
         "drop_learned": method != "crest-no-drop",
+        "drop_interval": args.drop_interval,
         "second_order": method != "crest-first-order",
         "seed": seed,
     }
@@ -402,6 +403,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=128,
         help="CREST: examples of the first random subset the checks evaluate ('none': all of it)",
     )
+    parser.add_argument(
+        "--drop-interval",
+        type=_positive_int,
+        help="CREST T2: epochs between exclusions of learned examples (default: 20; 4 with --quick, so that "
+        "its 5 epochs drop them once as the default 25 do)",
+    )
     parser.add_argument("--data-dir", default="data", help="folder of the data sets")
     parser.add_argument("--download", action="store_true", help="let torchvision download missing data")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train")
@@ -423,7 +430,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="10k training images, at most 5 epochs, 1 seed (replaces --seeds)",
+        help="10k training images, at most 5 epochs, 1 seed (replaces --seeds), --drop-interval 4",
     )
     parser.add_argument(
         "--output",
@@ -438,6 +445,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    if args.drop_interval is None:
+        args.drop_interval = 4 if args.quick else 20
     try:  # CrestCallback checks its options; a bad one is reported now, not after the full-data run
         for method in args.methods:
             for budget in args.budget:
