@@ -180,16 +180,15 @@ def test_benchmark_refuses_bad_options_before_training(
     assert match in capsys.readouterr().err
 
 
-def test_quick_runs_drop_learned_examples_within_their_epochs() -> None:
-    # --quick trains 5 epochs: with the default window of 20 no example would ever be dropped, and crest-no-drop
-    # would repeat crest.
+def test_drop_interval_reaches_crest_but_not_its_no_drop_ablation() -> None:
     assert bench.parse_args([]).drop_interval == 20
-    quick = bench.parse_args(["--quick"])
-    assert quick.drop_interval == 4 < quick.epochs
-    assert bench.parse_args(["--quick", "--drop-interval", "2"]).drop_interval == 2
-    callback = bench.make_callback("crest", 0.1, 0, quick)
-    assert callback is not None
-    assert callback.drop_interval == 4
+    args = bench.parse_args(["--drop-interval", "2"])
+    crest = bench.make_callback("crest", 0.1, 0, args)
+    assert crest is not None
+    assert (crest.drop_learned, crest.drop_interval) == (True, 2)
+    ablation = bench.make_callback("crest-no-drop", 0.1, 0, args)
+    assert ablation is not None
+    assert not ablation.drop_learned
 
 
 def test_benchmark_refuses_a_folder_as_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
