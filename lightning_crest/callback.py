@@ -251,6 +251,11 @@ class CrestCallback(Callback):
         return dict(self._timings)
 
     @property
+    def own_time(self) -> float:
+        """Seconds of CREST's own work in the current fit, all parts together (the numerator of ``overhead``)."""
+        return self._crest_time
+
+    @property
     def statistics(self) -> dict[str, float]:
         """What the callback logs as ``crest/*``, current at every step (the logged values are refreshed only where
         the Trainer's loggers write, every ``log_every_n_steps`` steps, and at the end of each epoch).

@@ -58,6 +58,33 @@ _ONE_CREST_RUN = ["--methods", "crest", "--epochs", "1", "--batch-size", "32", "
 _ONE_CREST_RUN += ["--random-subset-size", "64", "--check-size", "32"]
 
 
+def test_relative_error_is_signed_and_each_seed_orders_the_full_data_epochs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = [
+        {"method": "full", "seed": 0, "test_acc": 0.90, "train_time_s": 100.0},
+        {"method": "random", "seed": 0, "test_acc": 0.918, "train_time_s": 10.0},
+        {"method": "crest", "seed": 0, "test_acc": 0.891, "train_time_s": 20.0},
+    ]
+    bench.add_relative_metrics(runs)
+    assert [r["rel_error"] for r in runs] == pytest.approx([0.0, -0.02, 0.01])
+    assert [r["speedup"] for r in runs] == pytest.approx([1.0, 10.0, 5.0])
+
+    _use_images(monkeypatch, 256, 64)
+    seeds: list[int] = []
+
+    class Recorded(bench.CrestDataModule):  # type: ignore[misc, name-defined]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            seeds.append(self.seed)
+
+    monkeypatch.setattr(bench, "CrestDataModule", Recorded)
+    bench.main(
+        ["--methods", "full", "--epochs", "1", "--batch-size", "64", "--seeds", "2", "--seed-offset", "3"]
+    )
+    assert seeds == [3, 4]
+
+
 def test_benchmark_records_tables_and_plot(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -75,7 +102,7 @@ def test_benchmark_records_tables_and_plot(
         assert run["train_time_s"] > 0
         assert run["peak_memory_mb"] > 0
         full = next(r for r in runs if r["method"] == "full" and r["seed"] == run["seed"])
-        assert run["rel_error"] == pytest.approx(abs(run["test_acc"] - full["test_acc"]) / full["test_acc"])
+        assert run["rel_error"] == pytest.approx((full["test_acc"] - run["test_acc"]) / full["test_acc"])
         assert run["speedup"] == pytest.approx(full["train_time_s"] / run["train_time_s"])
         if run["method"] == "full":
             assert (run["budget"], run["rel_error"], run["speedup"]) == (1.0, 0, 1)
