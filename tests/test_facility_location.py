@@ -222,6 +222,27 @@ def test_class_budgets_largest_remainder() -> None:
     assert class_budgets(torch.tensor([1, 5, 9]), 15).tolist() == [1, 5, 9]
 
 
+def test_class_budgets_refuse_negative_counts_and_empty_pools() -> None:
+    with pytest.raises(ValueError, match=r"`counts` must be non-negative class sizes, got \[5, -1\]"):
+        class_budgets(torch.tensor([5, -1]), 2)
+    with pytest.raises(ValueError, match="`budget`=0 must be at least 1"):
+        class_budgets(torch.tensor([0, 0]), 0)
+
+
+def test_sparse_class_ids_give_the_same_selection_as_compact_ones() -> None:
+    # Dataset-wide class ids (here up to 10**9) must not size the per-class tables: the selection depends only on
+    # the ids' order, so it equals the one with ids 0, 1, 2.
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(2, 60, 4, generator=gen)
+    compact = torch.randint(0, 3, (2, 60), generator=gen)
+    sparse = torch.tensor([7, 100_000, 10**9])[compact]
+    for knn in (None, 8):
+        expected = facility_location(features, 12, compact, knn=knn)
+        got = facility_location(features, 12, sparse, knn=knn)
+        assert torch.equal(got.indices, expected.indices)
+        assert torch.equal(got.weights, expected.weights)
+
+
 def test_class_budgets_match_plain_python_largest_remainder() -> None:
     rng = random.Random(0)
     starved = tied = 0
@@ -436,6 +457,11 @@ def test_knn_merges_a_blob_of_near_duplicates() -> None:
             {"features": torch.randn(10, 4) * 1e19, "knn": 3},
             ValueError,
             "would overflow the squared distances",
+        ),
+        (  # the kNN search works in float32 whatever the input's dtype
+            {"features": torch.randn(10, 4, dtype=torch.float64) * 1e19, "knn": 3},
+            ValueError,
+            r"must stay below 4.61e\+18",
         ),
         ({"labels": torch.tensor([0, 1, 2, -1, 0, 1, 2, 0, 1, 2])}, ValueError, "minimum of -1"),
         ({"labels": torch.zeros(9, dtype=torch.long)}, ValueError, "`labels` must have shape"),

@@ -75,11 +75,13 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
 
 def _class_budgets(counts: np.ndarray[Any, Any], budget: int) -> np.ndarray[Any, Any]:
     """:func:`class_budgets` on an int64 array (the bookkeeping is a few small integer vectors: numpy is cheaper)."""
+    if bool((counts < 0).any()):
+        raise ValueError(f"`counts` must be non-negative class sizes, got {counts.tolist()}.")
     total = counts.sum(-1, keepdims=True)
     present = (counts > 0).sum(-1)
-    if bool((total < budget).any()) or bool((present > budget).any()):
+    if bool((total < budget).any()) or bool((present > budget).any()) or budget < 1:
         raise ValueError(
-            f"`budget`={budget} must lie between the number of classes present and the pool size; "
+            f"`budget`={budget} must be at least 1 and lie between the number of classes present and the pool size; "
             f"got pools of sizes {total.ravel().tolist()} with {present.ravel().tolist()} classes."
         )
     base = budget * counts // total
@@ -159,6 +161,9 @@ def facility_location(
     else:
         classes = labels.detach().cpu().numpy().astype(np.int64, copy=False).reshape(num_pools, r)
     num_classes = int(classes.max()) + 1
+    if num_classes > classes.size:  # sparse class ids (dataset-wide ones): tables sized by the ids present
+        classes = np.unique(classes, return_inverse=True)[1].reshape(num_pools, r)
+        num_classes = int(classes.max()) + 1
     flat_ids = (classes + num_classes * np.arange(num_pools)[:, None]).ravel()
     counts = np.bincount(flat_ids, minlength=num_pools * num_classes).reshape(num_pools, num_classes)
     present = int((counts > 0).sum(1).max())
@@ -624,9 +629,9 @@ def _validate(
     # Coordinates up to m in size differ by up to 2m: squared distances reach 4 m^2 d, and the expansion's sums a
     # few times that. The bound keeps them all finite; beyond it they overflow to inf.
     largest = max(abs(extreme) for extreme in extremes)
-    limit = (
-        math.sqrt(torch.finfo(torch.float64 if features.dtype == torch.float64 else torch.float32).max) / 4
-    )
+    # The kNN search works in float32 whatever the input's dtype.
+    wide = features.dtype == torch.float64 and knn is None
+    limit = math.sqrt(torch.finfo(torch.float64 if wide else torch.float32).max) / 4
     if largest * math.sqrt(features.shape[-1]) > limit:
         raise ValueError(
             f"`features` values up to {largest:.3g} in {features.shape[-1]} dimensions would overflow the squared "
