@@ -98,7 +98,8 @@ def test_benchmark_records_tables_and_plot(
     assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in bench.METHODS]
     for run in runs:
         assert set(run) >= REQUIRED_KEYS
-        assert 0.0 <= run["test_acc"] <= 1.0
+        # The squares are learned: full data all but perfectly, a quarter of its steps well above chance (0.1).
+        assert run["test_acc"] >= (0.95 if run["method"] == "full" else 0.5)
         assert run["train_time_s"] > 0
         assert run["peak_memory_mb"] > 0
         full = next(r for r in runs if r["method"] == "full" and r["seed"] == run["seed"])

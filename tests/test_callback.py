@@ -1081,7 +1081,9 @@ def test_lightning_cli_configures_the_callback(tmp_path: Path, subset: str) -> N
         "--trainer.max_epochs=1",
         f"--trainer.default_root_dir={tmp_path}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, check=False
+    )  # a loaded machine
     assert result.returncode == 0, result.stderr[-2000:]
     expected = f"proxy_dtype=torch.bfloat16 random_subset_size={subset} steps=10"
     assert f"CREST fraction=0.25 tau=0.02 {expected}" in result.stdout

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
-from lightning_crest.callback import stratified_quotas
+from lightning_crest.callback import learned_examples, stratified_quotas
 
 
 def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,3 +193,102 @@ def test_an_example_scored_twice_in_one_call_keeps_its_largest_loss() -> None:
     recorded = callback._window_max_loss
     assert recorded[[2, 3, 4]].tolist() == pytest.approx([0.9, 0.2, 0.01])
     assert bool(recorded[[0, 1]].isnan().all())  # never scored: stays in the pool
+
+
+def test_the_learned_threshold_is_inclusive() -> None:
+    # "At or under" the threshold: a loss of exactly 0 counts as learned at threshold 0.
+    losses = torch.tensor([0.0, 0.25, 0.3])
+    pool, labels = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long)
+    floors: dict[str, Any] = {"min_pool_fraction": 0.0, "min_class_fraction": 0.0}
+    assert learned_examples(losses, pool, labels, threshold=0.0, **floors).tolist() == [0]
+    assert sorted(learned_examples(losses, pool, labels, threshold=0.25, **floors).tolist()) == [0, 1]
+
+
+def test_the_exclusion_window_restarts_after_each_drop() -> None:
+    # An example with a high loss in one window is judged afresh in the next.
+    callback = CrestCallback(drop_threshold=0.1, min_pool_fraction=0.0, min_class_fraction=0.0)
+    callback._pool = torch.ones(6, dtype=torch.bool)
+    callback._labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    callback._subset = 0  # no random subset to keep room for
+    callback._window_max_loss = torch.full((6,), math.nan)
+    callback._record_losses(torch.arange(6), torch.full((6,), 0.5))
+    callback._drop_learned_examples()
+    assert bool(callback.pool.all())
+    assert bool(callback._window_max_loss.isnan().all())
+    callback._record_losses(torch.arange(6), torch.full((6,), 0.05))
+    callback._drop_learned_examples()
+    assert not bool(callback.pool.any())
+
+
+def test_rho_is_the_error_relative_to_the_measured_loss() -> None:
+    # rho = |F(delta) - L| / L with L the check sample's mean loss, recomputed here from the data set directly.
+    class Audited(Recorder):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.rhos: list[tuple[float, float]] = []
+
+        def _check(self) -> bool:
+            drifted = super()._check()
+            module = self._module
+            assert module is not None
+            inputs, targets = self._dm.train_dataset[self._check_indices]
+            module.eval()
+            with torch.no_grad():
+                actual = float(torch.nn.functional.cross_entropy(module(inputs), targets))
+            module.train()
+            predicted = self._quadratic.predict(self._model_parameters())
+            self.rhos.append((self._rho, abs(predicted - actual) / actual))
+            return drifted
+
+    callback = Audited(random_subset_size=0.1, tau=0.02)
+    fit(callback, max_epochs=2)
+    assert len(callback.rhos) > 3
+    assert max(rho for rho, _ in callback.rhos) > 0.01  # the model drifted: the two arguments' order matters
+    for rho, expected in callback.rhos:
+        assert rho == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_check_sample_mixes_the_classes() -> None:
+    # Subsets come grouped by class: a check sample smaller than the subset is a random part of it, not its head.
+    data = blobs()
+    samples: list[Tensor] = []
+
+    class Samples(Recorder):
+        def _select_coresets(self) -> None:
+            super()._select_coresets()
+            samples.append(self._check_indices.clone())
+
+    fit(Samples(random_subset_size=0.1, check_size=16, tau=0.0, interval_mul=1e-6), data=data, max_epochs=1)
+    assert len(samples) >= 3
+    shares = torch.bincount(data.targets[torch.cat(samples)], minlength=4).float()
+    assert bool((shares / shares.sum() > 0.1).all()), shares
+
+
+def test_crests_own_passes_leave_the_normalisation_statistics_alone() -> None:
+    # Scoring, the quadratic model and the checks run in eval mode: only training steps move the running statistics.
+    class Normalised(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net.insert(1, torch.nn.BatchNorm1d(32))
+
+    calls: list[str] = []
+
+    class Guarded(CrestCallback):
+        def _guard(self, name: str, work: Any, *args: Any) -> Any:
+            stats = [s.clone() for s in self._running_stats()]
+            result = work(*args)
+            assert all(torch.equal(a, b) for a, b in zip(stats, self._running_stats(), strict=True)), name
+            calls.append(name)
+            return result
+
+        def _pick(self, *args: Any) -> Any:
+            return self._guard("pick", super()._pick, *args)
+
+        def _build_model(self, *args: Any) -> None:
+            self._guard("model", super()._build_model, *args)
+
+        def _check(self) -> bool:
+            return bool(self._guard("check", super()._check))
+
+    fit(Guarded(random_subset_size=0.1, tau=0.02), model=Normalised(), max_epochs=2)
+    assert {"pick", "model", "check"} <= set(calls)

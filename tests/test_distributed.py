@@ -157,15 +157,18 @@ def test_gather_shares_of_uneven_totals(total: int, world_size: int) -> None:
 
 
 def test_mean_over_processes_averages() -> None:
+    # Two processes holding `value` and `value + 2`: the strategy's mean is what comes back (a new tensor here).
     calls: list[str] = []
 
     def reduce(value: torch.Tensor, reduce_op: str) -> torch.Tensor:
         calls.append(reduce_op)
-        return value
+        return (value + (value + 2)) / 2
 
     trainer: Any = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
-    mean_over_processes(trainer, torch.ones(3))
+    assert torch.equal(mean_over_processes(trainer, torch.ones(3)), torch.full((3,), 2.0))
     assert calls == ["mean"]
+    alone: Any = SimpleNamespace(world_size=1, strategy=None)
+    assert torch.equal(mean_over_processes(alone, torch.ones(3)), torch.ones(3))
 
 
 @pytest.fixture

@@ -36,6 +36,18 @@ def test_serves_each_rank_a_disjoint_share_of_every_global_batch() -> None:
         assert {w for _, w in keys[0][step * 4 : (step + 1) * 4]} == {float(batch + 1)}
 
 
+def test_each_rank_gets_the_weights_of_its_own_picks() -> None:
+    # Every pick has its own weight (as coresets do): a rank's share of the weights must follow its share of picks.
+    batches = [(torch.arange(i * 8, (i + 1) * 8), 100.0 * i + torch.arange(8.0)) for i in range(3)]
+    for rank in range(2):
+        plan = CoresetPlan()
+        plan.replace(batches)
+        sampler = CoresetSampler(list(range(100)), 4, num_replicas=2, rank=rank, plan=plan, steps_per_epoch=3)
+        for index, weight in sampler:
+            batch, position = divmod(index, 8)
+            assert weight == 100.0 * batch + position
+
+
 def test_refills_lazily_with_the_steps_left() -> None:
     plan = CoresetPlan()
     asked = []
