@@ -373,3 +373,20 @@ def test_knn_graph_searches_cell_by_cell_from_the_backends_threshold(monkeypatch
     other.name = "custom"  # a backend without a threshold is always searched at once
     knn_graph(features, 4, other)
     assert other.searches == [(1000, 1000)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_every_backend_gives_a_point_distance_zero_to_itself(backend: str) -> None:
+    # Far from the origin the expanded form ||a||^2 - 2ab + ||b||^2 cancels badly; the returned
+    # distances are the exact ones of the returned neighbours, the point itself at 0, whatever the backend.
+    if backend == "faiss" and not knn.faiss_available():
+        pytest.skip("faiss is not installed")
+    points = torch.randn(
+        16384, 10, generator=torch.Generator().manual_seed(0)
+    )  # faiss uses BLAS at this size
+    points[::2] += 30  # two clusters far apart: centring the data does not bring the norms down
+    distances, indices = get_backend(backend, device="cpu", pool_size=len(points)).search(points, points, 8)
+    assert torch.equal(distances[:, 0], torch.zeros(len(points)))
+    assert bool((distances[:, 1:] >= distances[:, :-1]).all())
+    exact = (points[indices].double() - points.unsqueeze(1).double()).norm(dim=2)
+    torch.testing.assert_close(distances.double(), exact, rtol=1e-5, atol=1e-5)

@@ -219,11 +219,23 @@ class FaissKnn:
         else:
             index = self._faiss.IndexFlatL2(d)
         index.add(_to_numpy(database))
-        sq, idx = index.search(_to_numpy(queries), k)
-        # faiss also uses the expanded form, which can dip slightly below zero.
-        distances = torch.from_numpy(np.sqrt(np.maximum(sq, 0.0, out=sq), out=sq))
-        indices = torch.from_numpy(idx.astype(np.int64, copy=False))
-        return distances.to(device), indices.to(device)
+        _, idx = index.search(_to_numpy(queries), k)
+        indices = torch.from_numpy(idx.astype(np.int64, copy=False)).to(device)
+        # faiss also uses the expanded form and its cancellation noise: the distances are recomputed from the
+        # differences, as TorchKnn does, in blocks of the same size.
+        chunk = max(1, 64 * 2**20 // (4 * k * d))
+        dist_parts, idx_parts = [], []
+        with torch.no_grad():
+            for start in range(0, queries.shape[0], chunk):
+                block, winners = queries[start : start + chunk], indices[start : start + chunk]
+                exact_sq, order = torch.sort(
+                    (database[winners] - block.unsqueeze(1)).square().sum(dim=2), dim=1
+                )
+                dist_parts.append(exact_sq.sqrt_())
+                idx_parts.append(torch.gather(winners, 1, order))
+        if not dist_parts:
+            return queries.new_empty((0, k)), indices
+        return torch.cat(dist_parts), torch.cat(idx_parts)
 
 
 def _to_numpy(tensor: Tensor) -> np.ndarray[Any, np.dtype[np.float32]]:
