@@ -820,9 +820,8 @@ class CrestCallback(Callback):
         order = torch.sort(self._labels[shuffled], stable=True)
         grouped = shuffled[order.indices]
         counts = torch.bincount(order.values, minlength=self._num_classes)
-        if (
-            int((counts > 0).sum()) > size
-        ):  # more classes than slots: plain uniform subsets, in shuffled order
+        if int((counts > 0).sum()) > size:
+            # More classes than slots: plain uniform subsets, in the shuffled order (not the class-sorted one).
             positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(shuffled)
             return shuffled[positions]
         quotas = stratified_quotas(counts, size, count, self._generator)
