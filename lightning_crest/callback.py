@@ -685,7 +685,8 @@ class CrestCallback(Callback):
         if global_batch is not None and global_batch != self._global_batch:
             raise ValueError(
                 f"The checkpoint's coresets are global batches of {global_batch} examples; this run's are "
-                f"{trainer.world_size} processes x batch_size={dm.batch_size} = {self._global_batch}. Resume with "
+                f"{trainer.world_size} process{'es' if trainer.world_size > 1 else ''} x batch_size={dm.batch_size} = "
+                f"{self._global_batch}. Resume with "
                 f"batch_size x devices x num_nodes = {global_batch}, or start afresh."
             )
         if steps_per_epoch is not None and steps_per_epoch != self._steps_per_epoch:

@@ -167,7 +167,8 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
         make_trainer([callback], max_epochs=EPOCHS).fit(TinyClassifier(), datamodule=dm, ckpt_path=ckpt)
 
     with pytest.raises(
-        ValueError, match=r"global batches of 32 examples; this run's are 1 processes x batch_size=16"
+        ValueError,
+        match=r"global batches of 32 examples; this run's are 1 process x batch_size=16 = 16\. Resume",
     ):
         resume(crest(), batch_size=BATCH // 2)
     # (Another `fraction` is another callback to Lightning, whose state key holds it: Lightning warns.)
