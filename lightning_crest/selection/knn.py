@@ -182,10 +182,9 @@ class TorchKnn:
                 _, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
                 # Even centred, the expanded form leaves ~1e-3 of cancellation noise (a point's distance to
                 # itself is not 0), so the k winners' distances are recomputed from the differences.
-                exact_sq = (database[idx] - block.unsqueeze(1)).square().sum(dim=2)
-                exact_sq, order = torch.sort(exact_sq, dim=1)
-                dist_parts.append(exact_sq.sqrt_())
-                idx_parts.append(torch.gather(idx, 1, order))
+                distances, idx = _exact_sorted(database, block, idx)
+                dist_parts.append(distances)
+                idx_parts.append(idx)
         if not dist_parts:
             empty = queries.new_empty((0, k))
             return empty, empty.to(torch.int64)
@@ -224,18 +223,20 @@ class FaissKnn:
         # faiss also uses the expanded form and its cancellation noise: the distances are recomputed from the
         # differences, as TorchKnn does, in blocks of the same size.
         chunk = max(1, 64 * 2**20 // (4 * k * d))
-        dist_parts, idx_parts = [], []
         with torch.no_grad():
-            for start in range(0, queries.shape[0], chunk):
-                block, winners = queries[start : start + chunk], indices[start : start + chunk]
-                exact_sq, order = torch.sort(
-                    (database[winners] - block.unsqueeze(1)).square().sum(dim=2), dim=1
-                )
-                dist_parts.append(exact_sq.sqrt_())
-                idx_parts.append(torch.gather(winners, 1, order))
-        if not dist_parts:
+            parts = [
+                _exact_sorted(database, queries[start : start + chunk], indices[start : start + chunk])
+                for start in range(0, queries.shape[0], chunk)
+            ]
+        if not parts:
             return queries.new_empty((0, k)), indices
-        return torch.cat(dist_parts), torch.cat(idx_parts)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _exact_sorted(database: Tensor, queries: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
+    """Distances of ``queries`` to their ``neighbours`` rows of ``database`` from the differences, ascending."""
+    squared, order = torch.sort((database[neighbours] - queries.unsqueeze(1)).square().sum(dim=2), dim=1)
+    return squared.sqrt_(), torch.gather(neighbours, 1, order)
 
 
 def _to_numpy(tensor: Tensor) -> np.ndarray[Any, np.dtype[np.float32]]:
