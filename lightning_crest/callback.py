@@ -96,7 +96,8 @@ class CrestCallback(Callback):
         selection: ``"crest"``, or ``"random"`` for class-stratified random mini-batches of weight 1 (drawn as the
             random subsets are) under the same budget and sampler (no quadratic model, no checks): the honest
             baseline.
-        seed: Seed of CREST's own random draws.
+        seed: Seed of CREST's own random draws, and of the views of each check sample (see
+            :meth:`CrestDataModule.fetch`).
 
     Raises:
         ValueError: If an argument is out of range.
@@ -437,6 +438,7 @@ class CrestCallback(Callback):
             "steps_since_selection": self._steps_since_selection,
             "stale": self._stale,
             "check_indices": self._check_indices.clone(),
+            "check_seed": self._check_seed,
             "anchor_stats": [stat.clone() for stat in self._anchor_stats],
             "rho": self._rho,
             "selection_time": self._selection_time,
@@ -475,6 +477,7 @@ class CrestCallback(Callback):
         self._stale = int(state_dict.get("stale", 0))
         self._check_indices = state_dict["check_indices"].clone()
         self._anchor_stats = [stat.clone() for stat in state_dict.get("anchor_stats", [])]
+        self._check_seed = state_dict.get("check_seed")
         self._check_batches = None
         self._rho = float(state_dict["rho"])
         self._selection_time = float(state_dict["selection_time"])
@@ -529,6 +532,7 @@ class CrestCallback(Callback):
         self._steps_since_selection = 0
         self._stale = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
+        self._check_seed: int | None = None
         self._check_batches = None
         self._anchor_stats = []
         self._rho = math.nan
@@ -742,11 +746,13 @@ class CrestCallback(Callback):
         probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
         subsets = self._draw(probed, self._subset)
         # The check sample: a random part of the first subset, put first and loaded once, so that the loss at the
-        # selection (L0) and at every check are measured on the same inputs, random augmentations included.
+        # selection (L0) and at every check are measured on the same inputs, random augmentations included. Its
+        # items are read under a seed of their own, so that a restored run loads the same views again.
         subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
         checked = self.check_size or self._subset
         self._check_indices = subsets[0][:checked]
-        self._check_batches = self._fetch_share(self._check_indices)
+        self._check_seed = (self.seed << 32) + self._selections
+        self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
         coresets, weights, losses = self._pick(subsets, self._check_batches)
         with self._timed("hessian"):
             self._build_model(coresets, weights, float(losses[:checked].mean()))
@@ -860,12 +866,13 @@ class CrestCallback(Callback):
         losses = torch.cat([gather_shares(trainer, losses, total) for (_, losses), total in outputs])
         return logits, losses
 
-    def _fetch_share(self, indices: Tensor) -> list[Any]:
-        """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples."""
+    def _fetch_share(self, indices: Tensor, seed: int | None = None) -> list[Any]:
+        """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples, read
+        under ``seed`` if given (see :meth:`CrestDataModule.fetch`)."""
         trainer = self._trainer
         assert trainer is not None
         mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
-        return [self._dm.fetch(chunk.tolist()) for chunk in torch.split(mine, self._dm.eval_batch_size)]
+        return [self._dm.fetch(chunk.tolist(), seed) for chunk in torch.split(mine, self._dm.eval_batch_size)]
 
     def _evaluate(self, batches: list[Any], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given."""
@@ -1002,8 +1009,8 @@ class CrestCallback(Callback):
         assert trainer is not None
         with self._timed("checks"):
             indices = self._check_indices
-            if self._check_batches is None:
-                self._check_batches = self._fetch_share(indices)
+            if self._check_batches is None:  # after a restore
+                self._check_batches = self._fetch_share(indices, self._check_seed)
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
             stats = self._running_stats()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -177,24 +180,35 @@ class CrestDataModule(L.LightningDataModule):
         if self.trainer is not None:
             release_process_group(self.trainer)
 
-    def fetch(self, indices: Sequence[int]) -> Any:
+    def fetch(self, indices: Sequence[int], seed: int | None = None) -> Any:
         """Collate the training items at ``indices`` into one ``(inputs, targets)`` batch on the CPU.
+
+        With ``seed``, each item is read with torch's, NumPy's and Python's global generators (those that random
+        transforms draw from) seeded from ``seed`` and its index, and the generators are restored afterwards: the
+        same items fetched with the same seed come back as the same views, whatever else is fetched with them.
 
         An item that fails to load raises the dataset's own error, with a note of the index when known.
         """
+        if seed is not None:
+            with _restored_generators():
+                return default_collate([self._item(index, _item_seed(seed, index)) for index in indices])
         getitems = getattr(self.train_dataset, "__getitems__", None)
         if getitems is not None:
             return default_collate([(x, class_index(y)) for x, y in getitems(list(indices))])
-        items = []
-        for index in indices:
-            try:
-                x, y = self.train_dataset[index]
-                items.append((x, class_index(y)))
-            except Exception as error:
-                if hasattr(error, "add_note"):  # Python 3.11+
-                    error.add_note(f"CREST failed to load training item {index} while scoring examples.")
-                raise
-        return default_collate(items)
+        return default_collate([self._item(index) for index in indices])
+
+    def _item(self, index: int, seed: int | None = None) -> tuple[Any, Any]:
+        try:
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed >> 32)  # noqa: NPY002 (the global generator transforms draw from)
+            x, y = self.train_dataset[index]
+        except Exception as error:
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"CREST failed to load training item {index} while scoring examples.")
+            raise
+        return x, class_index(y)
 
     def _eval_loader(self, dataset: Dataset[Any]) -> DataLoader[Any]:
         return DataLoader(
@@ -204,6 +218,29 @@ class CrestDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+
+@contextmanager
+def _restored_generators() -> Iterator[None]:
+    """Restore torch's (CPU), NumPy's and Python's global generators on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+def _item_seed(seed: int, index: int) -> int:
+    """A 64-bit seed for item ``index`` under ``seed`` (SplitMix64's finaliser of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + index) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+_MASK64 = (1 << 64) - 1
 
 
 def _check_item(dataset: Dataset[Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 from typing import Any
 
@@ -252,6 +253,39 @@ def test_fetch_keeps_the_order_of_a_dataset_with_getitems() -> None:
     inputs, targets = CrestDataModule(subset).fetch([5, 3, 7])
     assert torch.equal(targets, data.targets[[5, 3, 7]])
     assert torch.equal(inputs, data.tensors[0][[5, 3, 7]])
+
+
+class DrawsFromEveryGenerator(LabelledTensors):
+    """Every read adds a draw from torch's, NumPy's and Python's global generators, like random augmentations."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        noise = torch.rand(()) + float(np.random.rand()) + random.random()  # noqa: NPY002
+        return inputs + noise, target
+
+
+def test_fetch_with_a_seed_repeats_each_items_views_and_restores_the_generators() -> None:
+    data = DrawsFromEveryGenerator(*blobs(n=40).tensors)
+    dm = CrestDataModule(data)
+    torch.manual_seed(1)
+    np.random.seed(1)  # noqa: NPY002
+    random.seed(1)
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())  # noqa: NPY002
+    seeded = dm.fetch([5, 3, 7], seed=11)[0]
+    # The global generators are where they were: the seeded reads drew from generators of their own.
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert np.array_equal(np.random.get_state()[1], states[1])  # noqa: NPY002
+    assert random.getstate() == states[2]
+    # Each item's view depends on the seed and its index only, not on what is fetched with it or in which order.
+    assert torch.equal(dm.fetch([7, 5], seed=11)[0], seeded[[2, 0]])
+    assert not torch.equal(dm.fetch([5, 3, 7], seed=12)[0], seeded)
+    # Without a seed each read is a fresh view, drawn from the global generators.
+    assert not torch.equal(dm.fetch([5, 3, 7])[0], dm.fetch([5, 3, 7])[0])
+    assert not torch.equal(torch.get_rng_state(), states[0])
+    # The seeded views are views of the right items: the noise is one number per item, below 3.
+    offset = seeded - data.tensors[0][[5, 3, 7]]
+    assert torch.allclose(offset, offset[:, :1].expand_as(offset))
+    assert bool(((offset > 0) & (offset < 3)).all())
 
 
 class OneRelabelled(LabelledTensors):

@@ -85,12 +85,14 @@ def run(
     ckpt_path: str | None = None,
     extra: list[Any] | None = None,
     model: L.LightningModule | None = None,
+    train: LabelledTensors | None = None,
     num_workers: int = 0,
     **kwargs: Any,
 ) -> tuple[L.Trainer, L.LightningModule]:
     torch.manual_seed(0)
     model = model if model is not None else TinyClassifier()
-    dm = CrestDataModule(blobs(n=N), blobs(n=200, seed=1), batch_size=BATCH, num_workers=num_workers)
+    train = train if train is not None else blobs(n=N)
+    dm = CrestDataModule(train, blobs(n=200, seed=1), batch_size=BATCH, num_workers=num_workers)
     options: dict[str, Any] = {"max_epochs": EPOCHS}
     options.update(kwargs)
     trainer = make_trainer([callback, *(extra or [])], **options)
@@ -135,6 +137,56 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(
         assert same_parameters(model, reference), ckpt
         counts = (resumed._quadratic.step, resumed._quadratic.curvature_steps)
         assert counts == (full._quadratic.step, full._quadratic.curvature_steps), ckpt
+
+
+class Augmented(LabelledTensors):
+    """Every read of an item adds fresh noise from torch's global generator, like a random augmentation."""
+
+    def __getitem__(self, index: Any) -> tuple[Tensor, Tensor]:
+        inputs, targets = super().__getitem__(index)
+        return inputs + 0.5 * torch.randn_like(inputs), targets
+
+
+class RhoTracer(Tracer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rhos: list[tuple[int, float]] = []
+
+    def _check(self) -> bool:
+        drifted = super()._check()
+        self.rhos.append((self._trainer.global_step if self._trainer else -1, self._rho))
+        return drifted
+
+
+def test_checks_after_a_restore_see_the_views_that_the_selection_saw(tmp_path: Path) -> None:
+    # With a zero learning rate the parameters never move, so the quadratic model predicts L0 exactly and rho is 0
+    # only if a check measures the check sample on the views L0 was measured on. A restored run loads the check
+    # sample again: read under the selection's own seed, it comes back as the same views.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+    full = RhoTracer(fraction=FRACTION, random_subset_size=0.1)
+    run(
+        full,
+        extra=[steps],
+        enable_checkpointing=True,
+        model=TinyClassifier(lr=0.0),
+        train=Augmented(*blobs(n=N).tensors),
+        max_epochs=1,
+    )
+    assert full.rhos
+    assert all(rho == 0.0 for _, rho in full.rhos)
+
+    resumed = RhoTracer(fraction=FRACTION, random_subset_size=0.1)
+    ckpt = str(tmp_path / "step=3.ckpt")
+    run(
+        resumed,
+        ckpt_path=ckpt,
+        model=TinyClassifier(lr=0.0),
+        train=Augmented(*blobs(n=N).tensors),
+        max_epochs=1,
+    )
+    assert resumed.selections == []  # every check after the restore is against the selection made before it
+    assert [step for step, _ in resumed.rhos] == [step for step, _ in full.rhos if step > 3]
+    assert all(rho == 0.0 for _, rho in resumed.rhos)
 
 
 @pytest.mark.parametrize(("selection", "num_workers"), [("crest", 0), ("random", 0), ("crest", 2)])
