@@ -69,8 +69,8 @@ class CrestCallback(Callback):
         hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
             trainable parameters, in registration order) for large models.
         hessian_probes: Coreset batches that update the quadratic model at each selection (their gradients, and a
-            Hutchinson probe each where the curvature is probed); ``None`` takes as many as the previous selection
-            planned (``P`` is known only after the probes).
+            Hutchinson probe each where the curvature is probed), at most the ``P`` that the previous selection
+            planned (``P`` is known only after the probes); ``None`` takes all ``P``.
         hessian_every: Probe the curvature at every ``k``-th selection only, as AdaHessian's ``update_each`` does
             (unlike it, the curvature average is left untouched in between, not fed the stale probe). The other
             selections update the smoothed gradient with a plain backward pass instead of a double backward, about
@@ -88,8 +88,8 @@ class CrestCallback(Callback):
             each selection and at every check), the coreset gradients and the curvature keep the trainer's
             precision.
         second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
-            curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` stays at
-            ``ceil(interval_mul)``).
+            curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` is
+            ``ceil(interval_mul)`` from the first re-selection on; the first selection has ``T1 = 1`` either way).
         knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
         backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
         similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
@@ -288,11 +288,6 @@ class CrestCallback(Callback):
 
     # --- Lightning hooks -----------------------------------------------------------------------------------
 
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(fraction=self.fraction, selection=self.selection, seed=self.seed)
-
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -409,7 +404,14 @@ class CrestCallback(Callback):
                     self._select(steps_left)
                 else:  # the next epoch starts with a selection
                     self._dm.plan.replace([])
-        self._log(trainer, pl_module, batch_idx)
+        self._log(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
+        if self._pool is not None:
+            metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
+            pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=self._global_batch)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -451,6 +453,9 @@ class CrestCallback(Callback):
             "in_flight_weights": [w for _, w in in_flight],
             "global_batch": self._global_batch,
             "steps_per_epoch": self._steps_per_epoch,
+            "fraction": self.fraction,
+            "selection": self.selection,
+            "seed": self.seed,
             "epoch_step": self._steps_per_epoch if epoch_done else self._epoch_step,
             # The epoch whose start-of-epoch work ran (after a mid-epoch restore, the restored one: its start-of-epoch
             # work ran before the checkpoint), and whether all its steps were trained.
@@ -494,6 +499,9 @@ class CrestCallback(Callback):
         )
         # Checkpoints from before these were saved are not compared.
         self._restored_shape = (state_dict.get("global_batch"), state_dict.get("steps_per_epoch"))
+        self._restored_settings = {
+            name: state_dict[name] for name in ("fraction", "selection", "seed") if name in state_dict
+        }
         # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
         # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
         if self._dm is not None and _fitting(self._trainer):
@@ -550,6 +558,7 @@ class CrestCallback(Callback):
         self._epoch_floor = 0
         self._restored_plan = None
         self._restored_shape = (None, None)
+        self._restored_settings: dict[str, Any] = {}
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._module is not None and self._module is not pl_module and self._restored_plan is None:
@@ -686,6 +695,12 @@ class CrestCallback(Callback):
         global_batch, steps_per_epoch = self._restored_shape
         trainer = self._trainer
         assert trainer is not None
+        for name, saved in self._restored_settings.items():
+            if saved != getattr(self, name):
+                raise ValueError(
+                    f"The checkpoint was trained with CrestCallback({name}={saved!r}); this run's has "
+                    f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without `ckpt_path`."
+                )
         if global_batch is not None and global_batch != self._global_batch:
             raise ValueError(
                 f"The checkpoint's coresets are global batches of {global_batch} examples; this run's are "
@@ -750,8 +765,8 @@ class CrestCallback(Callback):
         # items are read under a seed of their own, so that a restored run loads the same views again.
         subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
         checked = self.check_size or self._subset
-        self._check_indices = subsets[0][:checked]
         self._check_seed = (self.seed << 32) + self._selections
+        self._check_indices = subsets[0][:checked]
         self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
         coresets, weights, losses = self._pick(subsets, self._check_batches)
         with self._timed("hessian"):
@@ -1100,16 +1115,16 @@ class CrestCallback(Callback):
                 if selection:
                     self._selection_time += elapsed
 
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> None:
-        """Log :attr:`statistics` as ``crest/*`` at the steps where the loggers write, and at an epoch's end.
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log :attr:`statistics` as ``crest/*`` at the steps where the loggers write (and see
+        :meth:`on_train_epoch_end`).
 
         Lightning's ``log`` costs about half a millisecond per value, 3.5 ms per step for these seven on a 2-core
         CPU (as much as a small model's whole training step), and its loggers write step values only every
-        ``log_every_n_steps`` steps; at the epoch's end, ``callback_metrics`` gets the epoch's last values.
+        ``log_every_n_steps`` steps.
         """
         # Lightning's own test of whether the loggers write at this step; if it ever goes, log at every step.
-        writes = getattr(trainer._logger_connector, "should_update_logs", True)
-        if not (writes or batch_idx + 1 >= trainer.num_training_batches):
+        if not getattr(trainer._logger_connector, "should_update_logs", True):
             return
         metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._global_batch)

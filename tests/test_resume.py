@@ -223,9 +223,16 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
         match=r"global batches of 32 examples; this run's are 1 process x batch_size=16 = 16\. Resume",
     ):
         resume(crest(), batch_size=BATCH // 2)
-    # (Another `fraction` is another callback to Lightning, whose state key holds it: Lightning warns.)
     with pytest.raises(ValueError, match=r"epochs have 10 steps; this run's have 5 \(.*n=600\)"):
         resume(crest(), n=N // 2)
+    # Another budget, baseline or seed is refused too, before any step: the restored state would not be theirs.
+    for name, value in (("fraction", 0.5), ("selection", "random"), ("seed", 1)):
+        saved = repr(getattr(crest(), name))
+        with pytest.raises(
+            ValueError,
+            match=rf"trained with CrestCallback\({name}={saved}\); this run's has {name}={value!r}\. Resume with",
+        ):
+            resume(crest(**{name: value}))
     # The same settings resume.
     resumed = crest()
     resume(resumed)
