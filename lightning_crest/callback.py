@@ -37,8 +37,8 @@ class CrestCallback(Callback):
     mini-batch coreset: ``global_batch`` examples picked by facility location on gradient proxies from a random
     subset of the pool, with cluster-size weights. At each selection the callback plans ``P`` coresets, each from its
     own random subset (the first ``hessian_probes`` picked at once, the others when first reached), and builds a
-    quadratic model of the loss. Every ``T1`` steps it compares the model's prediction with the loss on a sample of
-    the first subset; when the relative error exceeds ``tau`` it selects again. After every re-selection
+    quadratic model of the loss. Every ``T1`` steps it compares the model's prediction with the loss on a random
+    check sample drawn at the selection; when the relative error exceeds ``tau`` it selects again. After every re-selection
     ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is the sharpest
     smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every ``drop_interval``
     epochs, examples whose losses recorded in the window all stayed at or under ``drop_threshold`` leave the pool of
@@ -53,9 +53,15 @@ class CrestCallback(Callback):
         random_subset_size: Size ``r`` of each random subset: a fraction of the training set (float) or a count
             (int). A fraction never yields fewer examples than the global batch.
         tau: Tolerance of the quadratic model's relative error before re-selecting.
-        check_size: Examples of the first random subset on which the loss is measured at the selection and at
-            every check (the same examples both times); ``None`` uses the whole subset (``r``, the paper). Each
+        check_size: Examples of the check sample, on which the loss is measured at the selection and at every check
+            (the same examples both times), at most ``r``; ``None`` checks on ``r`` examples (the paper). Each
             check is a forward pass over them, every ``T1`` steps.
+        check_sample: Where the check sample comes from. ``"independent"``: a class-stratified random draw of its
+            own from the pool, scored at the selection beside the random subsets (one forward pass over
+            ``check_size`` examples per selection). ``"subset"``: a random part of the first random subset, scored
+            in the same pass at no extra cost; but that subset's coreset is trained on, so part of the sample
+            (``check_size * batch / r`` examples on average) is trained on too, and its loss falls faster than
+            the loss the model describes.
         interval_mul: ``h``, scale of the adaptive check interval ``T1``.
         coreset_mul: ``b``, coresets per selection per step of ``T1``. Unlike the paper, ``P`` is not capped by the
             steps left in the epoch: a selection carries over the epoch's end, and the coresets beyond the
@@ -117,6 +123,8 @@ class CrestCallback(Callback):
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
     _restored_shape: tuple[int | None, int | None]
+    _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
+    _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
@@ -131,6 +139,7 @@ class CrestCallback(Callback):
         random_subset_size: int | float = 0.01,
         tau: float = 0.05,
         check_size: int | None = None,
+        check_sample: Literal["independent", "subset"] = "independent",
         interval_mul: float = 1.0,
         coreset_mul: int = 5,
         drop_learned: bool = True,
@@ -162,6 +171,8 @@ class CrestCallback(Callback):
         _check_range("tau", tau, 0.0, math.inf)
         if check_size is not None:
             _check_positive_int("check_size", check_size)
+        if check_sample not in ("independent", "subset"):
+            raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {check_sample!r}.")
         _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
         if interval_mul == math.inf:
             raise ValueError(
@@ -195,6 +206,7 @@ class CrestCallback(Callback):
         self.random_subset_size = random_subset_size
         self.tau = tau
         self.check_size = check_size
+        self.check_sample = check_sample
         self.interval_mul = interval_mul
         self.coreset_mul = coreset_mul
         self.drop_learned = drop_learned
@@ -540,7 +552,7 @@ class CrestCallback(Callback):
         self._steps_since_selection = 0
         self._stale = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
-        self._check_seed: int | None = None
+        self._check_seed = None
         self._check_batches = None
         self._anchor_stats = []
         self._rho = math.nan
@@ -558,7 +570,7 @@ class CrestCallback(Callback):
         self._epoch_floor = 0
         self._restored_plan = None
         self._restored_shape = (None, None)
-        self._restored_settings: dict[str, Any] = {}
+        self._restored_settings = {}
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._module is not None and self._module is not pl_module and self._restored_plan is None:
@@ -599,10 +611,14 @@ class CrestCallback(Callback):
         subset = self._subset_size(n, global_batch)
         if self.check_size is not None and self.check_size > subset:
             raise ValueError(
-                f"`check_size`={self.check_size} exceeds the random subset size r={subset} it is drawn from; "
-                "lower it, raise `random_subset_size`, or pass None to check on the whole subset."
+                f"`check_size`={self.check_size} exceeds the random subset size r={subset}; lower it, raise "
+                "`random_subset_size`, or pass None to check on r examples."
             )
-        if self.check_size is not None and 0 < subset - self.check_size < trainer.world_size:
+        if (
+            self.check_sample == "subset"
+            and self.check_size is not None
+            and 0 < subset - self.check_size < trainer.world_size
+        ):
             raise ValueError(
                 f"`check_size`={self.check_size} leaves {subset - self.check_size} of the random subset's r={subset} "
                 f"examples to score besides it, fewer than the {trainer.world_size} processes that share them; "
@@ -760,17 +776,27 @@ class CrestCallback(Callback):
         self._anchor_stats = [stat.clone() for stat in self._running_stats()]
         probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
         subsets = self._draw(probed, self._subset)
-        # The check sample: a random part of the first subset, put first and loaded once, so that the loss at the
-        # selection (L0) and at every check are measured on the same inputs, random augmentations included. Its
-        # items are read under a seed of their own, so that a restored run loads the same views again.
-        subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
+        # The check sample, loaded once, so that the loss at the selection (L0) and at every check are measured on
+        # the same inputs, random augmentations included; its items are read under a seed of their own, so that a
+        # restored run loads the same views again.
         checked = self.check_size or self._subset
         self._check_seed = (self.seed << 32) + self._selections
-        self._check_indices = subsets[0][:checked]
-        self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
-        coresets, weights, losses = self._pick(subsets, self._check_batches)
+        if self.check_sample == "independent":
+            self._check_indices = self._draw(1, checked)[0]
+            self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
+            with self._timed("checks"):
+                _, check_losses = self._forward(self._check_indices, self._check_batches)
+            self._record_losses(self._check_indices, check_losses)
+            coresets, weights, _ = self._pick(subsets)
+            loss0 = float(check_losses.mean())
+        else:  # a random part of the first subset, put first and scored with it
+            subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
+            self._check_indices = subsets[0][:checked]
+            self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
+            coresets, weights, losses = self._pick(subsets, self._check_batches)
+            loss0 = float(losses[:checked].mean())
         with self._timed("hessian"):
-            self._build_model(coresets, weights, float(losses[:checked].mean()))
+            self._build_model(coresets, weights, loss0)
         self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
         if self._selections > 0:
             self._interval = self._adapted_interval()

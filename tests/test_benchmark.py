@@ -148,13 +148,16 @@ def test_benchmark_hides_lightnings_info_lines_unless_asked_for_progress(
 def test_benchmark_options_and_seed_reach_the_callback() -> None:
     argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1"]
     argv += ["--hessian-every", "4", "--hessian-subsample", "2", "--proxy-dtype", "bfloat16"]
-    args = bench.parse_args([*argv, "--random-subset-size", "300", "--check-size", "none"])
+    args = bench.parse_args(
+        [*argv, "--random-subset-size", "300", "--check-size", "none", "--check-sample", "subset"]
+    )
     for method in ("crest", "crest-no-drop", "crest-first-order"):
         callback = bench.make_callback(method, 0.1, 7, args)
         assert callback is not None
         options = (callback.tau, callback.interval_mul, callback.coreset_mul)
         assert (*options, callback.hessian_every, callback.hessian_subsample) == (0.1, 2, 1, 4, 2)
         assert (callback.random_subset_size, callback.check_size, callback.fraction) == (300, None, 0.1)
+        assert callback.check_sample == "subset"
         assert callback.proxy_dtype == torch.bfloat16
         assert (callback.drop_learned, callback.second_order) == (
             method != "crest-no-drop",

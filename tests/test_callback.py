@@ -171,7 +171,9 @@ class AnchorRecorder(Recorder):
 
 @pytest.mark.parametrize("check_size", [None, 7])
 def test_check_sample_is_part_of_the_first_subset_measured_at_the_anchor(check_size: int | None) -> None:
-    callback = AnchorRecorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6, check_size=check_size)
+    callback = AnchorRecorder(
+        random_subset_size=0.1, tau=0.0, interval_mul=1e-6, check_size=check_size, check_sample="subset"
+    )
     fit(callback, max_epochs=1)
     assert len(callback.anchors) > 2
     samples = set()
@@ -183,6 +185,56 @@ def test_check_sample_is_part_of_the_first_subset_measured_at_the_anchor(check_s
         assert anchor_loss == pytest.approx(float(losses[positions].mean()), rel=1e-6)
         samples.add(tuple(sorted(check.tolist())))
     assert len(samples) == len(callback.anchors)  # a fresh sample at every selection
+
+
+@pytest.mark.parametrize("check_size", [None, 40])
+def test_independent_check_sample_is_a_stratified_draw_measured_at_the_anchor(check_size: int | None) -> None:
+    data = blobs()
+    measured: list[
+        tuple[Tensor, float, float, Tensor]
+    ] = []  # check sample, L0, reference loss, first coreset
+
+    class Anchors(Recorder):
+        def _select_coresets(self) -> None:
+            super()._select_coresets()
+            module = self._module
+            assert module is not None
+            check = self._check_indices.clone()
+            module.eval()
+            with torch.no_grad():  # the parameters of the selection: no step has been taken since
+                reference = float(
+                    torch.nn.functional.cross_entropy(module(data.tensors[0][check]), data.tensors[1][check])
+                )
+            module.train()
+            anchor_loss = self._quadratic.anchor_loss
+            assert anchor_loss is not None
+            measured.append((check, anchor_loss, reference, self._dm.plan.batches[0][0].clone()))
+
+    fit(
+        Anchors(random_subset_size=0.1, tau=0.0, interval_mul=1e-6, check_size=check_size),
+        data=data,
+        max_epochs=1,
+    )
+    assert len(measured) > 2
+    shares = torch.bincount(data.targets, minlength=4).float() / len(data.targets)
+    overlaps = []
+    for check, anchor_loss, reference, first_coreset in measured:
+        size = check_size or 120
+        assert len(check.unique()) == len(check) == size
+        # Class-stratified: each class has its share of the sample, rounded up or down.
+        assert bool(((torch.bincount(data.targets[check], minlength=4) - size * shares).abs() < 1).all())
+        # L0 is the plain eval-mode loss of exactly the examples the checks evaluate.
+        assert anchor_loss == pytest.approx(reference, rel=1e-5)
+        overlaps.append(len(set(check.tolist()) & set(first_coreset.tolist())))
+    # Drawn apart from the subsets: the first coreset (32 examples) meets it only by chance (3.2 expected for
+    # 120 of 1,200; all 32 when the sample is the first subset).
+    assert sum(overlaps) / len(overlaps) < 8
+    assert len({tuple(sorted(c.tolist())) for c, *_ in measured}) == len(measured)  # fresh at every selection
+
+
+def test_check_sample_option_is_checked() -> None:
+    with pytest.raises(ValueError, match="`check_sample` must be 'independent' or 'subset', got 'first'"):
+        CrestCallback(check_sample="first")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -380,10 +432,13 @@ def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch
     assert graph_passes
     assert not any(graph_passes)
     assert any(bool(checked.any()) for *_, checked in scored)
+    assert any(bool((~checked).any()) for *_, checked in scored)
     for logits, exact, low, checked in scored:
         # The check sample is always measured in the trainer's precision, as at every check.
         torch.testing.assert_close(logits[checked], exact[checked])
         scoring = ~checked
+        if not scoring.any():  # the check sample's own pass at a selection
+            continue
         if dtype is None:
             torch.testing.assert_close(logits[scoring], exact[scoring])
         else:

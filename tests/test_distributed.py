@@ -123,7 +123,7 @@ def test_launchers_that_run_the_script(strategy: str, tmp_path: Path) -> None:
     ("check_size", "match"),
     [
         (1, "`check_size`=1 is smaller than the 2 processes that share each check; raise it."),
-        (
+        (  # with check_sample="subset": the rest of the first subset is scored beside the check sample
             119,
             "`check_size`=119 leaves 1 of the random subset's r=120 examples to score besides it, fewer than the 2 "
             "processes that share them; lower it to at most 118, or pass None",
@@ -136,7 +136,9 @@ def test_check_sizes_that_leave_a_process_without_rows_are_refused(check_size: i
     trainer = SimpleNamespace(
         datamodule=dm, accumulate_grad_batches=1, strategy=SimpleNamespace(), world_size=2
     )
-    callback = CrestCallback(fraction=0.25, random_subset_size=0.1, check_size=check_size)
+    callback = CrestCallback(
+        fraction=0.25, random_subset_size=0.1, check_size=check_size, check_sample="subset"
+    )
     with pytest.raises(ValueError, match=re.escape(match)):
         callback.setup(trainer, Classifier(), "fit")  # type: ignore[arg-type]
 

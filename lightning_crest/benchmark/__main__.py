@@ -61,6 +61,7 @@ def make_callback(method: str, budget: float, seed: int, args: argparse.Namespac
         "proxy_dtype": PROXY_DTYPES[args.proxy_dtype],
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
+        "check_sample": args.check_sample,
         "drop_learned": method != "crest-no-drop",
         "drop_interval": args.drop_interval,
         "second_order": method != "crest-first-order",
@@ -408,7 +409,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--check-size",
         type=_optional_count,
         default=128,
-        help="CREST: examples of the first random subset the checks evaluate ('none': all of it)",
+        help="CREST: examples in the check sample ('none': r)",
+    )
+    parser.add_argument(
+        "--check-sample",
+        choices=["independent", "subset"],
+        default="independent",
+        help="CREST: the check sample is a random draw of its own, or part of the first random subset",
     )
     parser.add_argument(
         "--drop-interval",
