@@ -38,11 +38,11 @@ class CrestCallback(Callback):
     subset of the pool, with cluster-size weights. At each selection the callback plans ``P`` coresets, each from its
     own random subset (the first ``hessian_probes`` picked at once, the others when first reached), and builds a
     quadratic model of the loss. Every ``T1`` steps it compares the model's prediction with the loss on a random
-    check sample drawn at the selection; when the relative error exceeds ``tau`` it selects again. After every re-selection
-    ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is the sharpest
-    smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every ``drop_interval``
-    epochs, examples whose losses recorded in the window all stayed at or under ``drop_threshold`` leave the pool of
-    future random subsets.
+    check sample drawn at the selection; when the relative error exceeds ``tau`` it selects again. After every
+    re-selection ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is
+    the sharpest smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every
+    ``drop_interval`` epochs, examples whose losses recorded in the window all stayed at or under ``drop_threshold``
+    leave the pool of future random subsets.
 
     The callback needs a :class:`~lightning_crest.CrestDataModule`, whose training batches are
     ``(inputs, targets, weights)``; the module's loss must use the weights (see
@@ -420,10 +420,13 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
+        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is. They
+        # are the same on every process but the overhead; epoch values that are not synced make Lightning warn.
         if self._pool is not None:
             metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
-            pl_module.log_dict(metrics, on_step=False, on_epoch=True, batch_size=self._global_batch)
+            pl_module.log_dict(
+                metrics, on_step=False, on_epoch=True, batch_size=self._global_batch, sync_dist=True
+            )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -715,7 +718,8 @@ class CrestCallback(Callback):
             if saved != getattr(self, name):
                 raise ValueError(
                     f"The checkpoint was trained with CrestCallback({name}={saved!r}); this run's has "
-                    f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without `ckpt_path`."
+                    f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without "
+                    "`ckpt_path`."
                 )
         if global_batch is not None and global_batch != self._global_batch:
             raise ValueError(
