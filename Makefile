@@ -32,7 +32,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) benchmarks/selection.py
 
-# The full Fashion-MNIST comparison at 10% and 20% budgets (about 85 minutes on 2 cores).
+# The full Fashion-MNIST comparison at 10% and 20% budgets (about 80 minutes on 2 cores).
 benchmark: $(STAMP)
 	scripts/fetch-fashion-mnist data
 	$(PY) -m lightning_crest.benchmark --budget 0.1 0.2 --seeds 3 --output benchmarks/results/fashion_mnist.json
