@@ -420,13 +420,9 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is. They
-        # are the same on every process but the overhead; epoch values that are not synced make Lightning warn.
+        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
         if self._pool is not None:
-            metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
-            pl_module.log_dict(
-                metrics, on_step=False, on_epoch=True, batch_size=self._global_batch, sync_dist=True
-            )
+            self._log_statistics(pl_module, epoch=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -1154,10 +1150,15 @@ class CrestCallback(Callback):
         ``log_every_n_steps`` steps.
         """
         # Lightning's own test of whether the loggers write at this step; if it ever goes, log at every step.
-        if not getattr(trainer._logger_connector, "should_update_logs", True):
-            return
+        if getattr(trainer._logger_connector, "should_update_logs", True):
+            self._log_statistics(pl_module, epoch=False)
+
+    def _log_statistics(self, pl_module: L.LightningModule, *, epoch: bool) -> None:
+        # Epoch values are the same on every process but the overhead; unsynced, they make Lightning warn.
         metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self._global_batch)
+        pl_module.log_dict(
+            metrics, on_step=not epoch, on_epoch=epoch, batch_size=self._global_batch, sync_dist=epoch
+        )
 
 
 def learned_examples(
