@@ -273,9 +273,9 @@ class CrestCallback(Callback):
         """What the callback logs as ``crest/*``, current at every step (the logged values are refreshed only where
         the Trainer's loggers write, every ``log_every_n_steps`` steps, and at the end of each epoch).
 
-        ``selections`` (coreset selections so far in the current fit), ``pool_size`` (examples not excluded as
-        learned), ``selection_time`` (seconds spent selecting this fit), ``overhead`` (the share of the fit's time
-        spent in CREST's own work); with ``selection="crest"`` also ``rho`` (the quadratic model's relative error at
+        ``selections`` (coreset selections since training started, a restored checkpoint's included),
+        ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
+        ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with ``selection="crest"`` also ``rho`` (the quadratic model's relative error at
         the last check, NaN before the first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
         elapsed = time.perf_counter() - self._fit_start
@@ -597,7 +597,7 @@ class CrestCallback(Callback):
             )
         if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
             raise ValueError(
-                f"CrestCallback does not support the {type(trainer.strategy).__name__} strategy (sharded parameters "
+                f"CrestCallback does not support {type(trainer.strategy).__name__} (sharded parameters "
                 "break its quadratic model); use 'ddp', 'ddp_spawn' or 'ddp_notebook'."
             )
         labels = dm.labels
@@ -605,9 +605,18 @@ class CrestCallback(Callback):
         global_batch = dm.batch_size * trainer.world_size
         if n < global_batch:
             raise ValueError(
-                f"The training set has {n} examples, fewer than one global batch of {global_batch}."
+                f"The training set has {n} examples, fewer than one global batch of {global_batch} "
+                f"(batch_size={dm.batch_size} x {trainer.world_size} processes); lower the data module's "
+                "`batch_size`."
             )
         subset = self._subset_size(n, global_batch)
+        if self.selection == "crest" and subset <= global_batch:
+            rank_zero_warn(
+                f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "
+                f"more than the global batch of {global_batch}: every coreset is its whole subset with weight 1, so "
+                "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
+                "(about twice the global batch or more), or pass selection='random'."
+            )
         if self.check_size is not None and self.check_size > subset:
             raise ValueError(
                 f"`check_size`={self.check_size} exceeds the random subset size r={subset}; lower it, raise "

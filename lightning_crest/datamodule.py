@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
 
 from lightning_crest.distributed import release_process_group
@@ -35,7 +35,8 @@ class CrestDataModule(L.LightningDataModule):
 
     Args:
         train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read
-            from its ``targets`` attribute when present, else in one pass over the data.
+            from its ``targets`` attribute when present (or that of the dataset under a ``Subset``, such as
+            ``random_split`` returns), else in one pass over the data.
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
         batch_size: Examples per process and training step (one mini-batch coreset per step).
@@ -263,24 +264,44 @@ def _check_item(dataset: Dataset[Any]) -> None:
             + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
             + " for item 0. Wrap the dataset so that it returns (input, target)."
         )
-    target = item[1]
-    if isinstance(target, Tensor):  # a scalar: a target of shape (1,) would collate to (B, 1)
-        integer = target.ndim == 0 and not target.is_floating_point() and target.dtype != torch.bool
-    else:  # Python and numpy integers (numpy's are not `int`, and numpy's bools are not Integral)
-        integer = isinstance(target, numbers.Integral) and not isinstance(target, bool)
-    if not integer:
+    if not _is_class_index(item[1]):
         raise TypeError(
-            f"`train_dataset` targets must be integer class indices (scalars), got {target!r} for item 0. "
-            "CREST selects within classes."
+            f"`train_dataset` targets must be integer class indices (scalars), got {item[1]!r} for item 0. CREST "
+            "selects within classes, so it trains classifiers only; map the targets to class indices (for "
+            "example with the dataset's `target_transform`)."
         )
+
+
+def _is_class_index(target: Any) -> bool:
+    if isinstance(target, Tensor):  # a scalar: a target of shape (1,) would collate to (B, 1)
+        return target.ndim == 0 and not target.is_floating_point() and target.dtype != torch.bool
+    # Python and numpy integers (numpy's are not `int`, and numpy's bools are not Integral)
+    return isinstance(target, numbers.Integral) and not isinstance(target, bool)
+
+
+def _targets_attribute(dataset: Dataset[Any]) -> Any:
+    """The ``targets`` of ``dataset``, or of the dataset under a (nested) :class:`~torch.utils.data.Subset`."""
+    targets = getattr(dataset, "targets", None)
+    if targets is None and isinstance(dataset, Subset):
+        parent = _targets_attribute(dataset.dataset)
+        if parent is not None:
+            targets = torch.as_tensor(parent)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return targets
 
 
 def _read_labels(dataset: Dataset[Any]) -> Tensor:
     size = len(dataset)  # type: ignore[arg-type]
-    targets = getattr(dataset, "targets", None)
+    targets = _targets_attribute(dataset)
     from_attribute = targets is not None
     if targets is None:
-        targets = [int(dataset[i][1]) for i in range(size)]
+        targets = [dataset[i][1] for i in range(size)]
+        for index, target in enumerate(targets):
+            if not _is_class_index(target):
+                raise TypeError(
+                    f"`train_dataset` targets must be integer class indices (scalars), got {target!r} for item "
+                    f"{index}. Make every item's target a class index."
+                )
+        targets = [int(target) for target in targets]
     labels = torch.as_tensor(targets)
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(
@@ -289,7 +310,8 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
         )
     if int(labels.min()) < 0:
         raise ValueError(
-            f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}."
+            f"`train_dataset` targets must be non-negative class indices, got {int(labels.min())}; number the "
+            "classes from 0 (for example with the dataset's `target_transform`, and its `targets` attribute if any)."
         )
     if from_attribute:
         if len(labels) != size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import pytest
@@ -292,3 +293,32 @@ def test_crests_own_passes_leave_the_normalisation_statistics_alone() -> None:
 
     fit(Guarded(random_subset_size=0.1, tau=0.02), model=Normalised(), max_epochs=2)
     assert {"pick", "model", "check"} <= set(calls)
+
+
+def _warnings_of_fit(callback: CrestCallback) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(callback, max_epochs=1)
+    return [str(w.message) for w in record]
+
+
+@pytest.mark.parametrize(("size", "warns"), [(0.01, True), (32, True), (33, False)])
+def test_random_subsets_no_larger_than_the_global_batch_warn_that_crest_selects_nothing(
+    size: float, warns: bool
+) -> None:
+    # 1% of 1200 is 12, raised to the global batch of 32: every coreset would be its whole subset.
+    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, tau=1e9))
+    found = [m for m in messages if "no more than the global batch" in m]
+    assert len(found) == warns
+    if warns:
+        assert f"`random_subset_size`={size} gives random subsets of r=32 examples" in found[0]
+    # The random baseline selects nothing anyway.
+    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, selection="random"))
+    assert not [m for m in messages if "no more than the global batch" in m]
+
+
+def test_a_training_set_smaller_than_a_global_batch_is_refused_with_the_fix() -> None:
+    with pytest.raises(
+        ValueError, match=r"1200 examples, fewer than one global batch of 2000 .*lower the data"
+    ):
+        fit(CrestCallback(), batch_size=2000, max_epochs=1)

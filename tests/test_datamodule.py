@@ -379,3 +379,40 @@ def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     assert order(7, 1) == list(reference)
     assert order(7, 1) != order(8, 1)
     assert sorted(order(8, 1)) == list(range(40))
+
+
+def test_a_later_item_with_a_float_target_is_refused_when_labels_come_from_the_items() -> None:
+    items = [(torch.zeros(2), 1)] * 3 + [(torch.zeros(2), 2.7)]
+    dm = CrestDataModule(items)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"integer class indices \(scalars\), got 2.7 for item 3"):
+        _ = dm.labels
+
+
+class CountingReads(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
+    """A labelled dataset that counts the items read."""
+
+    def __init__(self, data: LabelledTensors) -> None:
+        self.data, self.targets, self.reads = data, data.targets, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        self.reads += 1
+        return self.data[index]
+
+
+def test_labels_of_a_random_split_come_from_the_targets_under_it() -> None:
+    data = blobs(n=60)
+    parent = CountingReads(data)
+    part, _ = torch.utils.data.random_split(parent, [40, 20], generator=torch.Generator().manual_seed(0))
+    nested = torch.utils.data.Subset(part, list(range(0, 40, 2)))
+    for dataset, indices in (
+        (part, torch.as_tensor(part.indices)),
+        (nested, torch.as_tensor(part.indices)[::2]),
+    ):
+        parent.reads = 0
+        labels = CrestDataModule(dataset).labels
+        assert torch.equal(labels, data.targets[indices])
+        # The first item checked, then three spot checks of the attribute: no pass over the data.
+        assert parent.reads <= 4
