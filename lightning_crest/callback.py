@@ -131,6 +131,9 @@ class CrestCallback(Callback):
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
+    _epoch_ended: (
+        bool  # its end-of-epoch hook ran: Lightning resumes a checkpoint saved after it at the next epoch
+    )
     _epoch_floor: int  # after a restore: the earliest epoch that can start
 
     def __init__(
@@ -362,6 +365,7 @@ class CrestCallback(Callback):
         if epoch == self._started_epoch:
             return
         self._started_epoch = epoch
+        self._epoch_ended = False
         self._epoch_step = 0
         self._dm.plan.replay.clear()
         if (
@@ -420,6 +424,7 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ended = True
         # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
         if self._pool is not None:
             self._log_statistics(pl_module, epoch=True)
@@ -437,7 +442,9 @@ class CrestCallback(Callback):
         epoch_length = (
             min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
         )
-        epoch_done = self._epoch_step >= epoch_length
+        # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too: Lightning resumes a
+        # checkpoint saved at that end with the next epoch, which must get all its steps.
+        epoch_done = self._epoch_ended or self._epoch_step >= epoch_length
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -566,6 +573,7 @@ class CrestCallback(Callback):
         self._epoch_step = 0
         self._trained = 0
         self._started_epoch = -1
+        self._epoch_ended = False
         self._epoch_floor = 0
         self._restored_plan = None
         self._restored_shape = (None, None)
@@ -701,6 +709,7 @@ class CrestCallback(Callback):
         dm.plan.restart()
         self._trained = 0
         self._started_epoch = -1
+        self._epoch_ended = False
         # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first.
         self._epoch_floor = max(self._epoch_floor, trainer.current_epoch)
         if self._pool is None or len(self._pool) != n:
@@ -1220,7 +1229,7 @@ def learned_examples(
 def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
     """``ceil(fraction * total / per)`` for the fraction as written in decimal: in floats, 0.07 * 50000 / 125 is
     28.000000000000004, and a step or an example more than asked for."""
-    return math.ceil(Fraction(repr(fraction)) * total / per)
+    return math.ceil(Fraction(repr(float(fraction))) * total / per)  # numpy floats' repr is not a literal
 
 
 @contextmanager

@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
@@ -128,10 +129,11 @@ def test_a_fractional_random_subset_size_rounds_up() -> None:
     assert len(callback._check_indices) == expected  # check_size=None checks on the whole first subset
 
 
-def test_decimal_fractions_are_not_rounded_up_by_float_noise() -> None:
+@pytest.mark.parametrize("kind", [float, np.float64])
+def test_decimal_fractions_are_not_rounded_up_by_float_noise(kind: Any) -> None:
     # In floats 0.07 * 1200 / 12 is 7.000000000000001 and 0.07 * 1200 is 84.00000000000001: ceil would give a step
-    # per epoch and an example per subset more than asked for.
-    callback = CrestCallback(fraction=0.07, random_subset_size=0.07, tau=1e9)
+    # per epoch and an example per subset more than asked for. NumPy's floats (from a config or a sweep) too.
+    callback = CrestCallback(fraction=kind(0.07), random_subset_size=kind(0.07), tau=1e9)
     trainer, _ = fit(callback, batch_size=12, max_epochs=1)
     assert callback._steps_per_epoch == 7
     assert trainer.global_step == 7

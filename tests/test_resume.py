@@ -374,6 +374,37 @@ def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Pa
         assert {"crest/selections", "crest/rho", "val_acc", "lr-SGD"} <= set(header)
 
 
+class StopAt(L.Callback):
+    """Stops the run after a global step, as `Timer` and `EarlyStopping` do inside an epoch."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "should_stop"])
+def test_a_run_stopped_inside_an_epoch_resumes_with_whole_epochs(tmp_path: Path, stop: str) -> None:
+    # Stopped at step 13 of 10-step epochs, the checkpoint is saved at the end of epoch 1; Lightning resumes it
+    # with epoch 2, which must get all its 10 steps (it got the 7 left of epoch 1's).
+    ckpt = ModelCheckpoint(tmp_path, filename="last", monitor=None)
+    options: dict[str, Any] = {"max_steps": 13} if stop == "max_steps" else {}
+    stopper = [StopAt(13)] if stop == "should_stop" else []
+    first, _ = run(crest(), extra=[*stopper, ckpt], enable_checkpointing=True, **options)
+    assert first.global_step == 13
+    steps: list[int] = []
+
+    class Epochs(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            steps.append(trainer.current_epoch)
+
+    second, _ = run(crest(), ckpt_path=str(tmp_path / "last.ckpt"), extra=[Epochs()])
+    assert steps == [2] * STEPS
+    assert second.global_step == 13 + STEPS
+
+
 def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     class Interrupt(L.Callback):
         def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
@@ -540,5 +571,5 @@ def test_sharded_strategies_are_refused() -> None:
 
     dm = CrestDataModule(blobs(n=N), batch_size=BATCH)
     fake = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, strategy=FSDPStrategy(), world_size=1)
-    with pytest.raises(ValueError, match="does not support the FSDPStrategy strategy"):
+    with pytest.raises(ValueError, match="does not support FSDPStrategy"):
         CrestCallback().setup(fake, TinyClassifier(), "fit")  # type: ignore[arg-type]
