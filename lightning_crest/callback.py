@@ -135,6 +135,7 @@ class CrestCallback(Callback):
         bool  # its end-of-epoch hook ran: Lightning resumes a checkpoint saved after it at the next epoch
     )
     _epoch_floor: int  # after a restore: the earliest epoch that can start
+    _modelled: tuple[str, ...]  # names of the parameters the quadratic model describes
 
     def __init__(
         self,
@@ -452,6 +453,7 @@ class CrestCallback(Callback):
             "quadratic": self._quadratic.state_dict(),
             "interval": self._interval,
             "peak_curvature": self._peak_curvature,
+            "modelled": list(self._modelled),
             "num_coresets": self._num_coresets,
             "selections": self._selections,
             "checks": self._checks,
@@ -493,6 +495,7 @@ class CrestCallback(Callback):
         self._quadratic.load_state_dict(state_dict["quadratic"])
         self._interval = int(state_dict["interval"])
         self._peak_curvature = float(state_dict["peak_curvature"])
+        self._modelled = tuple(state_dict["modelled"])
         self._num_coresets = int(state_dict["num_coresets"])
         self._selections = int(state_dict["selections"])
         self._checks = int(state_dict["checks"])
@@ -553,6 +556,7 @@ class CrestCallback(Callback):
         self._interval = 1
         self._num_coresets = self.coreset_mul
         self._peak_curvature = 0.0
+        self._modelled = ()
         self._selections = 0
         self._checks = 0
         self._steps_since_selection = 0
@@ -983,14 +987,26 @@ class CrestCallback(Callback):
         owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
         return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad] if owners else []
 
+    def _modelled_names(self) -> tuple[str, ...]:
+        """Names of the parameters the quadratic model would describe now (see :meth:`_model_parameters`)."""
+        assert self._module is not None
+        chosen = {id(p) for p in self._model_parameters()}
+        return tuple(name for name, p in self._module.named_parameters() if id(p) in chosen)
+
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
         """Update the smoothed gradient with each given coreset, and the curvature with one Hutchinson probe per
         coreset at every ``hessian_every``-th selection; then anchor the model here."""
         trainer = self._trainer
         assert trainer is not None
+        names = self._modelled_names()
+        if names != self._modelled:
+            # Other parameters are trained now (a backbone unfrozen, say): their model starts afresh.
+            if self._modelled:
+                self._quadratic, self._peak_curvature = QuadraticModel(), 0.0
+            self._modelled = names
         params = self._model_parameters()
         mine = batch_share(trainer.global_rank, trainer.world_size)
-        probe = self._selections % self.hessian_every == 0
+        probe = self._selections % self.hessian_every == 0 or self._quadratic.curvature_steps == 0
         double_backward = probe and self.second_order
         for coreset, weight in zip(coresets, weights, strict=True):
             grad, curvature = self._coreset_derivatives(coreset[mine], weight[mine], params, double_backward)
@@ -1066,6 +1082,10 @@ class CrestCallback(Callback):
         """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""
         trainer = self._trainer
         assert trainer is not None
+        if self._modelled_names() != self._modelled:
+            # Parameters were frozen or unfrozen since the selection: the model describes other ones.
+            self._rho = math.nan
+            return True
         with self._timed("checks"):
             indices = self._check_indices
             if self._check_batches is None:  # after a restore

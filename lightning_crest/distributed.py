@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
 import math
+import multiprocessing.util
+import os
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import Tensor
 
 
@@ -51,12 +51,14 @@ def mean_over_processes(trainer: L.Trainer, value: Tensor) -> Tensor:
 
 
 def release_process_group(trainer: L.Trainer) -> None:
-    """Destroy the default process group at the end of a multi-process run, before the process exits.
+    """Destroy the default process group when this process exits, after a multi-process run.
 
     A gloo process group still alive at interpreter exit sometimes aborts the process ("terminate called without an
-    active exception") after a successful fit. Spawned and forked workers (``ddp_spawn``, ``ddp_notebook``) end
-    with the trainer call, so the group goes now. Processes of plain ``ddp`` run the rest of the user's script,
-    whose next ``trainer.fit``/``test`` reuses the group, so it goes at interpreter exit instead.
+    active exception") after a successful fit. The group is not destroyed when the trainer call ends: the
+    callbacks' and the module's ``teardown`` come after the data module's and may still use it, and a later
+    ``trainer.fit``/``test`` in the same script reuses it. The release is a :mod:`multiprocessing` finalizer, which
+    runs at the exit of the main process and also of spawned and forked workers (``ddp_spawn``, ``ddp_notebook``),
+    where ``atexit`` hooks do not run.
     """
     if (
         trainer.world_size == 1
@@ -64,16 +66,13 @@ def release_process_group(trainer: L.Trainer) -> None:
         or not torch.distributed.is_initialized()
     ):
         return
-    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
-        torch.distributed.destroy_process_group()
-    else:
-        global _exit_hook_registered
-        if not _exit_hook_registered:
-            atexit.register(_destroy_at_exit)
-            _exit_hook_registered = True
+    global _released_at_exit_by
+    if _released_at_exit_by != os.getpid():  # a forked worker inherits the flag, not the finalizer
+        multiprocessing.util.Finalize(None, _destroy_at_exit, exitpriority=0)
+        _released_at_exit_by = os.getpid()
 
 
-_exit_hook_registered = False
+_released_at_exit_by: int | None = None
 
 
 def _destroy_at_exit() -> None:

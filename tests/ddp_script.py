@@ -5,7 +5,7 @@ tests run this file through ``subprocess``::
 
     python tests/ddp_script.py ddp OUT_DIR          # or ddp_notebook
 
-Rank 0 writes ``OUT_DIR/result.json``. ``ddp_spawn`` tests import :class:`Audit` and :func:`setting` from here.
+Rank 0 writes ``OUT_DIR/result.json``. ``ddp_spawn`` tests import :class:`Audit`, :class:`TeardownSums` and :func:`setting` from here.
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ def digest(*tensors: Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+class TeardownSums(L.Callback):
+    """Sums ``rank + 1`` over the processes in its teardown, which Lightning calls after the data module's."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        total = trainer.strategy.reduce(torch.tensor(float(trainer.global_rank + 1)), reduce_op="sum")
+        torch.distributed.barrier()
+        Path(f"{self.path}.{trainer.global_rank}").write_text(str(float(total)))
 
 
 def setting(batch_size: int, **kwargs: Any) -> tuple[CrestDataModule, dict[str, Any]]:

@@ -319,3 +319,34 @@ def test_channels_last_classifier_computes_the_same_logits(name: str, channels: 
         torch.testing.assert_close(fast(inputs), reference(inputs), rtol=1e-4, atol=1e-5)
     assert hidden[0].is_contiguous(memory_format=torch.channels_last)
     assert not hidden[0].is_contiguous()
+
+
+def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "check_trace.py"
+    spec = importlib.util.spec_from_file_location("check_trace", path)
+    assert spec is not None
+    assert spec.loader is not None
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    monkeypatch.setattr(bench, "CrestCallback", bench.CrestCallback)  # the script swaps in its own
+    _use_images(monkeypatch, 256, 64)
+    output = tmp_path / "trace.json"
+    trace.main([*_ONE_CREST_RUN, "--epochs", "3", "--seeds", "1", "--trace", str(output)])
+    rows = json.loads(output.read_text())
+    assert rows == trace.TRACED[-1].rows
+    assert len(rows) >= 3
+    for row in rows:
+        predicted = row["L0"] + row["first_order"] + row["second_order"]
+        # The terms recorded rebuild the prediction the check compared: its rho, and its decision.
+        assert abs(predicted - row["actual"]) / row["actual"] == pytest.approx(row["rho"], rel=1e-4, abs=1e-6)
+        assert row["failed"] == (row["rho"] > 0.05)
+        assert row["second_order"] >= 0
+    table = capsys.readouterr().out.split("| phase (steps) | checks | failed |")[1].splitlines()[2:]
+    phases = [line.split(" | ") for line in table if line.startswith("| ")]
+    # Every check falls in one phase of the schedule.
+    assert sum(int(cells[1]) for cells in phases) == len(rows)
+    assert sum(int(cells[2]) for cells in phases) == sum(row["failed"] for row in rows)

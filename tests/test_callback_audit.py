@@ -324,3 +324,43 @@ def test_a_training_set_smaller_than_a_global_batch_is_refused_with_the_fix() ->
         ValueError, match=r"1200 examples, fewer than one global batch of 2000 .*lower the data"
     ):
         fit(CrestCallback(), batch_size=2000, max_epochs=1)
+
+
+class Finetuned(TinyClassifier):
+    """A backbone and a head; BackboneFinetuning freezes the backbone, then unfreezes it into the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = self.net[:2]
+        self.head = self.net[2]
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.head(self.backbone(inputs))  # type: ignore[no-any-return]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
+
+
+@pytest.mark.parametrize("hessian_params", ["all", "last_layer"])
+def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(hessian_params: str) -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    sizes: list[tuple[int, int]] = []
+
+    class Sizes(CrestCallback):
+        def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
+            super()._build_model(coresets, weights, loss)
+            sizes.append((self._trainer.current_epoch, len(self._quadratic.gradient)))  # type: ignore[union-attr]
+
+    callback = Sizes(fraction=0.25, random_subset_size=0.1, hessian_params=hessian_params)
+    unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+    torch.manual_seed(0)
+    model = Finetuned()
+    trainer = make_trainer([callback, unfreeze], max_epochs=3)
+    trainer.fit(model, datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 3 * math.ceil(0.25 * 1200 / 32)
+    head = sum(p.numel() for p in model.head.parameters())
+    everything = sum(p.numel() for p in model.parameters())
+    after = everything if hessian_params == "all" else head
+    assert {size for epoch, size in sizes if epoch == 0} == {head}
+    assert {size for epoch, size in sizes if epoch >= 1} == {after}

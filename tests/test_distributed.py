@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_trainer
-from ddp_script import GLOBAL_BATCH, Audit, Classifier, accuracy, setting
+from ddp_script import GLOBAL_BATCH, Audit, Classifier, TeardownSums, accuracy, setting
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
 from lightning_crest import CrestCallback, datamodule, distributed
 from lightning_crest.distributed import gather_shares, mean_over_processes, release_process_group, share
@@ -174,42 +172,48 @@ def test_mean_over_processes_averages() -> None:
 
 
 @pytest.fixture
-def process_group(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """A pretend initialised process group: records its destruction and the exit hooks registered."""
-    events: list[str] = []
+def process_group(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """A pretend initialised process group: records its destruction and the exit finalizers registered."""
+    events: list[Any] = []
     monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: "destroyed" not in events)
     monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: events.append("destroyed"))
-    monkeypatch.setattr(distributed.atexit, "register", lambda hook: events.append(f"atexit {hook.__name__}"))
-    monkeypatch.setattr(distributed, "_exit_hook_registered", False)
+
+    def finalize(obj: Any, callback: Any, exitpriority: int | None = None) -> None:
+        events.append(("at exit", obj, callback, exitpriority))
+
+    monkeypatch.setattr(distributed.multiprocessing.util, "Finalize", finalize)
+    monkeypatch.setattr(distributed, "_released_at_exit_by", None)
     return events
 
 
-def _trainer(world_size: int, launcher: Any) -> Any:
-    return SimpleNamespace(world_size=world_size, strategy=SimpleNamespace(launcher=launcher))
+def _trainer(world_size: int) -> Any:
+    return SimpleNamespace(world_size=world_size)
 
 
-def test_spawned_processes_release_the_group_when_the_trainer_call_ends(process_group: list[str]) -> None:
-    spawn = _MultiProcessingLauncher.__new__(_MultiProcessingLauncher)
-    release_process_group(_trainer(1, spawn))
+def test_the_group_is_released_at_the_exit_of_the_process_only(process_group: list[Any]) -> None:
+    release_process_group(_trainer(1))
     assert process_group == []  # one process: no group of ours to release
-    release_process_group(_trainer(2, spawn))
-    assert process_group == ["destroyed"]
-    release_process_group(_trainer(2, spawn))  # a second teardown finds no group
-    assert process_group == ["destroyed"]
-
-
-@pytest.mark.parametrize("launcher", [None, "script"])
-def test_script_processes_keep_the_group_until_the_interpreter_exits(
-    process_group: list[str], launcher: str | None
-) -> None:
-    # Plain `ddp` runs the rest of the user's script in every process, and a later fit reuses the group.
-    script = None if launcher is None else _SubprocessScriptLauncher.__new__(_SubprocessScriptLauncher)
     for _ in range(3):
-        release_process_group(_trainer(2, script))
-    assert process_group == ["atexit _destroy_at_exit"]  # registered once, nothing destroyed yet
+        release_process_group(_trainer(2))
+    # One finalizer (they run at the exit of main and worker processes alike), nothing destroyed yet.
+    assert process_group == [("at exit", None, distributed._destroy_at_exit, 0)]
     distributed._destroy_at_exit()
     assert process_group[-1] == "destroyed"
+    distributed._destroy_at_exit()  # the group is gone: nothing to do
+    assert process_group.count("destroyed") == 1
+
+
+def test_callbacks_can_use_the_process_group_in_their_teardown(tmp_path: Path) -> None:
+    dm, options = setting(GLOBAL_BATCH // 2)
+    trainer = make_trainer(
+        [CrestCallback(**options), TeardownSums(str(tmp_path / "sum"))],
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=1,
+    )
+    trainer.fit(Classifier(), datamodule=dm)
+    assert [(tmp_path / f"sum.{rank}").read_text() for rank in range(2)] == ["3.0", "3.0"]
 
 
 def test_the_data_module_releases_the_group_at_teardown(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,7 +222,7 @@ def test_the_data_module_releases_the_group_at_teardown(monkeypatch: pytest.Monk
     dm, _ = setting(GLOBAL_BATCH)
     dm.teardown("fit")  # not attached to a trainer
     assert released == []
-    trainer = _trainer(2, None)
+    trainer = _trainer(2)
     dm.trainer = trainer
     dm.teardown("fit")
     assert released == [trainer]

@@ -1,0 +1,126 @@
+"""What CREST's check sees over a benchmark run: the quadratic model against simpler predictions of the loss.
+
+At every check it records the loss on the check sample (``actual``), the anchor loss ``L0``, the model's first-
+and second-order terms ``g.delta`` and ``delta.diag(H).delta / 2`` with the smoothed gradient ``g``, and the
+first-order term with the gradient of the selection's own coreset instead. It prints, by phase of the learning-rate
+schedule, how many checks failed and the median relative error of three predictions: the model as built, the loss
+staying at ``L0``, and the model with the selection's own gradient.
+
+    python benchmarks/check_trace.py --budget 0.1 --seeds 1 [other benchmark options] [--trace trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from typing import Any
+
+from torch import Tensor
+
+from lightning_crest import CrestCallback
+from lightning_crest.benchmark import __main__ as bench
+
+# Every callback made, in order: the benchmark's untimed warm-up fit comes first, the traced run last.
+TRACED: list[TracedCallback] = []
+
+
+class TracedCallback(CrestCallback):
+    """Records the terms of the quadratic model at every check."""
+
+    _own_gradient: Tensor | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.rows: list[dict[str, Any]] = []
+        TRACED.append(self)
+
+    def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
+        update = self._quadratic.update
+
+        def keep(grads: Any, hess_diag: Any = None) -> None:
+            self._own_gradient = grads[0].detach().flatten().clone()
+            update(grads, hess_diag)
+
+        self._quadratic.update = keep  # type: ignore[method-assign]
+        try:
+            super()._build_model(coresets, weights, loss)
+        finally:
+            del self._quadratic.update
+
+    def _check(self) -> bool:
+        model = self._quadratic
+        assert self._own_gradient is not None
+        assert self._trainer is not None
+        delta = model.delta(self._model_parameters())
+        row = {
+            "step": self._trainer.global_step,
+            "since_selection": self._steps_since_selection,
+            "L0": model.anchor_loss,
+            "first_order": float(model.gradient @ delta),
+            "own_first_order": float(self._own_gradient @ delta),
+            "second_order": float(0.5 * (model.hessian * delta * delta).sum()),
+        }
+        failed = super()._check()
+        self.rows.append(row | {"actual": float(self._check_loss), "rho": self._rho, "failed": failed})
+        return failed
+
+    def _evaluate(self, batches: list[Any], dtype: Any = None) -> tuple[Tensor, Tensor]:
+        logits, losses = super()._evaluate(batches, dtype)
+        self._check_loss = losses.mean()
+        return logits, losses
+
+
+def summarize(rows: list[dict[str, Any]], total_steps: int) -> str:
+    def error(predicted: float, actual: float) -> float:
+        return abs(predicted - actual) / actual
+
+    # The benchmark's schedule: warm-up over the first 10%, x0.1 at 60% and 85%.
+    bounds = [
+        0,
+        round(0.1 * total_steps),
+        round(0.6 * total_steps),
+        round(0.85 * total_steps),
+        total_steps + 1,
+    ]
+    names = ["warm-up", "full rate", "rate x0.1", "rate x0.01"]
+    lines = [
+        "| phase (steps) | checks | failed | median rho | median error of L0 | median error, own gradient | "
+        "median steps since selection |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, low, high in zip(names, bounds, bounds[1:]):
+        part = [r for r in rows if low < r["step"] <= high]
+        if not part:
+            continue
+        model = [r["rho"] for r in part]
+        constant = [error(r["L0"], r["actual"]) for r in part]
+        own = [error(r["L0"] + r["own_first_order"] + r["second_order"], r["actual"]) for r in part]
+        lines.append(
+            f"| {name} ({low + 1}-{min(high, total_steps)}) | {len(part)} | {sum(r['failed'] for r in part)} | "
+            f"{statistics.median(model):.3f} | {statistics.median(constant):.3f} | {statistics.median(own):.3f} | "
+            f"{statistics.median(r['since_selection'] for r in part):g} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trace", help="write every check's record to this JSON file")
+    args, rest = parser.parse_known_args(argv)
+    bench.CrestCallback = TracedCallback  # type: ignore[misc]
+    result = bench.main(["--methods", "crest", *rest])
+    runs = result["runs"]
+    if len(runs) != 1:
+        sys.exit("check_trace.py traces one run: pass one --budget and --seeds 1")
+    print("\nThe check over training (rho: the quadratic model's relative error):\n")
+    rows = TRACED[-1].rows
+    print(summarize(rows, runs[0]["steps"]))
+    if args.trace:
+        with open(args.trace, "w") as f:
+            json.dump(rows, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
