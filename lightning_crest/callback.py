@@ -122,7 +122,7 @@ class CrestCallback(Callback):
     _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
-    _restored_shape: tuple[int | None, int | None]
+    _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
@@ -487,6 +487,15 @@ class CrestCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        try:
+            self._load_state(state_dict)
+        except KeyError as error:
+            raise ValueError(
+                f"The checkpoint's CrestCallback state lacks {error}: it was saved by another version of "
+                "lightning-crest. Resume with that version, or start afresh without `ckpt_path`."
+            ) from None
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._pool = state_dict["pool"].clone()
         self._window_max_loss = state_dict["window_max_loss"].clone()
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -500,29 +509,26 @@ class CrestCallback(Callback):
         self._selections = int(state_dict["selections"])
         self._checks = int(state_dict["checks"])
         self._steps_since_selection = int(state_dict["steps_since_selection"])
-        self._stale = int(state_dict.get("stale", 0))
+        self._stale = int(state_dict["stale"])
         self._check_indices = state_dict["check_indices"].clone()
-        self._anchor_stats = [stat.clone() for stat in state_dict.get("anchor_stats", [])]
-        self._check_seed = state_dict.get("check_seed")
+        self._anchor_stats = [stat.clone() for stat in state_dict["anchor_stats"]]
+        self._check_seed = state_dict["check_seed"]
         self._check_batches = None
         self._rho = float(state_dict["rho"])
         self._selection_time = float(state_dict["selection_time"])
         self._last_drop_epoch = int(state_dict["last_drop_epoch"])
         self._weights_checked = bool(state_dict["weights_checked"])
         self._pool_size = int(self._pool.sum())
-        self._epoch_step = int(state_dict.get("epoch_step", 0))
-        self._epoch_floor = int(state_dict.get("epoch", -1)) + bool(state_dict.get("epoch_done", False))
+        self._epoch_step = int(state_dict["epoch_step"])
+        self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
         self._restored_plan = (
             list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
             int(state_dict["plan_cursor"]),
             self._epoch_step,
-            list(zip(state_dict.get("in_flight_indices", []), state_dict.get("in_flight_weights", []))),
+            list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
         )
-        # Checkpoints from before these were saved are not compared.
-        self._restored_shape = (state_dict.get("global_batch"), state_dict.get("steps_per_epoch"))
-        self._restored_settings = {
-            name: state_dict[name] for name in ("fraction", "selection", "seed") if name in state_dict
-        }
+        self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
+        self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
         # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
         # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
         if self._dm is not None and _fitting(self._trainer):
@@ -580,7 +586,7 @@ class CrestCallback(Callback):
         self._epoch_ended = False
         self._epoch_floor = 0
         self._restored_plan = None
-        self._restored_shape = (None, None)
+        self._restored_shape = (0, 0)
         self._restored_settings = {}
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -739,14 +745,14 @@ class CrestCallback(Callback):
                     f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without "
                     "`ckpt_path`."
                 )
-        if global_batch is not None and global_batch != self._global_batch:
+        if global_batch != self._global_batch:
             raise ValueError(
                 f"The checkpoint's coresets are global batches of {global_batch} examples; this run's are "
                 f"{trainer.world_size} process{'es' if trainer.world_size > 1 else ''} x batch_size={dm.batch_size} = "
                 f"{self._global_batch}. Resume with "
                 f"batch_size x devices x num_nodes = {global_batch}, or start afresh."
             )
-        if steps_per_epoch is not None and steps_per_epoch != self._steps_per_epoch:
+        if steps_per_epoch != self._steps_per_epoch:
             raise ValueError(
                 f"The checkpoint's epochs have {steps_per_epoch} steps; this run's have {self._steps_per_epoch} "
                 f"(ceil(fraction * n / global batch) with fraction={self.fraction}, n={len(self._labels)}). Resume "
@@ -1092,10 +1098,7 @@ class CrestCallback(Callback):
                 self._check_batches = self._fetch_share(indices, self._check_seed)
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
-            stats = self._running_stats()
-            # A checkpoint from before the statistics were saved has none: the current ones are used.
-            anchored = len(self._anchor_stats) == len(stats)
-            with _swapped(stats, self._anchor_stats) if anchored else nullcontext():
+            with _swapped(self._running_stats(), self._anchor_stats):
                 _, losses = self._evaluate(self._check_batches)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)

@@ -42,7 +42,7 @@ _TINY = 1e-12
 # by one because it came out as ``2.0000001``.
 _CEIL_SLACK = 1e-6
 
-_STATE_VERSION = 2
+_STATE_VERSION = 1
 
 
 def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
@@ -424,15 +424,24 @@ class QuadraticModel:
         Raises:
             ValueError: If the state is malformed or inconsistent.
         """
-        version = int(state.get("version", 1))
-        if version > _STATE_VERSION:
+        version = state.get("version")
+        if version != _STATE_VERSION:
             raise ValueError(
-                f"QuadraticModel state of version {version} is newer than this library reads ({_STATE_VERSION}); "
-                "upgrade lightning-crest"
+                f"QuadraticModel state of version {version!r}; this library reads version {_STATE_VERSION} (the "
+                "state was saved by another version of lightning-crest)"
             )
-        required = {"beta1", "beta2", "eps", "step", "grad_avg", "hess_sq_avg", "w0", "loss0", "ref_norm"}
-        if version >= 2:
-            required.add("hess_step")
+        required = {
+            "beta1",
+            "beta2",
+            "eps",
+            "step",
+            "hess_step",
+            "grad_avg",
+            "hess_sq_avg",
+            "w0",
+            "loss0",
+            "ref_norm",
+        }
         missing = required - state.keys()
         if missing:
             raise ValueError(f"QuadraticModel state is missing keys {sorted(missing)}")
@@ -445,8 +454,7 @@ class QuadraticModel:
                 raise ValueError(f"state[{name!r}] must be None or a 1-D tensor")
         if (grad_avg is None) != (hess_sq_avg is None) or (grad_avg is None) != (step == 0):
             raise ValueError("inconsistent state: EMAs must be present exactly when step > 0")
-        # Version 1 probed the curvature at every update; version 2 counts the probes.
-        hess_step = int(state["hess_step"]) if version >= 2 else step
+        hess_step = int(state["hess_step"])
         if (step == 0) != (hess_step == 0) or not 0 <= hess_step <= step:
             raise ValueError(f"inconsistent state: {hess_step} curvature probes in {step} updates")
         sizes = {t.numel() for t in (grad_avg, hess_sq_avg, w0) if t is not None}

@@ -573,3 +573,12 @@ def test_sharded_strategies_are_refused() -> None:
     fake = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, strategy=FSDPStrategy(), world_size=1)
     with pytest.raises(ValueError, match="does not support FSDPStrategy"):
         CrestCallback().setup(fake, TinyClassifier(), "fit")  # type: ignore[arg-type]
+
+
+def test_a_state_from_another_version_is_refused_with_the_key_it_lacks() -> None:
+    callback = crest()
+    run(callback, max_epochs=1)
+    state = callback.state_dict()
+    del state["modelled"]
+    with pytest.raises(ValueError, match="lacks 'modelled': it was saved by another version"):
+        crest().load_state_dict(state)
