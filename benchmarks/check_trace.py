@@ -2,7 +2,8 @@
 
 At every check it records the loss on the check sample (``actual``), the anchor loss ``L0``, the model's first-
 and second-order terms ``g.delta`` and ``delta.diag(H).delta / 2`` with the smoothed gradient ``g``, and the
-first-order term with the gradient of the selection's own coreset instead. It prints, by phase of the learning-rate
+first-order term with the gradient of the selection's probed coreset instead (the last of them with
+``hessian_probes=None``). It prints, by phase of the learning-rate
 schedule, how many checks failed and the median relative error of three predictions: the model as built, the loss
 staying at ``L0``, and the model with the selection's own gradient.
 
@@ -30,6 +31,7 @@ class TracedCallback(CrestCallback):
     """Records the terms of the quadratic model at every check."""
 
     _own_gradient: Tensor | None = None
+    _check_loss: Tensor | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -62,7 +64,10 @@ class TracedCallback(CrestCallback):
             "own_first_order": float(self._own_gradient @ delta),
             "second_order": float(0.5 * (model.hessian * delta * delta).sum()),
         }
+        self._check_loss = None
         failed = super()._check()
+        if self._check_loss is None:  # re-selected without measuring (the trainable parameters changed)
+            return failed
         self.rows.append(row | {"actual": float(self._check_loss), "rho": self._rho, "failed": failed})
         return failed
 

@@ -131,9 +131,8 @@ class CrestCallback(Callback):
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
-    _epoch_ended: (
-        bool  # its end-of-epoch hook ran: Lightning resumes a checkpoint saved after it at the next epoch
-    )
+    _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
+    _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
     _epoch_floor: int  # after a restore: the earliest epoch that can start
     _modelled: tuple[str, ...]  # names of the parameters the quadratic model describes
 
@@ -206,8 +205,11 @@ class CrestCallback(Callback):
             raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
         if selection not in ("crest", "random"):
             raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
-        self.fraction = fraction
-        self.random_subset_size = random_subset_size
+        # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
+        self.fraction = float(fraction)
+        self.random_subset_size = (
+            float(random_subset_size) if isinstance(random_subset_size, float) else int(random_subset_size)
+        )
         self.tau = tau
         self.check_size = check_size
         self.check_sample = check_sample
@@ -443,9 +445,7 @@ class CrestCallback(Callback):
         epoch_length = (
             min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
         )
-        # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too: Lightning resumes a
-        # checkpoint saved at that end with the next epoch, which must get all its steps.
-        epoch_done = self._epoch_ended or self._epoch_step >= epoch_length
+        epoch_done = self._epoch_step >= epoch_length
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -481,6 +481,8 @@ class CrestCallback(Callback):
             # work ran before the checkpoint), and whether all its steps were trained.
             "epoch": max(self._started_epoch, self._epoch_floor),
             "epoch_done": epoch_done,
+            # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too.
+            "epoch_ended": self._epoch_ended,
         }
 
     @override
@@ -521,6 +523,8 @@ class CrestCallback(Callback):
         self._pool_size = int(self._pool.sum())
         self._epoch_step = int(state_dict["epoch_step"])
         self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
+        self._epoch_ended = False
+        self._restored_epoch_ended = bool(state_dict["epoch_ended"]) and not state_dict["epoch_done"]
         self._restored_plan = (
             list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
             int(state_dict["plan_cursor"]),
@@ -588,6 +592,7 @@ class CrestCallback(Callback):
         self._restored_plan = None
         self._restored_shape = (0, 0)
         self._restored_settings = {}
+        self._restored_epoch_ended = False
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._module is not None and self._module is not pl_module and self._restored_plan is None:
@@ -759,6 +764,12 @@ class CrestCallback(Callback):
                 "with the checkpoint's `fraction` and training set, or start afresh."
             )
         batches, cursor, epoch_step, in_flight = self._restored_plan
+        if self._restored_epoch_ended and trainer.max_steps == -1:
+            # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
+            # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
+            epoch_step = self._steps_per_epoch
+            self._epoch_floor += 1
+        self._restored_epoch_ended = False
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step
         dm.plan.replay = list(in_flight)
@@ -1252,7 +1263,7 @@ def learned_examples(
 def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
     """``ceil(fraction * total / per)`` for the fraction as written in decimal: in floats, 0.07 * 50000 / 125 is
     28.000000000000004, and a step or an example more than asked for."""
-    return math.ceil(Fraction(repr(float(fraction))) * total / per)  # numpy floats' repr is not a literal
+    return math.ceil(Fraction(repr(fraction)) * total / per)
 
 
 @contextmanager
@@ -1335,7 +1346,7 @@ def _check_range(name: str, value: object, low: float, high: float, *, low_open:
         or not isinstance(value, (int, float))
         or (not math.isfinite(value) and high != math.inf)
     ):
-        raise ValueError(f"`{name}` must be a number, got {value!r}.")
+        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}; pass float(...) of it.")
     too_low = value <= low if low_open else value < low
     if too_low or value > high or math.isnan(value):
         bracket = "(" if low_open else "["

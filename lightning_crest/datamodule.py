@@ -36,7 +36,7 @@ class CrestDataModule(L.LightningDataModule):
     Args:
         train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read
             from its ``targets`` attribute when present (or that of the dataset under a ``Subset``, such as
-            ``random_split`` returns), else in one pass over the data.
+            ``random_split`` returns, when its items agree with it), else in one pass over the data.
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
         batch_size: Examples per process and training step (one mini-batch coreset per step).
@@ -279,20 +279,35 @@ def _is_class_index(target: Any) -> bool:
     return isinstance(target, numbers.Integral) and not isinstance(target, bool)
 
 
-def _targets_attribute(dataset: Dataset[Any]) -> Any:
-    """The ``targets`` of ``dataset``, or of the dataset under a (nested) :class:`~torch.utils.data.Subset`."""
-    targets = getattr(dataset, "targets", None)
-    if targets is None and isinstance(dataset, Subset):
-        parent = _targets_attribute(dataset.dataset)
-        if parent is not None:
-            targets = torch.as_tensor(parent)[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    return targets
+def _parent_targets(dataset: Dataset[Any]) -> Tensor | None:
+    """The targets of the dataset under a (nested) :class:`~torch.utils.data.Subset`, for its items."""
+    if not isinstance(dataset, Subset):
+        return None
+    parent = getattr(dataset.dataset, "targets", None)
+    parent = torch.as_tensor(parent) if parent is not None else _parent_targets(dataset.dataset)
+    if parent is None or parent.ndim != 1 or parent.is_floating_point():
+        return None
+    return parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
+
+
+def _first_disagreement(dataset: Dataset[Any], labels: Tensor) -> int | None:
+    """A `target_transform` changes the items' targets but not a `targets` attribute: spot-check a few items."""
+    size = len(labels)
+    for index in sorted({0, size // 2, size - 1}):
+        if int(dataset[index][1]) != int(labels[index]):
+            return index
+    return None
 
 
 def _read_labels(dataset: Dataset[Any]) -> Tensor:
     size = len(dataset)  # type: ignore[arg-type]
-    targets = _targets_attribute(dataset)
+    targets = getattr(dataset, "targets", None)
     from_attribute = targets is not None
+    if targets is None:
+        # A split of a labelled dataset: its parent's targets, unless a `target_transform` changes them.
+        targets = _parent_targets(dataset)
+        if targets is not None and _first_disagreement(dataset, targets) is not None:
+            targets = None
     if targets is None:
         targets = [dataset[i][1] for i in range(size)]
         for index, target in enumerate(targets):
@@ -318,12 +333,11 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
             raise ValueError(
                 f"`train_dataset.targets` has {len(labels)} labels for {size} items; they must match one to one."
             )
-        # A `target_transform` changes the items' targets but not the attribute: spot-check a few items.
-        for index in sorted({0, size // 2, size - 1}):
-            if int(dataset[index][1]) != int(labels[index]):
-                raise ValueError(
-                    f"`train_dataset.targets[{index}]` is {int(labels[index])} but item {index} has target "
-                    f"{int(dataset[index][1])} (a `target_transform`?). CREST selects by the `targets` attribute: "
-                    "make it hold the targets the items return."
-                )
+        wrong = _first_disagreement(dataset, labels)
+        if wrong is not None:
+            raise ValueError(
+                f"`train_dataset.targets[{wrong}]` is {int(labels[wrong])} but item {wrong} has target "
+                f"{int(dataset[wrong][1])} (a `target_transform`?). CREST selects by the `targets` attribute: "
+                "make it hold the targets the items return."
+            )
     return labels.long()

@@ -416,3 +416,22 @@ def test_labels_of_a_random_split_come_from_the_targets_under_it() -> None:
         assert torch.equal(labels, data.targets[indices])
         # The first item checked, then three spot checks of the attribute: no pass over the data.
         assert parent.reads <= 4
+    parent.targets = data.targets.tolist()  # a list, as torchvision's datasets keep them
+    assert torch.equal(CrestDataModule(part).labels, data.targets[torch.as_tensor(part.indices)])
+
+
+class Halved(CountingReads):
+    """Targets 0-3 mapped to 0-1 by the items, as a `target_transform` does; `targets` keeps the raw ones."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        return inputs, target // 2
+
+
+def test_labels_of_a_split_whose_items_transform_the_targets_are_read_from_the_items() -> None:
+    data = blobs(n=60)
+    part = torch.utils.data.Subset(Halved(data), list(range(0, 60, 3)))
+    assert torch.equal(CrestDataModule(part).labels, data.targets[::3] // 2)
+    # On the dataset itself, such an attribute is refused: it is the user's to fix.
+    with pytest.raises(ValueError, match="a `target_transform`"):
+        _ = CrestDataModule(Halved(data)).labels

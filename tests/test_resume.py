@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
@@ -385,24 +386,37 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
+class Epochs(L.Callback):
+    """Records the epoch of every step trained."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps.append(trainer.current_epoch)
+
+
 @pytest.mark.parametrize("stop", ["max_steps", "should_stop"])
-def test_a_run_stopped_inside_an_epoch_resumes_with_whole_epochs(tmp_path: Path, stop: str) -> None:
-    # Stopped at step 13 of 10-step epochs, the checkpoint is saved at the end of epoch 1; Lightning resumes it
-    # with epoch 2, which must get all its 10 steps (it got the 7 left of epoch 1's).
+def test_a_run_stopped_inside_an_epoch_resumes_as_lightning_does(tmp_path: Path, stop: str) -> None:
+    # Stopped at step 13 of 10-step epochs, the checkpoint is saved at the end of epoch 1.
     ckpt = ModelCheckpoint(tmp_path, filename="last", monitor=None)
     options: dict[str, Any] = {"max_steps": 13} if stop == "max_steps" else {}
     stopper = [StopAt(13)] if stop == "should_stop" else []
     first, _ = run(crest(), extra=[*stopper, ckpt], enable_checkpointing=True, **options)
     assert first.global_step == 13
-    steps: list[int] = []
-
-    class Epochs(L.Callback):
-        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-            steps.append(trainer.current_epoch)
-
-    second, _ = run(crest(), ckpt_path=str(tmp_path / "last.ckpt"), extra=[Epochs()])
-    assert steps == [2] * STEPS
+    # Lightning resumes it with epoch 2, which must get all its 10 steps (it got the 7 left of epoch 1's).
+    epochs = Epochs()
+    second, _ = run(crest(), ckpt_path=str(tmp_path / "last.ckpt"), extra=[epochs])
+    assert epochs.steps == [2] * STEPS
     assert second.global_step == 13 + STEPS
+    # With `max_steps` raised, Lightning finishes epoch 1 instead: the uninterrupted run, bit for bit.
+    epochs, resumed = Epochs(), crest()
+    _, model = run(resumed, ckpt_path=str(tmp_path / "last.ckpt"), extra=[epochs], max_steps=2 * STEPS)
+    assert epochs.steps == [1] * (2 * STEPS - 13)
+    whole = crest()
+    _, reference = run(whole, max_steps=2 * STEPS)
+    assert same_parameters(model, reference)
+    assert resumed.trained == whole.trained[13:]
 
 
 def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
@@ -582,3 +596,14 @@ def test_a_state_from_another_version_is_refused_with_the_key_it_lacks() -> None
     del state["modelled"]
     with pytest.raises(ValueError, match="lacks 'modelled': it was saved by another version"):
         crest().load_state_dict(state)
+
+
+def test_numpy_float_settings_are_kept_as_python_floats_for_weights_only_checkpoints(tmp_path: Path) -> None:
+    callback = crest(fraction=np.float64(FRACTION), random_subset_size=np.float64(0.1))
+    assert type(callback.fraction) is float
+    assert type(callback.random_subset_size) is float
+    ckpt = ModelCheckpoint(tmp_path, filename="last", monitor=None)
+    run(callback, extra=[ckpt], enable_checkpointing=True, max_epochs=1)
+    torch.load(tmp_path / "last.ckpt", weights_only=True)
+    trainer, _ = run(crest(fraction=np.float64(FRACTION)), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == EPOCHS * STEPS
