@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -281,8 +282,9 @@ class CrestCallback(Callback):
 
         ``selections`` (coreset selections since training started, a restored checkpoint's included),
         ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
-        ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with ``selection="crest"`` also ``rho`` (the quadratic model's relative error at
-        the last check, NaN before the first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
+        ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with
+        ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
+        first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
         elapsed = time.perf_counter() - self._fit_start
         values = {
@@ -1346,7 +1348,8 @@ def _check_range(name: str, value: object, low: float, high: float, *, low_open:
         or not isinstance(value, (int, float))
         or (not math.isfinite(value) and high != math.inf)
     ):
-        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}; pass float(...) of it.")
+        hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
+        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
     too_low = value <= low if low_open else value < low
     if too_low or value > high or math.isnan(value):
         bracket = "(" if low_open else "["

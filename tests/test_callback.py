@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import LabelledTensors, RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
@@ -871,6 +872,11 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"tau": -1.0}, r"`tau` must lie in \[0.0, inf\], got -1.0"),
         ({"interval_mul": 0.0}, r"`interval_mul` must lie in \(0.0, inf\], got 0.0"),
         ({"interval_mul": math.inf}, "`interval_mul` must be finite, got inf"),
+        (
+            {"fraction": np.float32(0.1)},
+            r"`fraction` must be a Python int or float, got np.float32\(0.1\); pass float",
+        ),
+        ({"tau": "0.1"}, "`tau` must be a Python int or float, got '0.1'.$"),
         ({"random_subset_size": 0}, "`random_subset_size` as a count must be at least 1, got 0"),
         (
             {"random_subset_size": "1%"},
