@@ -350,3 +350,26 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
     # Every check falls in one phase of the schedule.
     assert sum(int(cells[1]) for cells in phases) == len(rows)
     assert sum(int(cells[2]) for cells in phases) == sum(row["failed"] for row in rows)
+
+
+def test_the_untimed_warm_up_leaves_the_timed_runs_as_they_would_be_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _use_images(monkeypatch, 256, 64)
+    # Two epochs and a check sample: the warm-up runs one epoch with none, which must not leak into the others.
+    argv = [*_ONE_CREST_RUN, "--seeds", "1", "--methods", "crest,random", "--epochs", "2"]
+    warmed = bench.main(argv)["runs"]
+    # The same runs without the warm-up before them: main's first call of run_one (the warm-up) skipped.
+    calls: list[str] = []
+    run_one = bench.run_one
+
+    def skip_warm_up(method: str, *args: Any) -> dict[str, Any]:
+        calls.append(method)
+        return {} if len(calls) == 1 else run_one(method, *args)
+
+    monkeypatch.setattr(bench, "run_one", skip_warm_up)
+    alone = bench.main(argv)["runs"]
+    assert calls == ["crest", "crest", "random"]
+    keys = ("method", "test_acc", "steps", "selections", "selection_trace")
+    assert [[run[k] for k in keys] for run in alone] == [[run[k] for k in keys] for run in warmed]
+    assert warmed[0]["steps"] == 2 * 4  # 2 epochs of 4 steps (half of 256 images in batches of 32)
