@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ def digest(*tensors: Tensor) -> str:
 
 
 class TeardownSums(L.Callback):
-    """Sums ``rank + 1`` over the processes in its teardown, which Lightning calls after the data module's."""
+    """Sums ``rank + 1`` over the processes in its teardown, which Lightning calls after the data module's, and
+    records at the process's exit, after every other finalizer, whether the process group is still up."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -49,6 +51,12 @@ class TeardownSums(L.Callback):
         total = trainer.strategy.reduce(torch.tensor(float(trainer.global_rank + 1)), reduce_op="sum")
         torch.distributed.barrier()
         Path(f"{self.path}.{trainer.global_rank}").write_text(str(float(total)))
+        exit_record = Path(f"{self.path}.exit.{trainer.global_rank}")
+        multiprocessing.util.Finalize(None, _record_group, args=(exit_record,), exitpriority=-1)
+
+
+def _record_group(path: Path) -> None:
+    path.write_text(f"initialized={torch.distributed.is_initialized()}")
 
 
 def setting(batch_size: int, **kwargs: Any) -> tuple[CrestDataModule, dict[str, Any]]:

@@ -204,7 +204,7 @@ def test_the_group_is_released_at_the_exit_of_the_process_only(process_group: li
     assert process_group.count("destroyed") == 1
 
 
-def test_callbacks_can_use_the_process_group_in_their_teardown(tmp_path: Path) -> None:
+def test_the_group_outlives_teardown_and_goes_at_the_workers_exit(tmp_path: Path) -> None:
     dm, options = setting(GLOBAL_BATCH // 2)
     trainer = make_trainer(
         [CrestCallback(**options), TeardownSums(str(tmp_path / "sum"))],
@@ -214,6 +214,8 @@ def test_callbacks_can_use_the_process_group_in_their_teardown(tmp_path: Path) -
     )
     trainer.fit(Classifier(), datamodule=dm)
     assert [(tmp_path / f"sum.{rank}").read_text() for rank in range(2)] == ["3.0", "3.0"]
+    # The spawned workers released the group when they exited.
+    assert [(tmp_path / f"sum.exit.{rank}").read_text() for rank in range(2)] == ["initialized=False"] * 2
 
 
 def test_the_data_module_releases_the_group_at_teardown(monkeypatch: pytest.MonkeyPatch) -> None:
