@@ -89,7 +89,7 @@ class Recorder(CrestCallback):
         training = module.training
         module.eval()
         with torch.no_grad():
-            logits = torch.stack([module(x) for x in inputs])
+            logits = torch.stack([module(x.to(module.device)) for x in inputs]).cpu()
         module.train(training)
         coresets, weights, losses = super()._pick(subsets, *args)
         self.picks.append((trainer.global_step, subsets.clone(), logits, targets, coresets, weights))

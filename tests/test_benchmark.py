@@ -94,7 +94,9 @@ def test_benchmark_records_tables_and_plot(
     argv += ["--random-subset-size", "64", "--check-size", "32", "--output", str(output)]
     bench.main(argv)
 
-    runs = json.loads(output.read_text())["runs"]
+    result = json.loads(output.read_text())
+    assert result["machine"]["gpu"] is None  # the GPU's name, for --device cuda
+    runs = result["runs"]
     assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for s in (0, 1) for m in bench.METHODS]
     for run in runs:
         assert set(run) >= REQUIRED_KEYS

@@ -537,6 +537,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "lightning": L.__version__,

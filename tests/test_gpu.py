@@ -1,0 +1,109 @@
+"""CREST on CUDA: a fit in each precision, against the same fit on CPU; resuming; strategies it refuses.
+
+Skipped without CUDA. ``benchmarks/gpu_check.py`` times a larger fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import LabelledTensors, Recorder, TinyClassifier, blobs, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_resume import EPOCHS, STEPS, crest, run, same_parameters
+from torch import Tensor
+
+from lightning_crest import CrestCallback, CrestDataModule
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+# cuBLAS repeats its results run to run only with a fixed workspace; it reads this when its handle is made.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+# One draw of four overlapping classes: 1,200 examples to train on, 2,000 held out.
+_INPUTS, _TARGETS = blobs(n=3200).tensors
+TRAIN = LabelledTensors(_INPUTS[:1200], _TARGETS[:1200])
+HELD_OUT = LabelledTensors(_INPUTS[1200:], _TARGETS[1200:])
+
+
+def accuracy(model: L.LightningModule, data: LabelledTensors) -> float:
+    inputs, targets = data.tensors
+    model.eval()
+    with torch.no_grad():
+        logits = model(inputs.to(next(model.parameters()).device))
+    return float((logits.argmax(1).cpu() == targets).float().mean())
+
+
+def fit(accelerator: str, precision: str) -> tuple[Recorder, TinyClassifier]:
+    torch.manual_seed(0)
+    callback = Recorder(fraction=0.25, random_subset_size=0.1, tau=0.02, seed=0)
+    trainer = make_trainer([callback], accelerator=accelerator, precision=precision, max_epochs=4)
+    model = TinyClassifier()
+    trainer.fit(model, datamodule=CrestDataModule(TRAIN, batch_size=32))
+    return callback, model
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_a_fit_on_cuda_trains_finite_weighted_coresets_and_learns_as_on_cpu(precision: str) -> None:
+    callback, model = fit("cuda", precision)
+    assert len(callback.steps("select")) > 1
+    assert callback.batches
+    assert {x.device.type for x, _ in callback.batches} == {"cuda"}
+    for _, weights in callback.batches:
+        assert weights.dtype == torch.float32
+        assert bool(torch.isfinite(weights).all())
+        assert bool((weights > 0).all())
+    state = callback._quadratic.state_dict()
+    tensors = [v for v in state.values() if isinstance(v, Tensor) and v.is_floating_point()]
+    assert tensors
+    assert all(v.dtype == torch.float32 and bool(torch.isfinite(v).all()) for v in tensors)
+    assert math.isfinite(callback._rho)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+    # The same fit on CPU (bf16 autocast exists there; float16 autocast is compared with 32-bit): the accuracy on
+    # held-out examples must agree within noise. Chance is 25%; these fits reach about 98.5%.
+    cpu_precision = "bf16-mixed" if precision == "bf16-mixed" else "32-true"
+    on_cpu = accuracy(fit("cpu", cpu_precision)[1], HELD_OUT)
+    on_cuda = accuracy(model, HELD_OUT)
+    assert on_cpu > 0.9
+    assert abs(on_cuda - on_cpu) < 0.03, (on_cuda, on_cpu)
+
+
+def test_resume_on_cuda_gives_the_same_selections_and_parameters(tmp_path: Path) -> None:
+    # As the CPU test in test_resume, on CUDA with deterministic kernels: any operation without a deterministic
+    # CUDA kernel warns, and the warnings are reported if the runs differ.
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+            full = crest()
+            trainer, reference = run(full, extra=[steps], enable_checkpointing=True, accelerator="cuda")
+            assert trainer.global_step == EPOCHS * STEPS
+            assert len(full.selections) > 3
+            start = torch.load(tmp_path / "step=12.ckpt", weights_only=True)["global_step"]
+            resumed = crest()
+            trainer, model = run(resumed, ckpt_path=str(tmp_path / "step=12.ckpt"), accelerator="cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    nondeterministic = sorted({str(w.message)[:120] for w in caught if "deterministic" in str(w.message)})
+    assert trainer.global_step == EPOCHS * STEPS
+    assert resumed.trained == [t for t in full.trained if t[0] > start], nondeterministic
+    assert resumed.selections == [s for s in full.selections if s[0] > start], nondeterministic
+    assert same_parameters(model, reference), nondeterministic
+
+
+def test_fsdp_is_refused_in_setup() -> None:
+    trainer = make_trainer([CrestCallback()], accelerator="cuda", devices=1, strategy="fsdp", max_epochs=1)
+    try:
+        with pytest.raises(ValueError, match="does not support FSDPStrategy"):
+            trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
