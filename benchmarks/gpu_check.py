@@ -1,8 +1,10 @@
 """One CREST fit on CUDA with the torch kNN backend: selection time per coreset and step time.
 
-Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N]``. Synthetic
-CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing. faiss-GPU is
-used only where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
+Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N] [--fit-knn K]``.
+Synthetic CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing.
+Selection is timed per coreset on the fit's pools (dense and with the torch kNN backend) and on one large pool
+(kNN); the fit selects densely unless ``--fit-knn`` is given, since on pools of a few hundred the kNN greedy's
+step-by-step loop costs far more than the dense one. faiss-GPU is used only where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
 table names the process group's backend). ``--device cpu`` runs the same code on CPU (the test suite does, on
 small sizes, so that the script is known to work before a GPU is at hand).
 """
@@ -59,7 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--knn", type=int, default=32)
+    parser.add_argument("--knn", type=int, default=32, help="neighbours of the kNN selections")
+    parser.add_argument(
+        "--fit-knn", type=int, default=None, help="the fit's CrestCallback(knn=...); default dense"
+    )
     parser.add_argument("--large", type=int, default=60_000, help="pool size of the kNN selection")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
@@ -75,15 +80,24 @@ def main() -> None:
     train.targets = targets  # type: ignore[attr-defined]
 
     device = torch.device(args.device)
-    proxies = torch.randn(10, 600, 10, device=device).softmax(-1)
-    labels = torch.randint(0, 10, (10, 600), device=device)
-    facility_location(proxies, 128, labels)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(20):
-        facility_location(proxies, 128, labels)
-    synchronize(device)
-    dense_ms = (time.perf_counter() - start) / 20 / 10 * 1000
+    pool = round(0.03 * args.n)  # the fit's random subsets (random_subset_size=0.03) and coresets (batch 128)
+    picks = min(128, pool)
+    proxies = torch.randn(10, pool, 10, device=device).softmax(-1)
+    labels = torch.randint(0, 10, (10, pool), device=device)
+
+    def per_coreset_ms(select: Any, repeats: int) -> float:
+        select()  # first-call setup, untimed
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            select()
+        synchronize(device)
+        return (time.perf_counter() - start) / repeats / len(proxies) * 1000
+
+    dense_ms = per_coreset_ms(lambda: facility_location(proxies, picks, labels), 20)
+    sparse_ms = per_coreset_ms(
+        lambda: facility_location(proxies, picks, labels, knn=args.knn, backend="torch"), 2
+    )
     large = torch.randn(args.large, 10, device=device)
     facility_location(large[:5000], 100, knn=args.knn, backend="torch")  # first-call setup, untimed
     synchronize(device)
@@ -93,7 +107,7 @@ def main() -> None:
     knn_s = time.perf_counter() - start
 
     timer, backend = StepTimer(device), Backend()
-    crest = CrestCallback(fraction=0.1, random_subset_size=0.03, knn=args.knn, backend="torch")
+    crest = CrestCallback(fraction=0.1, random_subset_size=0.03, knn=args.fit_knn, backend="torch")
     trainer = L.Trainer(
         accelerator=args.device,
         devices=args.devices,
@@ -116,8 +130,10 @@ def main() -> None:
     rows = [
         ("device", torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
         ("strategy, processes, process group", f"{args.strategy}, {trainer.world_size}, {backend.name}"),
+        ("fit's selection", "dense" if args.fit_knn is None else f"knn={args.fit_knn}, torch"),
         ("faiss reports GPUs", str(faiss_available() and __import__("faiss").get_num_gpus() > 0)),
-        ("dense selection, ms per coreset (P=10, m=128 of r=600)", f"{dense_ms:.3f}"),
+        (f"dense selection, ms per coreset (P=10, m={picks} of r={pool})", f"{dense_ms:.3f}"),
+        (f"kNN selection, ms per coreset (P=10, m={picks} of r={pool}, knn={args.knn})", f"{sparse_ms:.3f}"),
         (f"kNN selection, 1000 of {args.large}, knn={args.knn}, s", f"{knn_s:.2f}"),
         ("fit wall time, s", f"{wall:.1f}"),
         ("median step time, ms", f"{1000 * sorted(timer.times)[len(timer.times) // 2]:.2f}"),

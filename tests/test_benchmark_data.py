@@ -298,6 +298,8 @@ def test_gpu_check_script_runs_on_cpu() -> None:
         "8",
         "--strategy",
         "ddp",
+        "--fit-knn",
+        "8",
     ]
     done = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
@@ -308,7 +310,9 @@ def test_gpu_check_script_runs_on_cpu() -> None:
     assert rows["device"] == "cpu"
     assert rows["strategy, processes, process group"] == "ddp, 1, gloo"
     assert float(rows["CREST proxies time, s"]) > 0
-    assert float(rows["dense selection, ms per coreset (P=10, m=128 of r=600)"]) > 0
+    assert rows["fit's selection"] == "knn=8, torch"
+    assert float(rows["dense selection, ms per coreset (P=10, m=45 of r=45)"]) > 0
+    assert float(rows["kNN selection, ms per coreset (P=10, m=45 of r=45, knn=8)"]) > 0
     assert float(rows["median step time, ms"]) > 0
     assert int(rows["selections"]) >= 1
 

@@ -122,7 +122,9 @@ def facility_location(
         similarity: ``"distance"``: ``s_ij = D - ||f_i - f_j||`` with ``D`` the largest distance within the class
             (CRAIG and the CREST paper). ``"exp"``: ``s_ij = exp(-||f_i - f_j|| / d)`` (the CREST reference code).
         knn: ``None`` for the exact dense similarity. An integer ``k`` keeps only each point's ``k`` nearest
-            neighbours (itself included) as the picks that can cover it, so no ``r x r`` matrix is built. With
+            neighbours (itself included) as the picks that can cover it, so no ``r x r`` matrix is built: for
+            pools too large for that matrix, since its greedy takes one step (and host round trip) at a time and
+            is far slower on small pools (on an H200, 64-83 ms against 0.3-0.6 ms dense for 128 of 600). With
             ``"distance"``, ``D`` is then the bound ``2 max_i ||f_i - mean||`` of the class diameter (the exact one
             needs all pairs): a point that no pick covers counts as farther than any real distance. Points of a
             class in the same cell of a grid of side ``1e-3`` of that bound are first merged into one point
