@@ -122,7 +122,7 @@ class CrestDataModule(L.LightningDataModule):
 
     @property
     def labels(self) -> Tensor:
-        """``(n,)`` int64 class of every training example."""
+        """``(n,)`` int64 class of every training example, on the CPU (whatever the device of the data)."""
         if self._labels is None:
             self._labels = _read_labels(self.train_dataset)
         return self._labels
@@ -317,7 +317,8 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
                     f"{index}. Make every item's target a class index."
                 )
         targets = [int(target) for target in targets]
-    labels = torch.as_tensor(targets)
+    # On the CPU whatever the data's device: selection indexes CPU tensors with it.
+    labels = torch.as_tensor(targets).cpu()
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(
             f"`train_dataset.targets` must be a 1-d sequence of integer classes, got dtype {labels.dtype} and "

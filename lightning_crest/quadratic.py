@@ -66,6 +66,9 @@ def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None
     # One draw for everything: fewer kernel launches / RNG calls than drawing per tensor.
     bits = torch.randint(0, 2, (sum(numels),), generator=generator, device=draw_device, dtype=torch.int8)
     signs = bits.mul_(2).sub_(1)
+    devices = {t.device for t in tensors}
+    if len(devices) == 1:  # one copy to the parameters' device rather than one per tensor
+        signs = signs.to(devices.pop())
     return [
         chunk.reshape(t.shape).to(device=t.device, dtype=t.dtype)
         for chunk, t in zip(torch.split(signs, numels), tensors, strict=True)

@@ -75,6 +75,21 @@ def test_a_fit_on_cuda_trains_finite_weighted_coresets_and_learns_as_on_cpu(prec
     assert abs(on_cuda - on_cpu) < 0.03, (on_cuda, on_cpu)
 
 
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_a_training_set_held_on_the_gpu_trains_with_labels_read_to_the_cpu(selection: str) -> None:
+    # Data kept on the GPU (a common speed-up for small sets): its `targets` are CUDA tensors, and the random
+    # draws index CPU tensors with the labels.
+    inputs, targets = TRAIN.tensors
+    dm = CrestDataModule(LabelledTensors(inputs.cuda(), targets.cuda()), batch_size=32)
+    assert dm.labels.device.type == "cpu"
+    assert torch.equal(dm.labels, targets)
+    callback = CrestCallback(fraction=0.25, random_subset_size=0.1, selection=selection)
+    model = TinyClassifier()
+    make_trainer([callback], accelerator="cuda", max_epochs=2).fit(model, datamodule=dm)
+    assert callback.statistics["selections"] >= 2
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_resume_on_cuda_gives_the_same_selections_and_parameters(tmp_path: Path) -> None:
     # As the CPU test in test_resume, on CUDA with deterministic kernels: any operation without a deterministic
     # CUDA kernel warns, and the warnings are reported if the runs differ.

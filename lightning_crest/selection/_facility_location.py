@@ -365,7 +365,10 @@ def _pairwise_distances(points: Tensor) -> Tensor:
     set to exactly zero. The expansion loses about ``eps s^2`` of a squared distance (``s`` the block's spread),
     so a distance ``d`` is off by up to ``eps s^2 / d``: 1e-7 of ``s`` for ``d ~ s``, and up to ``sqrt(eps)``,
     3.5e-4 of ``s`` in float32, for near-duplicates. That is far below the spread of the similarities the greedy
-    compares, and the cost of differences for every pair (``d`` times the memory) is not worth it.
+    compares, and the cost of differences for every pair (``d`` times the memory) is not worth it. These figures
+    are for full float32 matrix products: with ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA) the
+    products keep about 10 bits of mantissa, and on pools of 600 proxies (emulated) 5-9% of the picks changed
+    while the objective moved by at most 0.1%.
     """
     blocks, size, _ = points.shape
     dist = _workspace("similarity", (blocks, size, size), points)
