@@ -98,9 +98,9 @@ class CrestCallback(Callback):
             curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` is
             ``ceil(interval_mul)`` from the first re-selection on; the first selection has ``T1 = 1`` either way).
         knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
-            Only for random subsets of many thousands of examples: the kNN greedy takes one step at a time, each
-            pool on its own, and on a subset of 600 it took 64-83 ms per coreset on an H200 against 0.3-0.6 ms for
-            the dense one (``benchmarks/gpu_check.py``).
+            Only for random subsets of many thousands of examples: the kNN greedy takes one step (and host round
+            trip) at a time, and on subsets of 600 it took 55 ms per coreset on an H200 against 2.7 ms for the
+            dense greedy, and 12.6 s against 0.7 s over a ResNet-20 fit (``benchmarks/NOTES.md``).
         backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
         similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
         selection: ``"crest"``, or ``"random"`` for class-stratified random mini-batches of weight 1 (drawn as the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +376,33 @@ def test_the_untimed_warm_up_leaves_the_timed_runs_as_they_would_be_alone(
     keys = ("method", "test_acc", "steps", "selections", "selection_trace")
     assert [[run[k] for k in keys] for run in alone] == [[run[k] for k in keys] for run in warmed]
     assert warmed[0]["steps"] == 2 * 4  # 2 epochs of 4 steps (half of 256 images in batches of 32)
+
+
+def test_each_run_measures_its_peak_memory_without_the_objects_of_earlier_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A finished fit's trainer, callback and module hold each other in reference cycles; uncollected, their tensors
+    # (CUDA ones too) would count in the next run's peak.
+    _use_images(monkeypatch, 640, 200)
+    made: list[weakref.ref[CrestCallback]] = []
+    make_callback, reset = bench.make_callback, bench._reset_peak_memory
+
+    def recording(*args: Any) -> CrestCallback | None:
+        callback = make_callback(*args)
+        if callback is not None:
+            made.append(weakref.ref(callback))
+        return callback
+
+    alive_at_reset: list[list[bool]] = []
+
+    def resetting(device: str) -> None:
+        reset(device)
+        alive_at_reset.append([ref() is not None for ref in made])
+
+    monkeypatch.setattr(bench, "make_callback", recording)
+    monkeypatch.setattr(bench, "_reset_peak_memory", resetting)
+    bench.main([*_ONE_CREST_RUN, "--seeds", "3"])
+    assert len(alive_at_reset) == 4  # the warm-up fit and three seeds
+    for alive in alive_at_reset:
+        assert alive[-1]  # this run's callback, made before the reset
+        assert not any(alive[:-1]), alive

@@ -311,8 +311,10 @@ def test_gpu_check_script_runs_on_cpu() -> None:
     assert rows["strategy, processes, process group"] == "ddp, 1, gloo"
     assert float(rows["CREST proxies time, s"]) > 0
     assert rows["fit's selection"] == "knn=8, torch"
-    assert float(rows["dense selection, ms per coreset (P=10, m=45 of r=45)"]) > 0
-    assert float(rows["kNN selection, ms per coreset (P=10, m=45 of r=45, knn=8)"]) > 0
+    # The fit's subsets: r = 3% of 1500, raised to the global batch of 128.
+    for pools in ("one pool", "ten pools"):
+        assert float(rows[f"dense selection, ms per coreset (m=128 of r=128), {pools} per call"]) > 0
+    assert float(rows["kNN selection, ms per coreset (m=128 of r=128, knn=8), one pool per call"]) > 0
     assert float(rows["median step time, ms"]) > 0
     assert int(rows["selections"]) >= 1
 

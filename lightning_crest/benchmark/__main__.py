@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -140,6 +141,9 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
 
 
 def _reset_peak_memory(device: str) -> None:
+    # The last run's trainer, callback and module hold each other in cycles: free them, so that their tensors do
+    # not count in this run's peak.
+    gc.collect()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         return
