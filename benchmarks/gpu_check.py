@@ -2,9 +2,10 @@
 
 Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N] [--fit-knn K]``.
 Synthetic CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing.
-Selection is timed per coreset on the fit's pools (dense and with the torch kNN backend) and on one large pool
-(kNN); the fit selects densely unless ``--fit-knn`` is given, since on pools of a few hundred the kNN greedy's
-step-by-step loop costs far more than the dense one. faiss-GPU is used only where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
+Selection is timed per coreset on pools the size of the fit's (dense, one and ten pools per call, and with the
+torch kNN backend) and on one large pool (kNN). The fit selects densely unless ``--fit-knn`` is given: on pools
+of a few hundred the kNN greedy's step-by-step loop costs far more than the dense one. faiss-GPU is used only
+where faiss reports GPUs. ``--strategy ddp`` runs the fit under Lightning's DDP, on CUDA with nccl (the
 table names the process group's backend). ``--device cpu`` runs the same code on CPU (the test suite does, on
 small sizes, so that the script is known to work before a GPU is at hand).
 """
