@@ -1,4 +1,4 @@
-"""One CREST fit on CUDA with the torch kNN backend: selection time per coreset and step time.
+"""One CREST fit on CUDA, with selection timed on pools like its own: selection time per coreset, step time.
 
 Usage: ``python benchmarks/gpu_check.py [--n 20000] [--epochs 10] [--strategy ddp] [--devices N] [--fit-knn K]``.
 Synthetic CIFAR-sized data, so it needs no download. It prints one table and exits non-zero if CUDA is missing.
