@@ -7,7 +7,14 @@ first-order term with the gradient of the selection's probed coreset instead (th
 schedule, how many checks failed and the median relative error of three predictions: the model as built, the loss
 staying at ``L0``, and the model with the selection's own gradient.
 
-    python benchmarks/check_trace.py --budget 0.1 --seeds 1 [other benchmark options] [--trace trace.json]
+With ``--wide N`` it also measures, at every selection and check, the loss on one fixed random sample of ``N``
+training examples (under the same normalisation statistics as the check), and prints how far that loss moved and
+how the model would have fared against it: how much of the check sample's movement is its own sampling noise. The
+measurement leaves the run as it would be without it. The check sample comes from the pool and the wide sample
+from the whole training set, so the two compare like with like only before the first exclusion of learned
+examples.
+
+    python benchmarks/check_trace.py --budget 0.1 --seeds 1 [other benchmark options] [--trace trace.json] [--wide N]
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import statistics
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from lightning_crest import CrestCallback
 from lightning_crest.benchmark import __main__ as bench
+from lightning_crest.callback import _swapped
 
 # Every callback made, in order: the benchmark's untimed warm-up fit comes first, the traced run last.
 TRACED: list[TracedCallback] = []
@@ -32,6 +41,9 @@ class TracedCallback(CrestCallback):
 
     _own_gradient: Tensor | None = None
     _check_loss: Tensor | None = None
+    wide_size = 0  # set by --wide
+    _wide_batches: list[Any] | None = None
+    _wide_L0 = float("nan")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -51,7 +63,25 @@ class TracedCallback(CrestCallback):
         finally:
             del self._quadratic.update
 
+    def _wide_loss(self) -> float:
+        """Mean loss on the fixed wide sample, with the selection's normalisation statistics (as the check)."""
+        if (
+            self._wide_batches is None
+        ):  # drawn once, with a generator of its own: CREST's draws stay as they are
+            order = torch.randperm(len(self._dm.labels), generator=torch.Generator().manual_seed(12345))
+            chunks = torch.split(order[: self.wide_size], self._dm.eval_batch_size)
+            self._wide_batches = [self._dm.fetch(chunk.tolist(), seed=0) for chunk in chunks]
+        with _swapped(self._running_stats(), self._anchor_stats):
+            _, losses = super()._evaluate(self._wide_batches)
+        return float(losses.mean())
+
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
+        if self.wide_size:
+            self._wide_L0 = self._wide_loss()
+
     def _check(self) -> bool:
+        wide = {"wide_L0": self._wide_L0, "wide_actual": self._wide_loss()} if self.wide_size else {}
         model = self._quadratic
         assert self._own_gradient is not None
         assert self._trainer is not None
@@ -68,7 +98,7 @@ class TracedCallback(CrestCallback):
         failed = super()._check()
         if self._check_loss is None:  # re-selected without measuring (the trainable parameters changed)
             return failed
-        self.rows.append(row | {"actual": float(self._check_loss), "rho": self._rho, "failed": failed})
+        self.rows.append(row | wide | {"actual": float(self._check_loss), "rho": self._rho, "failed": failed})
         return failed
 
     def _evaluate(self, batches: list[Any], dtype: Any = None) -> tuple[Tensor, Tensor]:
@@ -77,11 +107,12 @@ class TracedCallback(CrestCallback):
         return logits, losses
 
 
-def summarize(rows: list[dict[str, Any]], total_steps: int) -> str:
-    def error(predicted: float, actual: float) -> float:
-        return abs(predicted - actual) / actual
+def _error(predicted: float, actual: float) -> float:
+    return abs(predicted - actual) / actual
 
-    # The benchmark's schedule: warm-up over the first 10%, x0.1 at 60% and 85%.
+
+def _phases(rows: list[dict[str, Any]], total_steps: int) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The checks in each phase of the benchmark's schedule (warm-up over the first 10%, x0.1 at 60% and 85%)."""
     bounds = [
         0,
         round(0.1 * total_steps),
@@ -90,22 +121,56 @@ def summarize(rows: list[dict[str, Any]], total_steps: int) -> str:
         total_steps + 1,
     ]
     names = ["warm-up", "full rate", "rate x0.1", "rate x0.01"]
+    return [
+        (f"{name} ({low + 1}-{min(high, total_steps)})", [r for r in rows if low < r["step"] <= high])
+        for name, low, high in zip(names, bounds, bounds[1:])
+    ]
+
+
+def summarize(rows: list[dict[str, Any]], total_steps: int) -> str:
     lines = [
         "| phase (steps) | checks | failed | median rho | median error of L0 | median error, own gradient | "
         "median steps since selection |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, low, high in zip(names, bounds, bounds[1:]):
-        part = [r for r in rows if low < r["step"] <= high]
+    for name, part in _phases(rows, total_steps):
         if not part:
             continue
         model = [r["rho"] for r in part]
-        constant = [error(r["L0"], r["actual"]) for r in part]
-        own = [error(r["L0"] + r["own_first_order"] + r["second_order"], r["actual"]) for r in part]
+        constant = [_error(r["L0"], r["actual"]) for r in part]
+        own = [_error(r["L0"] + r["own_first_order"] + r["second_order"], r["actual"]) for r in part]
         lines.append(
-            f"| {name} ({low + 1}-{min(high, total_steps)}) | {len(part)} | {sum(r['failed'] for r in part)} | "
+            f"| {name} | {len(part)} | {sum(r['failed'] for r in part)} | "
             f"{statistics.median(model):.3f} | {statistics.median(constant):.3f} | {statistics.median(own):.3f} | "
             f"{statistics.median(r['since_selection'] for r in part):g} |"
+        )
+    return "\n".join(lines)
+
+
+def _correlation(a: list[float], b: list[float]) -> str:
+    try:
+        return f"{statistics.correlation(a, b):.2f}"
+    except statistics.StatisticsError:  # fewer than two points, or a constant series
+        return "-"
+
+
+def summarize_wide(rows: list[dict[str, Any]], total_steps: int, tau: float) -> str:
+    lines = [
+        "| phase (steps) | checks | failed | would fail on the wide sample | median movement of the check "
+        "sample's loss | median movement of the wide sample's loss | correlation of the two | median rho, wide |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, part in _phases(rows, total_steps):
+        if not part:
+            continue
+        rho = [_error(r["wide_L0"] + r["first_order"] + r["second_order"], r["wide_actual"]) for r in part]
+        moved = [r["actual"] - r["L0"] for r in part]
+        wide_moved = [r["wide_actual"] - r["wide_L0"] for r in part]
+        lines.append(
+            f"| {name} | {len(part)} | {sum(r['failed'] for r in part)} | {sum(x > tau for x in rho)} | "
+            f"{statistics.median(abs(m) / r['L0'] for m, r in zip(moved, part)):.3f} | "
+            f"{statistics.median(abs(m) / r['wide_L0'] for m, r in zip(wide_moved, part)):.3f} | "
+            f"{_correlation(moved, wide_moved)} | {statistics.median(rho):.3f} |"
         )
     return "\n".join(lines)
 
@@ -113,7 +178,11 @@ def summarize(rows: list[dict[str, Any]], total_steps: int) -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trace", help="write every check's record to this JSON file")
+    parser.add_argument(
+        "--wide", type=int, default=0, help="also measure the loss on this many training examples"
+    )
     args, rest = parser.parse_known_args(argv)
+    TracedCallback.wide_size = args.wide
     bench.CrestCallback = TracedCallback  # type: ignore[misc]
     result = bench.main(["--methods", "crest", *rest])
     runs = result["runs"]
@@ -122,6 +191,9 @@ def main(argv: list[str]) -> None:
     print("\nThe check over training (rho: the quadratic model's relative error):\n")
     rows = TRACED[-1].rows
     print(summarize(rows, runs[0]["steps"]))
+    if args.wide:
+        print(f"\nThe check sample against a fixed sample of {args.wide} training examples:\n")
+        print(summarize_wide(rows, runs[0]["steps"], result["config"]["tau"]))
     if args.trace:
         with open(args.trace, "w") as f:
             json.dump(rows, f)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import weakref
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,49 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
     # Every check falls in one phase of the schedule.
     assert sum(int(cells[1]) for cells in phases) == len(rows)
     assert sum(int(cells[2]) for cells in phases) == sum(row["failed"] for row in rows)
+
+
+def test_check_trace_measures_a_wide_sample_without_changing_the_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "check_trace.py"
+    spec = importlib.util.spec_from_file_location("check_trace", path)
+    assert spec is not None
+    assert spec.loader is not None
+    trace = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace)
+    monkeypatch.setattr(bench, "CrestCallback", bench.CrestCallback)  # the script swaps in its own
+    monkeypatch.setattr(trace.TracedCallback, "wide_size", 0)
+    _use_images(monkeypatch, 256, 64)
+    argv = [*_ONE_CREST_RUN, "--epochs", "3", "--seeds", "1"]
+    trace.main(argv)
+    plain = trace.TRACED[-1].rows
+    trace.main([*argv, "--wide", "100"])
+    wide = trace.TRACED[-1].rows
+    keys = {"wide_L0", "wide_actual"}
+    assert len(plain) >= 3
+    # The same checks with the same outcomes: the extra forward passes change nothing in the run.
+    assert [{k: v for k, v in row.items() if k not in keys} for row in wide] == plain
+    for row in wide:
+        assert 0 < row["wide_L0"] < math.inf
+        assert 0 < row["wide_actual"] < math.inf
+    # wide_L0 is measured at each selection, not once.
+    assert len({row["wide_L0"] for row in wide}) > 1
+    table = (
+        capsys.readouterr().out.split("| phase (steps) | checks | failed | would fail")[1].splitlines()[2:]
+    )
+    phases = [line.split(" | ") for line in table if line.startswith("| ")]
+    assert phases
+    # The counts rebuild from the rows: checks, and the model's failures against the wide sample's loss.
+    counted = sum(int(cells[1]) for cells in phases)
+    assert counted == len(wide)
+    would_fail = [
+        abs(r["wide_L0"] + r["first_order"] + r["second_order"] - r["wide_actual"]) / r["wide_actual"] > 0.05
+        for r in wide
+    ]
+    assert sum(int(cells[3]) for cells in phases) == sum(would_fail)
 
 
 def test_the_untimed_warm_up_leaves_the_timed_runs_as_they_would_be_alone(
