@@ -65,9 +65,8 @@ class TracedCallback(CrestCallback):
 
     def _wide_loss(self) -> float:
         """Mean loss on the fixed wide sample, with the selection's normalisation statistics (as the check)."""
-        if (
-            self._wide_batches is None
-        ):  # drawn once, with a generator of its own: CREST's draws stay as they are
+        if self._wide_batches is None:
+            # Drawn once, with a generator of its own: CREST's draws stay as they are.
             order = torch.randperm(len(self._dm.labels), generator=torch.Generator().manual_seed(12345))
             chunks = torch.split(order[: self.wide_size], self._dm.eval_batch_size)
             self._wide_batches = [self._dm.fetch(chunk.tolist(), seed=0) for chunk in chunks]
