@@ -325,9 +325,8 @@ def test_channels_last_classifier_computes_the_same_logits(name: str, channels: 
     assert not hidden[0].is_contiguous()
 
 
-def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _check_trace(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``benchmarks/check_trace.py`` as a module, with the benchmark's callback class restored after the test."""
     import importlib.util
 
     path = Path(__file__).parents[1] / "benchmarks" / "check_trace.py"
@@ -337,6 +336,13 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
     trace = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(trace)
     monkeypatch.setattr(bench, "CrestCallback", bench.CrestCallback)  # the script swaps in its own
+    return trace
+
+
+def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trace = _check_trace(monkeypatch)
     _use_images(monkeypatch, 256, 64)
     output = tmp_path / "trace.json"
     trace.main([*_ONE_CREST_RUN, "--epochs", "3", "--seeds", "1", "--trace", str(output)])
@@ -359,16 +365,7 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
 def test_check_trace_measures_a_wide_sample_without_changing_the_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "check_trace.py"
-    spec = importlib.util.spec_from_file_location("check_trace", path)
-    assert spec is not None
-    assert spec.loader is not None
-    trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace)
-    monkeypatch.setattr(bench, "CrestCallback", bench.CrestCallback)  # the script swaps in its own
-    monkeypatch.setattr(trace.TracedCallback, "wide_size", 0)
+    trace = _check_trace(monkeypatch)
     _use_images(monkeypatch, 256, 64)
     argv = [*_ONE_CREST_RUN, "--epochs", "3", "--seeds", "1"]
     trace.main(argv)
