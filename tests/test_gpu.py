@@ -1,4 +1,4 @@
-"""CREST on CUDA: a fit in each precision, against the same fit on CPU; resuming; strategies it refuses.
+"""CREST on CUDA: a fit in each precision against the same fit on CPU, data held on the GPU, resuming, FSDP refused.
 
 Skipped without CUDA. ``benchmarks/gpu_check.py`` times a larger fit.
 """
