@@ -137,6 +137,7 @@ class CrestCallback(Callback):
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
     _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
     _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
+    _restored_started: int  # the epoch whose start-of-epoch work a restored checkpoint had done (-1: none)
     _epoch_floor: int  # after a restore: the earliest epoch that can start
     _modelled: tuple[str, ...]  # names of the parameters the quadratic model describes
 
@@ -451,6 +452,7 @@ class CrestCallback(Callback):
             min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
         )
         epoch_done = self._epoch_step >= epoch_length
+        epoch = max(self._started_epoch, self._epoch_floor)
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -484,7 +486,9 @@ class CrestCallback(Callback):
             "epoch_step": self._steps_per_epoch if epoch_done else self._epoch_step,
             # The epoch whose start-of-epoch work ran (after a mid-epoch restore, the restored one: its start-of-epoch
             # work ran before the checkpoint), and whether all its steps were trained.
-            "epoch": max(self._started_epoch, self._epoch_floor),
+            "epoch": epoch,
+            # Saved before the epoch's first step, by an interrupt say, the epoch's start may be done or not.
+            "epoch_started": self._started_epoch == epoch,
             "epoch_done": epoch_done,
             # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too.
             "epoch_ended": self._epoch_ended,
@@ -528,6 +532,9 @@ class CrestCallback(Callback):
         self._pool_size = int(self._pool.sum())
         self._epoch_step = int(state_dict["epoch_step"])
         self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
+        # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
+        started = bool(state_dict["epoch_started"]) and not state_dict["epoch_done"]
+        self._restored_started = int(state_dict["epoch"]) if started else -1
         self._epoch_ended = False
         self._restored_epoch_ended = bool(state_dict["epoch_ended"]) and not state_dict["epoch_done"]
         self._restored_plan = (
@@ -598,6 +605,7 @@ class CrestCallback(Callback):
         self._restored_shape = (0, 0)
         self._restored_settings = {}
         self._restored_epoch_ended = False
+        self._restored_started = -1
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._module is not None and self._module is not pl_module and self._restored_plan is None:
@@ -775,6 +783,7 @@ class CrestCallback(Callback):
             epoch_step = self._steps_per_epoch
             self._epoch_floor += 1
         self._restored_epoch_ended = False
+        self._started_epoch = self._restored_started
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step
         dm.plan.replay = list(in_flight)

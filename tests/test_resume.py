@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+)
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
@@ -442,6 +447,44 @@ def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     trainer, model = run(resumed, ckpt_path=str(tmp_path / "step=12.ckpt"))
     assert trainer.global_step == EPOCHS * STEPS
     assert interrupted.trained[:12] + resumed.trained == full.trained
+    assert same_parameters(model, reference)
+
+
+@pytest.mark.parametrize(
+    ("selection", "num_workers", "epoch"),
+    [("crest", 0, 1), ("random", 0, 1), ("crest", 2, 1), ("crest", 0, 0)],
+)
+def test_interrupt_before_an_epochs_first_step_resumes_without_redoing_its_start(
+    tmp_path: Path, selection: str, num_workers: int, epoch: int
+) -> None:
+    # Interrupted before the epoch's first step, its start-of-epoch work (a selection, or the epoch's random batches)
+    # is done and batches may be read ahead. The resumed run must not redo that work, which would drop those batches
+    # (and, for random batches, draw the epoch's plan again from a generator already moved on).
+    class Interrupt(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.current_epoch == epoch:
+                raise KeyboardInterrupt
+
+    full = crest(selection=selection)
+    _, reference = run(full, num_workers=num_workers)
+    interrupted = crest(selection=selection)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(
+                interrupted,
+                extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted"), Interrupt()],
+                enable_checkpointing=True,
+                num_workers=num_workers,
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    state = torch.load(tmp_path / "interrupted.ckpt", weights_only=True)
+    assert state["global_step"] == epoch * STEPS
+    resumed = crest(selection=selection)
+    trainer, model = run(resumed, ckpt_path=str(tmp_path / "interrupted.ckpt"), num_workers=num_workers)
+    assert trainer.global_step == EPOCHS * STEPS
+    assert interrupted.trained + resumed.trained == full.trained
     assert same_parameters(model, reference)
 
 
