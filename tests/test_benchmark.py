@@ -124,6 +124,7 @@ def test_benchmark_records_tables_and_plot(
             assert run["selection_trace"][-1][1] <= run["selections"]
         else:
             assert (run["crest_time_s"], run["selections"], run["overhead"]) == ({}, 0, 0)
+            assert run["selection_trace"] == []
     # Full data trains 20 steps per epoch, the budgeted methods a quarter of that.
     assert {r["method"]: r["steps"] for r in runs if r["seed"] == 0} == {
         "full": 40,
@@ -205,6 +206,9 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
         (["--methods", ","], "--methods names no method"),
         (["--methods", "crest,craig"], "unknown --methods ['craig']"),
         (["--output", "/dev/null/runs.json"], "--output /dev/null/runs.json: cannot create its folder"),
+        (["--output", "runs.png"], "--output runs.png names the plot; name the JSON file"),
+        (["--methods", "crest,random,crest"], "--methods lists crest more than once"),
+        (["--budget", "0.1", "0.2", "0.1"], "--budget lists 0.1 more than once"),
     ],
 )
 def test_benchmark_refuses_bad_options_before_training(
@@ -213,6 +217,119 @@ def test_benchmark_refuses_bad_options_before_training(
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert match in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where torch finds no CUDA device")
+def test_benchmark_refuses_cuda_without_a_cuda_device(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])
+    assert "--device cuda: torch finds no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--check-size", "100"], "--check-size=100 exceeds the random subset size r=64"),
+        (
+            ["--random-subset-size", "300"],
+            "--random-subset-size=300 must lie between the global batch (32) and",
+        ),
+        (
+            ["--random-subset-size", "16"],
+            "--random-subset-size=16 must lie between the global batch (32) and",
+        ),
+        (["--batch-size", "300"], "--batch-size 300 is larger than the 256 training examples"),
+    ],
+)
+def test_options_that_do_not_fit_the_training_set_are_refused_before_the_first_run(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], match: str
+) -> None:
+    _use_images(monkeypatch, 256, 64)
+
+    def run_one(*args: Any) -> None:
+        raise AssertionError("a run started")
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    argv = ["--methods", "full,crest", "--batch-size", "32", "--random-subset-size", "64", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert str(exit_info.value.code).startswith("python -m lightning_crest.benchmark: error: ")
+    assert match in str(exit_info.value.code)
+
+
+def test_quick_keeps_the_full_sets_random_subset_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --quick trains on 10k images; a fractional r of that smaller set would shrink towards the batch size, where a
+    # coreset is its whole subset. It keeps the full set's r instead.
+    _use_images(monkeypatch, 12_000, 64)
+    seen: list[tuple[int, float | int]] = []
+
+    class Stop(Exception):
+        pass
+
+    def run_one(method: str, budget: float, seed: int, data: Any, args: Any) -> None:
+        seen.append((len(data[0]), args.random_subset_size))
+        if len(seen) == 2:  # the untimed warm-up, then the first timed run
+            raise Stop
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    with pytest.raises(Stop):
+        bench.main(
+            [
+                "--quick",
+                "--methods",
+                "crest",
+                "--random-subset-size",
+                "0.01",
+                "--batch-size",
+                "32",
+                "--check-size",
+                "32",
+            ]
+        )
+    assert seen[1] == (10_000, 120)  # 1% of 12,000, not of 10,000
+
+
+def test_budgets_are_printed_with_the_digits_they_need() -> None:
+    assert [bench.percent(b) for b in (0.1, 0.2, 1.0, 0.005, 0.125)] == [
+        "10%",
+        "20%",
+        "100%",
+        "0.5%",
+        "12.5%",
+    ]
+
+
+def test_the_plot_tells_budgets_apart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import matplotlib.figure
+
+    figures: list[Any] = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: figures.append(figure))
+    runs = [
+        {
+            "method": m,
+            "budget": b,
+            "seed": 0,
+            "test_acc": 0.9,
+            "train_time_s": 10 * b,
+            "steps": 10,
+            "selections": 2,
+        }
+        | {"selection_trace": [(0, 1), (5, 2)] if m == "crest" else []}
+        for m, b in [("full", 1.0), ("random", 0.1), ("random", 0.2), ("crest", 0.1), ("crest", 0.2)]
+    ]
+    bench.plot(runs, tmp_path / "plot.png")
+    left, right = figures[0].axes
+    assert left.get_legend_handles_labels()[1] == [
+        "full",
+        "random 10%",
+        "random 20%",
+        "crest 10%",
+        "crest 20%",
+    ]
+    assert right.get_legend_handles_labels()[1] == ["crest 10%", "crest 20%"]
+    one_budget = [r for r in runs if r["budget"] in (1.0, 0.1)]
+    bench.plot(one_budget, tmp_path / "plot.png")
+    assert figures[1].axes[0].get_legend_handles_labels()[1] == ["full", "random", "crest"]
 
 
 def test_drop_interval_reaches_crest_but_not_its_no_drop_ablation() -> None:

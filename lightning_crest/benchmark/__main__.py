@@ -81,7 +81,7 @@ def run_one(
     model = build_model(args.model, num_classes, in_channels, image_size=size)
     module = Classifier(model, num_classes, lr=args.lr, memory_format=MEMORY_FORMATS[args.memory_format])
     callback = make_callback(method, budget, seed, args)
-    trace = None if callback is None else SelectionTrace(callback)
+    trace = SelectionTrace(callback) if callback is not None and method.startswith("crest") else None
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator=args.device,
@@ -224,11 +224,16 @@ def format_time_table(runs: list[dict[str, Any]]) -> str:
     for key, group in _by_method_and_budget(crest_runs):
         means = [statistics.mean(r["crest_time_s"][p] for r in group) for p in parts]
         lines.append(
-            f"| {key[0]} | {key[1]:.0%} | {statistics.mean(r['train_time_s'] for r in group):.1f} | "
+            f"| {key[0]} | {percent(key[1])} | {statistics.mean(r['train_time_s'] for r in group):.1f} | "
             + " | ".join(f"{m:.1f}" for m in means)
             + f" | {statistics.mean(r['selections'] for r in group):.0f} |"
         )
     return "\n".join(lines)
+
+
+def percent(fraction: float) -> str:
+    """A budget as a percentage with the digits it needs: 10%, 0.5%, 12.5%."""
+    return f"{100 * fraction:.4g}%"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -244,7 +249,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
         lines.append(
-            f"| {row['method']} | {row['budget']:.0%} | {row['seeds']} | {pm('test_acc', 100, 2)} | "
+            f"| {row['method']} | {percent(row['budget'])} | {row['seeds']} | {pm('test_acc', 100, 2)} | "
             f"{pm('rel_error', 100, 2)} | {pm('train_time_s')} | {pm('speedup', digits=2)} | {pm('selections', digits=0)} | "
             f"{pm('overhead', 100)} | {pm('peak_memory_mb', digits=0)} |"
         )
@@ -259,19 +264,33 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    # A colour per method; with several budgets, a marker (and a line style) per budget.
+    budgets = list(dict.fromkeys(r["budget"] for r in runs if r["method"] != "full"))
     for number, method in enumerate(dict.fromkeys(r["method"] for r in runs)):
-        group = [r for r in runs if r["method"] == method]
         color = f"C{number}"
-        left.scatter(
-            [r["train_time_s"] for r in group], [100 * r["test_acc"] for r in group], label=method, c=color
-        )
-        if not method.startswith("crest"):
-            continue
-        for index, run in enumerate(r for r in group if r["selection_trace"]):
-            steps, counts = zip(*run["selection_trace"], (run["steps"], run["selections"]))
-            right.step(
-                steps, counts, where="post", color=color, label=method if index == 0 else None, alpha=0.8
+        for budget in dict.fromkeys(r["budget"] for r in runs if r["method"] == method):
+            group = [r for r in runs if (r["method"], r["budget"]) == (method, budget)]
+            label = method if len(budgets) < 2 or method == "full" else f"{method} {percent(budget)}"
+            style = budgets.index(budget) if budget in budgets else 0
+            left.scatter(
+                [r["train_time_s"] for r in group],
+                [100 * r["test_acc"] for r in group],
+                label=label,
+                c=color,
+                marker="o^sDvP*X"[style % 8],
             )
+            traced = [r for r in group if r["selection_trace"]]
+            for index, run in enumerate(traced):
+                steps, counts = zip(*run["selection_trace"], (run["steps"], run["selections"]))
+                right.step(
+                    steps,
+                    counts,
+                    where="post",
+                    color=color,
+                    linestyle=("-", "--", ":", "-.")[style % 4],
+                    label=label if index == 0 else None,
+                    alpha=0.8,
+                )
     left.set(xlabel="training wall time (s)", ylabel="test accuracy (%)", title="accuracy against time")
     left.legend()
     right.set(
@@ -348,6 +367,30 @@ _FLAGS = (
     "random_subset_size",
     "check_size",
 )
+
+
+def _as_flags(error: ValueError) -> str:
+    """A CrestCallback error with its argument names written as the benchmark's flags."""
+    message = str(error)
+    for name in _FLAGS:
+        message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
+    return message
+
+
+def check_sizes(args: argparse.Namespace, n: int) -> None:
+    """Exit with a usage error if an option does not fit a training set of ``n`` examples, before any run."""
+    try:
+        if args.batch_size > n:
+            raise ValueError(
+                f"--batch-size {args.batch_size} is larger than the {n} training examples; lower it"
+            )
+        for method in args.methods:
+            for budget in args.budget:
+                callback = make_callback(method, budget, args.seed_offset, args)
+                if callback is not None and callback.selection == "crest":
+                    callback._subset_size(n, args.batch_size)
+    except ValueError as error:
+        sys.exit(f"python -m lightning_crest.benchmark: error: {_as_flags(error)}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -448,7 +491,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="10k training images, at most 5 epochs, 1 seed (replaces --seeds)",
+        help="10k training images, at most 5 epochs, 1 seed (replaces --seeds); a fractional "
+        "--random-subset-size keeps the full set's r",
     )
     parser.add_argument(
         "--output",
@@ -463,19 +507,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    for flag, values in (("--methods", args.methods), ("--budget", args.budget)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # each would run again and count as another seed
+            parser.error(f"{flag} lists {', '.join(map(str, repeated))} more than once; name each once")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+        )
     try:  # CrestCallback checks its options; a bad one is reported now, not after the full-data run
         for method in args.methods:
             for budget in args.budget:
                 make_callback(method, budget, args.seed_offset, args)
     except ValueError as error:
-        message = str(error)
-        for name in _FLAGS:
-            message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
-        parser.error(message)
+        parser.error(_as_flags(error))
     if args.output is not None:  # found out now, not after the runs
         folder = args.output.parent
         if args.output.is_dir():
             parser.error(f"--output {args.output} is a folder; name a JSON file in it")
+        if args.output.suffix.lower() == ".png":
+            parser.error(
+                f"--output {args.output} names the plot; name the JSON file (the plot is written next to it, as .png)"
+            )
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -497,11 +550,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except FileNotFoundError as error:
         sys.exit(f"python -m lightning_crest.benchmark: error: {error}")
     if args.quick:
+        if isinstance(args.random_subset_size, float):
+            # The full set's r, so that coresets are still picked from subsets larger than a batch.
+            full_set = CrestCallback(random_subset_size=args.random_subset_size)
+            args.random_subset_size = full_set._subset_size(len(train), args.batch_size)  # type: ignore[arg-type]
         train = subset(train, min(10_000, len(train)), seed=0)  # type: ignore[arg-type]
         test = subset(test, min(2_000, len(test)), seed=0)  # type: ignore[arg-type]
     sizes = len(train), len(test)  # type: ignore[arg-type]
+    check_sizes(args, sizes[0])
     print(
         f"{args.dataset} / {args.model}: {sizes[0]} train, {sizes[1]} test, {args.epochs} reference epochs, "
+        f"{args.seeds} seed{'s' if args.seeds > 1 else ''}, "
         f"batch {args.batch_size}, {torch.get_num_threads()} threads, device {args.device}, {args.precision}, "
         f"{args.memory_format}",
         flush=True,
@@ -522,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     run = run_one(method, budget, seed, (train, test, num_classes), args)
                 runs.append(run)
                 print(
-                    f"  {method:<18} budget {run['budget']:>4.0%}  seed {seed}  test acc {100 * run['test_acc']:.2f}%  "
+                    f"  {method:<18} budget {percent(run['budget']):>5}  seed {seed}  test acc {100 * run['test_acc']:.2f}%  "
                     f"{run['train_time_s']:7.1f} s  {run['steps']} steps  {run['selections']} selections  "
                     f"overhead {100 * run['overhead']:.0f}%",
                     flush=True,
