@@ -134,6 +134,8 @@ class CrestCallback(Callback):
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
     _epoch_step: int  # steps trained in the current epoch
+    _fit_end: float | None  # when the last fit ended (None while it runs)
+    _select_next_epoch: bool  # a check failed on an epoch's last step: the next epoch starts with a selection
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
     _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
     _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
@@ -290,7 +292,7 @@ class CrestCallback(Callback):
         ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
         first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
-        elapsed = time.perf_counter() - self._fit_start
+        elapsed = (self._fit_end or time.perf_counter()) - self._fit_start
         values = {
             "selections": float(self._selections),
             "pool_size": float(self._pool_size),
@@ -320,6 +322,7 @@ class CrestCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._fit_end = time.perf_counter()
             self._release_data_module()
 
     @override
@@ -328,6 +331,7 @@ class CrestCallback(Callback):
     ) -> None:
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
+            self._fit_end = time.perf_counter()
             self._release_data_module()
 
     def _release_data_module(self) -> None:
@@ -343,6 +347,7 @@ class CrestCallback(Callback):
         self._quadratic.to(pl_module.device)
         self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
         self._fit_start = time.perf_counter()
+        self._fit_end = None
         self._crest_time = 0.0
         self._timings = dict.fromkeys(_PHASES, 0.0)
 
@@ -385,7 +390,7 @@ class CrestCallback(Callback):
         ):
             self._drop_learned_examples()
             self._last_drop_epoch = epoch
-        if self.selection == "random" or len(self._dm.plan) == 0:
+        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
             self._select(self._steps_per_epoch)
 
     @override
@@ -427,8 +432,8 @@ class CrestCallback(Callback):
                 steps_left = self._steps_per_epoch - batch_idx - 1
                 if steps_left > 0:
                     self._select(steps_left)
-                else:  # the next epoch starts with a selection
-                    self._dm.plan.replace([])
+                else:  # the next epoch starts with a selection; until then `coresets` shows this one's
+                    self._select_next_epoch = True
         self._log(trainer, pl_module)
 
     @override
@@ -465,6 +470,7 @@ class CrestCallback(Callback):
             "selections": self._selections,
             "checks": self._checks,
             "steps_since_selection": self._steps_since_selection,
+            "select_next_epoch": self._select_next_epoch,
             "stale": self._stale,
             "check_indices": self._check_indices.clone(),
             "check_seed": self._check_seed,
@@ -520,6 +526,7 @@ class CrestCallback(Callback):
         self._selections = int(state_dict["selections"])
         self._checks = int(state_dict["checks"])
         self._steps_since_selection = int(state_dict["steps_since_selection"])
+        self._select_next_epoch = bool(state_dict["select_next_epoch"])
         self._stale = int(state_dict["stale"])
         self._check_indices = state_dict["check_indices"].clone()
         self._anchor_stats = [stat.clone() for stat in state_dict["anchor_stats"]]
@@ -582,6 +589,7 @@ class CrestCallback(Callback):
         self._selections = 0
         self._checks = 0
         self._steps_since_selection = 0
+        self._select_next_epoch = False
         self._stale = 0
         self._check_indices = torch.empty(0, dtype=torch.long)
         self._check_seed = None
@@ -593,6 +601,7 @@ class CrestCallback(Callback):
         self._timings = dict.fromkeys(_PHASES, 0.0)
         self._timing_depth = 0
         self._fit_start = time.perf_counter()
+        self._fit_end = None
         self._last_drop_epoch = -1
         self._weights_checked = False
         self._weights_probe = None
@@ -652,11 +661,6 @@ class CrestCallback(Callback):
                 f"more than the global batch of {global_batch}: every coreset is its whole subset with weight 1, so "
                 "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
                 "(about twice the global batch or more), or pass selection='random'."
-            )
-        if self.check_size is not None and self.check_size > subset:
-            raise ValueError(
-                f"`check_size`={self.check_size} exceeds the random subset size r={subset}; lower it, raise "
-                "`random_subset_size`, or pass None to check on r examples."
             )
         if (
             self.check_sample == "subset"
@@ -740,7 +744,7 @@ class CrestCallback(Callback):
         self._epoch_ended = False
         # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first.
         self._epoch_floor = max(self._epoch_floor, trainer.current_epoch)
-        if self._pool is None or len(self._pool) != n:
+        if self._pool is None or (len(self._pool) != n and self._restored_plan is None):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
             # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
@@ -776,6 +780,12 @@ class CrestCallback(Callback):
                 f"(ceil(fraction * n / global batch) with fraction={self.fraction}, n={len(self._labels)}). Resume "
                 "with the checkpoint's `fraction` and training set, or start afresh."
             )
+        assert self._pool is not None
+        if len(self._pool) != len(self._labels):
+            raise ValueError(
+                f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
+                f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
+            )
         batches, cursor, epoch_step, in_flight = self._restored_plan
         if self._restored_epoch_ended and trainer.max_steps == -1:
             # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
@@ -790,14 +800,22 @@ class CrestCallback(Callback):
         self._restored_plan = None
 
     def _subset_size(self, n: int, global_batch: int) -> int:
+        """``r`` for ``n`` training examples and this global batch; raises if it, or ``check_size``, cannot be."""
         if isinstance(self.random_subset_size, float):
-            return min(n, max(global_batch, _ceil_share(self.random_subset_size, n)))
-        if not global_batch <= self.random_subset_size <= n:
+            subset = min(n, max(global_batch, _ceil_share(self.random_subset_size, n)))
+        elif not global_batch <= self.random_subset_size <= n:
             raise ValueError(
                 f"`random_subset_size`={self.random_subset_size} must lie between the global batch "
                 f"({global_batch}) and the training set size ({n}): a coreset is picked from each random subset."
             )
-        return self.random_subset_size
+        else:
+            subset = self.random_subset_size
+        if self.check_size is not None and self.check_size > subset:
+            raise ValueError(
+                f"`check_size`={self.check_size} exceeds the random subset size r={subset}; lower it, raise "
+                "`random_subset_size`, or pass None to check on r examples."
+            )
+        return subset
 
     @property
     def _dropping(self) -> bool:
@@ -816,6 +834,7 @@ class CrestCallback(Callback):
                 self._select_coresets()
             self._selections += 1
             self._steps_since_selection = 0
+            self._select_next_epoch = False
             self._stale = self._dm.plan.served - self._trained
 
     def _select_coresets(self) -> None:
@@ -1004,7 +1023,8 @@ class CrestCallback(Callback):
         if logits.shape[1] < self._num_classes:
             raise ValueError(
                 f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "
-                f"{self._num_classes} classes."
+                f"{self._num_classes} classes (its labels, class indices from 0, go up to {self._num_classes - 1}). "
+                "Return one logit per class, or number the classes from 0."
             )
         return logits
 
@@ -1355,11 +1375,7 @@ def _is_weighted_batch(batch: Any) -> bool:
 
 
 def _check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (not math.isfinite(value) and high != math.inf)
-    ):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
         raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
     too_low = value <= low if low_open else value < low

@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -581,6 +582,26 @@ def test_logged_statistics_and_timings(selection: str) -> None:
     assert sum(timings.values()) <= callback._crest_time
     assert 0 < callback._selection_time <= callback._crest_time
     assert 0 < logged["overhead"] < 1
+    # After the fit the share stays that of the fit's time, however long after it is read.
+    after = callback.statistics["overhead"]
+    time.sleep(0.05)
+    assert callback.statistics["overhead"] == after
+    assert after == pytest.approx(logged["overhead"], rel=0.5)
+
+
+def test_a_check_that_fails_on_an_epochs_last_step_keeps_its_coresets_until_the_next_selection() -> None:
+    # tau = 0: every check fails. On an epoch's last step the new selection waits for the next epoch; until then,
+    # and after the last epoch, `coresets` still shows the selection that was trained.
+    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-9)  # T1 = 1 throughout
+    fit(callback, max_epochs=2)
+    steps = len(callback.batches) // 2
+    # A selection at the start (step 0), after every step but an epoch's last, and at the second epoch's start.
+    assert callback.steps("select") == list(range(2 * steps))
+    assert callback.steps("check") == list(range(1, 2 * steps + 1))
+    last = callback.plans[-1]
+    assert callback.coresets
+    assert all(torch.equal(i, j) for (i, _), (j, _) in zip(callback.coresets, last))
+    assert torch.equal(callback.coresets[0][1], last[0][1])
 
 
 class ExclusionRecorder(CrestCallback):
@@ -870,6 +891,10 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"fraction": 0.0}, r"`fraction` must lie in \(0.0, 1.0\], got 0.0"),
         ({"fraction": 1.5}, r"`fraction` must lie in \(0.0, 1.0\], got 1.5"),
         ({"tau": -1.0}, r"`tau` must lie in \[0.0, inf\], got -1.0"),
+        ({"tau": math.nan}, r"`tau` must lie in \[0.0, inf\], got nan"),
+        ({"fraction": math.nan}, r"`fraction` must lie in \(0.0, 1.0\], got nan"),
+        ({"fraction": math.inf}, r"`fraction` must lie in \(0.0, 1.0\], got inf"),
+        ({"min_pool_fraction": -math.inf}, r"`min_pool_fraction` must lie in \[0.0, 1.0\], got -inf"),
         ({"interval_mul": 0.0}, r"`interval_mul` must lie in \(0.0, inf\], got 0.0"),
         ({"interval_mul": math.inf}, "`interval_mul` must be finite, got inf"),
         (

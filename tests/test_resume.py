@@ -231,6 +231,15 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
         resume(crest(), batch_size=BATCH // 2)
     with pytest.raises(ValueError, match=r"epochs have 10 steps; this run's have 5 \(.*n=600\)"):
         resume(crest(), n=N // 2)
+    # A training set a little larger keeps the epoch length; its new examples would never be drawn.
+    with pytest.raises(ValueError, match=r"training set of 1200 examples; this run's has 1210\. Resume with"):
+        resume(crest(), n=N + 10)
+    by_hand = crest()  # loaded before `fit`, the state waits for the fit's `setup`
+    by_hand.load_state_dict(torch.load(ckpt, weights_only=True)["callbacks"]["Tracer"])
+    with pytest.raises(ValueError, match=r"training set of 1200 examples; this run's has 1210\. Resume with"):
+        make_trainer([by_hand], max_epochs=EPOCHS).fit(
+            TinyClassifier(), datamodule=CrestDataModule(blobs(n=N + 10), batch_size=BATCH)
+        )
     # Another budget, baseline or seed is refused too, before any step: the restored state would not be theirs.
     for name, value in (("fraction", 0.5), ("selection", "random"), ("seed", 1)):
         saved = repr(getattr(crest(), name))
