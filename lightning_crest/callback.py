@@ -292,7 +292,8 @@ class CrestCallback(Callback):
         ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
         first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
-        elapsed = (self._fit_end or time.perf_counter()) - self._fit_start
+        end = time.perf_counter() if self._fit_end is None else self._fit_end
+        elapsed = end - self._fit_start
         values = {
             "selections": float(self._selections),
             "pool_size": float(self._pool_size),
