@@ -934,7 +934,8 @@ class CrestCallback(Callback):
         return self._quadratic.check_interval(self.interval_mul, reference=self._peak_curvature)
 
     def _draw(self, count: int, size: int) -> Tensor:
-        """``count`` class-stratified random subsets of ``size`` pool examples, disjoint while the pool allows."""
+        """``count`` class-stratified random subsets of ``size`` pool examples, each without repeats, and disjoint
+        while every class has members for its quotas in all of them (a class's quota rounds up in some subsets)."""
         assert self._pool is not None
         members = torch.nonzero(self._pool).flatten()
         shuffled = members[torch.randperm(len(members), generator=self._generator)]

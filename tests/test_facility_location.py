@@ -538,6 +538,38 @@ def test_duplicate_picks_each_own_themselves(knn: int | None) -> None:
     assert torch.equal(selection.weights, _ownership(points, labels, selection.indices))
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_unpicked_copies_belong_to_the_earliest_of_equal_picks_on_every_path(backend: str) -> None:
+    # 20 identical proxies and 8 picks in their class: the 16 unpicked copies are equally near every pick of a copy.
+    # The earliest pick takes them on the dense path, and so must it on the kNN path with either backend, or the
+    # weights would depend on the backend.
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    other = torch.randn(20, 3, generator=torch.Generator().manual_seed(0)) + 5
+    points, labels = torch.cat([torch.zeros(20, 3), other]), torch.arange(2).repeat_interleave(20)
+    dense = facility_location(points, 8, labels)
+    sparse = facility_location(points, 8, labels, knn=4, backend=backend)
+    assert torch.equal(sparse.weights, _ownership(points, labels, sparse.indices))
+    copies = labels[sparse.indices] == 0
+    assert (
+        sparse.weights[copies].tolist() == dense.weights[labels[dense.indices] == 0].tolist() == [17, 1, 1, 1]
+    )
+
+
+@pytest.mark.parametrize("knn", [None, 4])
+def test_gains_keep_float64(knn: int | None) -> None:
+    points = torch.randn(40, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    selection = facility_location(points, 8, knn=knn, backend="torch")
+    assert selection.gains.dtype == torch.float64
+    assert facility_location(points.float(), 8, knn=knn, backend="torch").gains.dtype == torch.float32
+    if knn is None:  # the dense path computes in float64: gains beyond float32's range stay finite
+        huge = facility_location(points * 1e38, 8)
+        assert bool(torch.isfinite(huge.gains).all())
+        assert huge.gains.sum().item() == pytest.approx(
+            facility_location_objective(points * 1e38, huge.indices)
+        )
+
+
 def test_many_uneven_blocks_are_solved_in_size_groups() -> None:
     from lightning_crest.selection._facility_location import _size_groups
 

@@ -46,7 +46,8 @@ class Selection:
     Attributes:
         indices: ``(budget,)`` or ``(P, budget)`` int64 positions into the pool, in pick order.
         weights: Same shape, float: cluster sizes. They sum to the pool size ``r`` for every pool.
-        gains: Same shape, float: the marginal gain of each pick when it was made.
+        gains: Same shape, float64 for float64 features and float32 otherwise: the marginal gain of each pick
+            when it was made.
     """
 
     indices: Tensor
@@ -129,7 +130,10 @@ def facility_location(
             needs all pairs): a point that no pick covers counts as farther than any real distance. Points of a
             class in the same cell of a grid of side ``1e-3`` of that bound are first merged into one point
             weighted by their number (near-duplicate proxies of learned examples would otherwise take one pick
-            per ``k`` of them); the gains are those of the merged objective.
+            per ``k`` of them); the gains are those of the merged objective. Too few neighbours leave most points
+            uncovered: picking 32 of 3,000 points in 10 classes, ``k = 8`` was farther from the pool on average
+            than random picks, ``k = 16`` within 6% of dense and ``k = 32`` within 2%; measure against the dense
+            greedy where it fits.
         backend: kNN search for ``knn``: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and the
             pool is large).
 
@@ -185,6 +189,7 @@ def facility_location(
             for pool, cls, count in zip(pools, classes, counts)
         ]
         result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
+    result = Selection(result.indices, result.weights, result.gains.to(work_dtype))
     if batched:
         return result
     return Selection(result.indices[0], result.weights[0], result.gains[0])
@@ -491,7 +496,7 @@ def _greedy_order(indices: Tensor, weights: Tensor, gains: Tensor, budget: int) 
     return Selection(
         indices=indices.transpose(1, 2).reshape(num_pools, -1).gather(1, order),
         weights=weights.transpose(1, 2).reshape(num_pools, -1).gather(1, order),
-        gains=flat_gains.gather(1, order).float(),
+        gains=flat_gains.gather(1, order),
     )
 
 

@@ -179,7 +179,10 @@ class TorchKnn:
                 block = queries[start : start + chunk]
                 sq = torch.addmm(db_sq.unsqueeze(0), block, database.T, alpha=-2.0)
                 sq.add_(block.square().sum(dim=1, keepdim=True))
-                _, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
+                if k == 1:  # the first of equally near rows, as faiss and the dense path take (topk: any)
+                    idx = sq.argmin(dim=1, keepdim=True)
+                else:
+                    _, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
                 # Even centred, the expanded form leaves ~1e-3 of cancellation noise (a point's distance to
                 # itself is not 0), so the k winners' distances are recomputed from the differences.
                 distances, idx = _exact_sorted(database, block, idx)
