@@ -22,7 +22,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_crest.datamodule import CrestDataModule
-from lightning_crest.distributed import batch_share, gather_shares, mean_over_processes, share
+from lightning_crest.distributed import (
+    batch_share,
+    broadcast_from_first,
+    gather_shares,
+    mean_over_processes,
+    share,
+)
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
 from lightning_crest.selection import facility_location, gradient_proxy
 
@@ -137,6 +143,7 @@ class CrestCallback(Callback):
     _fit_end: float | None  # when the last fit ended (None while it runs)
     _select_next_epoch: bool  # a check failed on an epoch's last step: the next epoch starts with a selection
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
+    _iterator_epoch: int  # the epoch the last data iterator started (-1: none yet in this fit)
     _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
     _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
     _restored_started: int  # the epoch whose start-of-epoch work a restored checkpoint had done (-1: none)
@@ -358,10 +365,19 @@ class CrestCallback(Callback):
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
-        # Batches served but not trained are forgotten: the loader that read them ahead is gone (an epoch cut short
-        # by `limit_train_batches`, or the first of the two iterators Lightning creates when it reloads the loaders).
-        self._trained = self._dm.plan.served
-        self._stale = 0
+        plan = self._dm.plan
+        epoch = max(epoch, self._epoch_floor)
+        if epoch == self._iterator_epoch:
+            # The epoch's iterator again (Lightning creates two when it reloads the loaders, or when it resumes into
+            # an epoch with no batch left, whose iterator's workers start reading the next): batches the first read
+            # ahead and training never reached are served again, first, and those of an earlier plan stay stale.
+            plan.unserve(plan.served - self._trained)
+        else:
+            # A new epoch: batches read beyond the last one's trained steps (an epoch cut short by
+            # `limit_train_batches`) are forgotten.
+            self._trained = plan.served
+            self._stale = 0
+        self._iterator_epoch = epoch
         self._begin_epoch(epoch)
 
     def _begin_epoch(self, epoch: int) -> None:
@@ -608,7 +624,7 @@ class CrestCallback(Callback):
         self._weights_probe = None
         self._epoch_step = 0
         self._trained = 0
-        self._started_epoch = -1
+        self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         self._epoch_floor = 0
         self._restored_plan = None
@@ -741,7 +757,7 @@ class CrestCallback(Callback):
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
         self._trained = 0
-        self._started_epoch = -1
+        self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first.
         self._epoch_floor = max(self._epoch_floor, trainer.current_epoch)
@@ -846,6 +862,7 @@ class CrestCallback(Callback):
         failed before a selection's last coresets were reached about half the time, and their forward passes were
         the largest part of CREST's cost.
         """
+        self._share_running_stats()
         self._anchor_stats = [stat.clone() for stat in self._running_stats()]
         probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
         subsets = self._draw(probed, self._subset)
@@ -919,6 +936,7 @@ class CrestCallback(Callback):
 
     def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
         with self._timed(selection=True):
+            self._share_running_stats()
             coresets, weights, _ = self._pick(subset.unsqueeze(0))
         return coresets[0], weights[0]
 
@@ -1130,6 +1148,16 @@ class CrestCallback(Callback):
             for stat in (m.running_mean, m.running_var)
             if stat is not None
         ]
+
+    def _share_running_stats(self) -> None:
+        """Give every process process 0's normalisation statistics before CREST's own passes.
+
+        DDP broadcasts process 0's buffers at every training forward (unless ``broadcast_buffers=False``), so a
+        process's own update of them never reaches training, but CREST's passes between two steps would see it. A checkpoint holds process 0's
+        alone: sharing them keeps the passes of a resumed run those of the uninterrupted one.
+        """
+        assert self._trainer is not None
+        broadcast_from_first(self._trainer, self._running_stats())
 
     def _check(self) -> bool:
         """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""

@@ -43,6 +43,14 @@ def batch_share(rank: int, world_size: int) -> slice:
     return slice(rank, None, world_size)
 
 
+def broadcast_from_first(trainer: L.Trainer, tensors: list[Tensor]) -> None:
+    """Overwrite ``tensors`` in place, on every process, with process 0's (nothing with one process)."""
+    if trainer.world_size == 1 or not tensors:
+        return
+    for tensor in tensors:
+        torch.distributed.broadcast(tensor, src=0)
+
+
 def mean_over_processes(trainer: L.Trainer, value: Tensor) -> Tensor:
     """Average ``value`` over processes (identity with one)."""
     if trainer.world_size == 1:

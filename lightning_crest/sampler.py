@@ -69,6 +69,14 @@ class CoresetPlan:
             )
         return list(self._recent)[len(self._recent) - count :] if count > 0 else []
 
+    def unserve(self, count: int) -> None:
+        """Serve the last ``count`` batches served again, first: the loader that read them is gone."""
+        batches = self.served_since(count)
+        for _ in batches:
+            self._recent.pop()
+        self.served -= len(batches)
+        self.replay[:0] = batches
+
     def restart(self) -> None:
         """Forget what was served: a new data loader starts reading."""
         self.served = 0

@@ -255,6 +255,29 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
     assert resumed._trainer.global_step == EPOCHS * STEPS
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_resume_from_a_validation_checkpoint_on_an_epochs_last_step(tmp_path: Path, num_workers: int) -> None:
+    # Validated twice per epoch, the second time on its last step, where the checkpoint is written. Lightning resumes
+    # into that epoch with no batch left and creates an iterator for it, whose workers (starting the next epoch)
+    # read its first batches; then it creates the next epoch's. Those batches must be served again, not skipped.
+    val = ModelCheckpoint(tmp_path, filename="{step}", save_top_k=-1)
+    full = crest()
+    _, reference = run(
+        full, extra=[val], enable_checkpointing=True, num_workers=num_workers, val_check_interval=0.5
+    )
+    for step in (STEPS, 2 * STEPS):
+        resumed = crest()
+        trainer, model = run(
+            resumed,
+            ckpt_path=str(tmp_path / f"step={step}.ckpt"),
+            num_workers=num_workers,
+            val_check_interval=0.5,
+        )
+        assert trainer.global_step == EPOCHS * STEPS
+        assert resumed.trained == [t for t in full.trained if t[0] > step], step
+        assert same_parameters(model, reference), step
+
+
 def test_resume_after_epochs_cut_short_with_loader_workers(tmp_path: Path) -> None:
     # With `limit_train_batches`, workers read batches beyond each epoch's end that are never trained; a mid-epoch
     # checkpoint of a later epoch must save only the batches read ahead in that epoch.
