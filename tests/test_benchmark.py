@@ -361,6 +361,25 @@ def test_benchmark_reports_missing_data_as_a_usage_error(tmp_path: Path) -> None
     assert "scripts/fetch-fashion-mnist" in str(exit_info.value.code)
 
 
+def test_benchmark_reports_a_failed_download_as_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import urllib.error
+
+    def load(name: str, root: Any, download: bool = False) -> Any:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(bench, "load_dataset", load)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--dataset", "cifar10", "--download", "--data-dir", str(tmp_path), "--methods", "full"])
+    message = str(exit_info.value.code)
+    assert message.startswith(
+        f"python -m lightning_crest.benchmark: error: could not download cifar10 into {tmp_path}"
+    )
+    assert "Name or service not known" in message
+    assert "pass its folder as --data-dir" in message
+
+
 def test_benchmark_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         bench.parse_args(["--help"])

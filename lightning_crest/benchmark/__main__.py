@@ -549,6 +549,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
     except FileNotFoundError as error:
         sys.exit(f"python -m lightning_crest.benchmark: error: {error}")
+    except (OSError, RuntimeError) as error:  # torchvision's download: URLError, or its own RuntimeError
+        if not args.download:
+            raise
+        sys.exit(
+            f"python -m lightning_crest.benchmark: error: could not download {args.dataset} into {args.data_dir} "
+            f"({error}). Download it where there is a network and pass its folder as --data-dir."
+        )
     if args.quick:
         if isinstance(args.random_subset_size, float):
             # The full set's r, so that coresets are still picked from subsets larger than a batch.
