@@ -395,10 +395,6 @@ class CrestCallback(Callback):
         epoch = max(epoch, self._epoch_floor)
         if epoch == self._started_epoch:
             return
-        self._started_epoch = epoch
-        self._epoch_ended = False
-        self._epoch_step = 0
-        self._dm.plan.replay.clear()
         if (
             self._dropping
             and epoch > 0
@@ -409,6 +405,11 @@ class CrestCallback(Callback):
             self._last_drop_epoch = epoch
         if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
             self._select(self._steps_per_epoch)
+        # Started once its work is done: a checkpoint saved after that work failed (Ctrl-C) has it redone.
+        self._started_epoch = epoch
+        self._epoch_ended = False
+        self._epoch_step = 0
+        self._dm.plan.replay.clear()
 
     @override
     def on_train_batch_start(
@@ -474,7 +475,10 @@ class CrestCallback(Callback):
             min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
         )
         epoch_done = self._epoch_step >= epoch_length
-        epoch = max(self._started_epoch, self._epoch_floor)
+        epoch, epoch_step, epoch_ended = self._started_epoch, self._epoch_step, self._epoch_ended
+        if self._started_epoch < self._epoch_floor:
+            # In this fit the epoch due next has not started yet (after a restore, or fitting again): saved as such.
+            epoch, epoch_step, epoch_done, epoch_ended = self._epoch_floor, 0, False, False
         return {
             "pool": self._pool.clone(),
             "window_max_loss": self._window_max_loss.clone(),
@@ -506,15 +510,14 @@ class CrestCallback(Callback):
             "fraction": self.fraction,
             "selection": self.selection,
             "seed": self.seed,
-            "epoch_step": self._steps_per_epoch if epoch_done else self._epoch_step,
-            # The epoch whose start-of-epoch work ran (after a mid-epoch restore, the restored one: its start-of-epoch
-            # work ran before the checkpoint), and whether all its steps were trained.
+            "epoch_step": self._steps_per_epoch if epoch_done else epoch_step,
+            # The current epoch, whether its start-of-epoch work was done (a checkpoint saved before its first step, by
+            # an interrupt say, may come before or after it) and whether all its steps were trained.
             "epoch": epoch,
-            # Saved before the epoch's first step, by an interrupt say, the epoch's start may be done or not.
             "epoch_started": self._started_epoch == epoch,
             "epoch_done": epoch_done,
             # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too.
-            "epoch_ended": self._epoch_ended,
+            "epoch_ended": epoch_ended,
         }
 
     @override
@@ -759,8 +762,13 @@ class CrestCallback(Callback):
         self._trained = 0
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
-        # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first.
-        self._epoch_floor = max(self._epoch_floor, trainer.current_epoch)
+        # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first. A fresh
+        # Trainer counts from 0 again (a restore sets the floor later, or has set it already when loaded by hand).
+        self._epoch_floor = (
+            trainer.current_epoch
+            if self._restored_plan is None
+            else max(self._epoch_floor, trainer.current_epoch)
+        )
         if self._pool is None or (len(self._pool) != n and self._restored_plan is None):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
@@ -774,6 +782,29 @@ class CrestCallback(Callback):
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:
         """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
         assert self._restored_plan is not None
+        try:
+            self._refuse_another_run(dm)
+        except ValueError:
+            # The refused state is dropped, so that fitting again without `ckpt_path` starts afresh.
+            self._release_data_module()
+            self._reset_state()
+            raise
+        batches, cursor, epoch_step, in_flight = self._restored_plan
+        assert self._trainer is not None
+        if self._restored_epoch_ended and self._trainer.max_steps == -1:
+            # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
+            # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
+            epoch_step = self._steps_per_epoch
+            self._epoch_floor += 1
+        self._restored_epoch_ended = False
+        self._started_epoch = self._restored_started
+        dm.plan.replace(batches, cursor)
+        dm.plan.resume_step = epoch_step
+        dm.plan.replay = list(in_flight)
+        self._restored_plan = None
+
+    def _refuse_another_run(self, dm: CrestDataModule) -> None:
+        """Raise if the restored checkpoint was trained with other settings, batches, epochs or training set."""
         global_batch, steps_per_epoch = self._restored_shape
         trainer = self._trainer
         assert trainer is not None
@@ -803,18 +834,6 @@ class CrestCallback(Callback):
                 f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
                 f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
             )
-        batches, cursor, epoch_step, in_flight = self._restored_plan
-        if self._restored_epoch_ended and trainer.max_steps == -1:
-            # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
-            # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
-            epoch_step = self._steps_per_epoch
-            self._epoch_floor += 1
-        self._restored_epoch_ended = False
-        self._started_epoch = self._restored_started
-        dm.plan.replace(batches, cursor)
-        dm.plan.resume_step = epoch_step
-        dm.plan.replay = list(in_flight)
-        self._restored_plan = None
 
     def _subset_size(self, n: int, global_batch: int) -> int:
         """``r`` for ``n`` training examples and this global batch; raises if it, or ``check_size``, cannot be."""

@@ -73,7 +73,7 @@ class Tracer(CrestCallback):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
 
 
-def crest(**kwargs: Any) -> Tracer:
+def crest(kind: type[Tracer] | None = None, **kwargs: Any) -> Tracer:
     options: dict[str, Any] = {
         "fraction": FRACTION,
         "random_subset_size": 0.1,
@@ -82,7 +82,7 @@ def crest(**kwargs: Any) -> Tracer:
         "drop_threshold": 0.3,
     }
     options.update(kwargs)
-    return Tracer(**options)
+    return (kind or Tracer)(**options)
 
 
 def run(
@@ -248,6 +248,15 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
             match=rf"trained with CrestCallback\({name}={saved}\); this run's has {name}={value!r}\. Resume with",
         ):
             resume(crest(**{name: value}))
+    # A refused state is dropped: the same callback then fits afresh without `ckpt_path`.
+    refused = crest()
+    with pytest.raises(ValueError, match="training set of 1200 examples"):
+        resume(refused, n=N + 10)
+    make_trainer([refused], max_epochs=1).fit(
+        TinyClassifier(), datamodule=CrestDataModule(blobs(n=N + 10), batch_size=BATCH)
+    )
+    assert len(refused.pool) == N + 10
+    assert refused.statistics["selections"] == len(refused.selections)  # its own, none of the checkpoint's
     # The same settings resume.
     resumed = crest()
     resume(resumed)
@@ -364,6 +373,23 @@ def test_fitting_again_with_the_same_trainer_goes_on_from_its_epoch(num_workers:
     if num_workers == 0:
         assert continued.trained == full.trained
         assert same_parameters(model, reference)
+
+
+def test_a_fresh_trainer_counts_its_epochs_from_the_first(tmp_path: Path) -> None:
+    # The callback and model of a resumed fit, which ended at epoch 3, fitted again with a fresh Trainer: its epochs
+    # count from 0, and each starts with its own random batches, not those of the epoch before.
+    epochs = ModelCheckpoint(tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    run(crest(selection="random"), extra=[epochs], enable_checkpointing=True, max_epochs=2)
+    callback = crest(selection="random")
+    trainer, model = run(callback, ckpt_path=str(tmp_path / "epoch=1.ckpt"))
+    assert trainer.current_epoch == EPOCHS
+    before = len(callback.trained)
+    make_trainer([callback], max_epochs=2).fit(
+        model, datamodule=CrestDataModule(blobs(n=N), batch_size=BATCH)
+    )
+    batches = [digest for _, digest in callback.trained[before:]]
+    assert len(batches) == 2 * STEPS
+    assert len(set(batches)) == 2 * STEPS
 
 
 def test_stop_after_an_epoch_then_resume_with_loggers_and_callbacks(tmp_path: Path) -> None:
@@ -517,6 +543,58 @@ def test_interrupt_before_an_epochs_first_step_resumes_without_redoing_its_start
     trainer, model = run(resumed, ckpt_path=str(tmp_path / "interrupted.ckpt"), num_workers=num_workers)
     assert trainer.global_step == EPOCHS * STEPS
     assert interrupted.trained + resumed.trained == full.trained
+    assert same_parameters(model, reference)
+
+
+class InterruptedAtEpochStart(Tracer):
+    """Raises KeyboardInterrupt (as Ctrl-C would) inside the start-of-epoch work of the epoch at step ``at``."""
+
+    def __init__(self, at: int = -1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def _interrupt(self) -> None:
+        if self._trainer is not None and self._trainer.global_step == self.at:
+            self.at = -1
+            raise KeyboardInterrupt
+
+    def _draw(self, count: int, size: int) -> Tensor:
+        self._interrupt()
+        return super()._draw(count, size)
+
+    def _drop_learned_examples(self) -> None:
+        self._interrupt()
+        super()._drop_learned_examples()
+
+
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_an_interrupt_inside_an_epochs_start_has_that_start_redone(tmp_path: Path, selection: str) -> None:
+    # Resumed from an epoch's last step, the next epoch's start-of-epoch work (CREST's exclusion of learned examples,
+    # or the epoch's random batches) runs when the sampler reads its first batch. Interrupted inside that work, the
+    # checkpoint must not count it as done, or the resumed run would skip it.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=STEPS, save_top_k=-1)
+    # One class for all three runs: a checkpoint's callback state is keyed by the class's name.
+    full = crest(InterruptedAtEpochStart, selection=selection)
+    _, reference = run(full, extra=[steps], enable_checkpointing=True)
+    interrupted = crest(InterruptedAtEpochStart, selection=selection, at=STEPS)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(
+                interrupted,
+                ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"),
+                extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted")],
+                enable_checkpointing=True,
+            )
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert isinstance(interrupted, InterruptedAtEpochStart)
+    assert interrupted.at == -1  # it fired
+    resumed = crest(InterruptedAtEpochStart, selection=selection)
+    trainer, model = run(resumed, ckpt_path=str(tmp_path / "interrupted.ckpt"))
+    assert trainer.global_step == EPOCHS * STEPS
+    assert interrupted.trained + resumed.trained == full.trained[STEPS:]
+    assert torch.equal(resumed.pool, full.pool)
     assert same_parameters(model, reference)
 
 
