@@ -1172,8 +1172,9 @@ class CrestCallback(Callback):
         """Give every process process 0's normalisation statistics before CREST's own passes.
 
         DDP broadcasts process 0's buffers at every training forward (unless ``broadcast_buffers=False``), so a
-        process's own update of them never reaches training, but CREST's passes between two steps would see it. A checkpoint holds process 0's
-        alone: sharing them keeps the passes of a resumed run those of the uninterrupted one.
+        process's own update of them never reaches training, but CREST's passes between two steps would see it. A
+        checkpoint holds process 0's alone: sharing them keeps the passes of a resumed run those of the
+        uninterrupted one.
         """
         assert self._trainer is not None
         broadcast_from_first(self._trainer, self._running_stats())
