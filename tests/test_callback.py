@@ -1072,7 +1072,11 @@ def test_logits_of_the_wrong_shape() -> None:
         def forward(self, inputs: Tensor) -> Tensor:
             return super().forward(inputs)[:, :2]  # two of four classes
 
-    with pytest.raises(ValueError, match="returned 2 logits per example but the training set has 4 classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"returned 2 logits per example but the training set has 4 classes \(its labels, class indices from 0, "
+        r"go up to 3\)\. Return one logit per class, or number the classes from 0\.",
+    ):
         fit(CrestCallback(random_subset_size=0.1), model=Flat(), max_epochs=1)
 
 
