@@ -45,7 +45,7 @@ def batch_share(rank: int, world_size: int) -> slice:
 
 def broadcast_from_first(trainer: L.Trainer, tensors: list[Tensor]) -> None:
     """Overwrite ``tensors`` in place, on every process, with process 0's (nothing with one process)."""
-    if trainer.world_size == 1 or not tensors:
+    if trainer.world_size == 1:
         return
     for tensor in tensors:
         torch.distributed.broadcast(tensor, src=0)

@@ -106,6 +106,17 @@ def run(
     return trainer, model
 
 
+def run_interrupted(callback: CrestCallback, **kwargs: Any) -> None:
+    """:func:`run`, ended by a KeyboardInterrupt (Ctrl-C). Lightning 2.6 handles it gracefully (on_exception hooks,
+    teardown), then exits with status 1; it also ignores further SIGINTs, which this undoes."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            run(callback, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def same_parameters(a: L.LightningModule, b: L.LightningModule) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -492,14 +503,7 @@ def test_interrupt_leaves_a_resumable_checkpoint(tmp_path: Path) -> None:
     full = crest()
     _, reference = run(full)
     interrupted = crest()
-    # Lightning 2.6 handles Ctrl-C gracefully (on_exception hooks, teardown), then exits with status 1; it also
-    # ignores further SIGINTs, which the test undoes.
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(interrupted, extra=[every, Interrupt()], enable_checkpointing=True)
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    run_interrupted(interrupted, extra=[every, Interrupt()], enable_checkpointing=True)
     assert len(interrupted.trained) == 14
     resumed = crest()
     trainer, model = run(resumed, ckpt_path=str(tmp_path / "step=12.ckpt"))
@@ -526,17 +530,12 @@ def test_interrupt_before_an_epochs_first_step_resumes_without_redoing_its_start
     full = crest(selection=selection)
     _, reference = run(full, num_workers=num_workers)
     interrupted = crest(selection=selection)
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(
-                interrupted,
-                extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted"), Interrupt()],
-                enable_checkpointing=True,
-                num_workers=num_workers,
-            )
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    run_interrupted(
+        interrupted,
+        extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted"), Interrupt()],
+        enable_checkpointing=True,
+        num_workers=num_workers,
+    )
     state = torch.load(tmp_path / "interrupted.ckpt", weights_only=True)
     assert state["global_step"] == epoch * STEPS
     resumed = crest(selection=selection)
@@ -577,17 +576,12 @@ def test_an_interrupt_inside_an_epochs_start_has_that_start_redone(tmp_path: Pat
     full = crest(InterruptedAtEpochStart, selection=selection)
     _, reference = run(full, extra=[steps], enable_checkpointing=True)
     interrupted = crest(InterruptedAtEpochStart, selection=selection, at=STEPS)
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            run(
-                interrupted,
-                ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"),
-                extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted")],
-                enable_checkpointing=True,
-            )
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    run_interrupted(
+        interrupted,
+        ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"),
+        extra=[OnExceptionCheckpoint(tmp_path, filename="interrupted")],
+        enable_checkpointing=True,
+    )
     assert isinstance(interrupted, InterruptedAtEpochStart)
     assert interrupted.at == -1  # it fired
     resumed = crest(InterruptedAtEpochStart, selection=selection)
