@@ -221,6 +221,32 @@ def test_missing_cifar_explains_download(tmp_path: Path, name: str) -> None:
         load_dataset(name, tmp_path, in_memory=True)
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_downloads_run_under_a_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    # torchvision opens its downloads without a timeout: load_dataset gives its sockets one, and only for the download.
+    import socket
+
+    import lightning_crest.benchmark.data as bench_data
+
+    seen: list[tuple[bool, float | None]] = []
+
+    class Stalled:
+        def __init__(self, root: Path, train: bool = True, download: bool = False, **kwargs: Any) -> None:
+            seen.append((download, socket.getdefaulttimeout()))
+            raise TimeoutError("timed out")
+
+    monkeypatch.setattr(bench_data, "_spec", lambda _: (Stalled, (0.5,), (0.5,), 10))
+    monkeypatch.setattr(bench_data, "_missing_files", lambda *_: [tmp_path / "missing"])
+    before = socket.getdefaulttimeout()
+    with pytest.raises(TimeoutError):
+        load_dataset(name, tmp_path, download=True)
+    assert seen == [(True, bench_data.DOWNLOAD_TIMEOUT_S)]
+    assert socket.getdefaulttimeout() == before  # restored, also when the download failed
+    with pytest.raises(FileNotFoundError):  # no download: nothing is opened
+        load_dataset(name, tmp_path)
+    assert len(seen) == 1
+
+
 # --------------------------------------------------------------------------------------------- subset
 
 

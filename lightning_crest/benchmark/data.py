@@ -19,7 +19,9 @@ Building the in-memory copy costs ~0.2 s and ~190 MB (float32) for the 60k train
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,8 @@ FETCH_FASHION_MNIST_HINT = (
     "or pass download=True / --download on a machine with internet"
 )
 DOWNLOAD_CIFAR_HINT = "pass download=True (--download) on a machine with internet"
+# torchvision opens its downloads without a timeout, so a network that drops packets would stall them for ever.
+DOWNLOAD_TIMEOUT_S = 60.0
 
 
 class InMemoryVisionDataset(Dataset[tuple[Tensor, int]]):
@@ -151,6 +155,17 @@ class LabelledSubset(Subset[Any]):
         self.targets = targets
 
 
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Give sockets opened inside the block (torchvision's downloads) a timeout, then restore the default."""
+    default = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(default)
+
+
 def _spec(name: str) -> tuple[type[datasets.VisionDataset], tuple[float, ...], tuple[float, ...], int]:
     if name == "fashion-mnist":
         return datasets.FashionMNIST, FASHION_MNIST_MEAN, FASHION_MNIST_STD, 10
@@ -203,7 +218,8 @@ def load_dataset(
     Args:
         name: One of :data:`DATASET_NAMES`: ``"fashion-mnist"``, ``"cifar10"`` or ``"cifar100"``.
         data_dir: Root directory, laid out as torchvision expects (e.g. ``DATA_DIR/FashionMNIST/raw``).
-        download: Let torchvision download missing files (needs internet).
+        download: Let torchvision download missing files (needs internet); a download that stalls for
+            :data:`DOWNLOAD_TIMEOUT_S` seconds raises :class:`TimeoutError`.
         augment: For CIFAR, apply ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip`` to the
             training split. Fashion-MNIST is never augmented.
         in_memory: Serve Fashion-MNIST from a pre-normalised :class:`InMemoryVisionDataset` instead of
@@ -237,21 +253,24 @@ def load_dataset(
 
     train_ds: Dataset[Any]
     test_ds: Dataset[Any]
-    if in_memory:
-        # torchvision still parses the idx files; only the per-item PIL/ToTensor work is replaced.
-        train_ds, test_ds = (
-            InMemoryVisionDataset.from_uint8(split.data, split.targets, mean, std, split.classes)
-            for split in (cls(root, train=train, download=download) for train in (True, False))
+    # torchvision downloads missing files when a split is built; under a timeout, a stalled one raises TimeoutError.
+    with _socket_timeout(DOWNLOAD_TIMEOUT_S) if download else nullcontext():
+        if in_memory:
+            # torchvision still parses the idx files; only the per-item PIL/ToTensor work is replaced.
+            train_ds, test_ds = (
+                InMemoryVisionDataset.from_uint8(split.data, split.targets, mean, std, split.classes)
+                for split in (cls(root, train=train, download=download) for train in (True, False))
+            )
+            return train_ds, test_ds, num_classes
+        normalize: list[Callable[..., Any]] = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        train_tf: list[Callable[..., Any]] = []
+        if augment and name != "fashion-mnist":
+            train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        train_ds = cls(
+            root, train=True, download=download, transform=transforms.Compose(train_tf + normalize)
         )
+        test_ds = cls(root, train=False, download=download, transform=transforms.Compose(normalize))
         return train_ds, test_ds, num_classes
-
-    normalize: list[Callable[..., Any]] = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    train_tf: list[Callable[..., Any]] = []
-    if augment and name != "fashion-mnist":
-        train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    train_ds = cls(root, train=True, download=download, transform=transforms.Compose(train_tf + normalize))
-    test_ds = cls(root, train=False, download=download, transform=transforms.Compose(normalize))
-    return train_ds, test_ds, num_classes
 
 
 def subset(dataset: Dataset[Any], fraction_or_count: float | int, seed: int = 0) -> LabelledSubset:
