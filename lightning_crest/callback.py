@@ -466,8 +466,9 @@ class CrestCallback(Callback):
         if self._pool is None:
             return {}
         plan = self._dm.plan
-        # Batches loader workers read ahead but training has not reached: served first after a restore.
-        in_flight = plan.served_since(plan.served - self._trained)
+        # Batches loader workers read ahead but training has not reached, then those a restore has still to serve:
+        # served first after a restore.
+        in_flight = plan.served_since(plan.served - self._trained) + plan.replay
         # Lightning's epoch may be shorter than CREST's (`limit_train_batches`); once it is over, the next one starts
         # from its first step.
         trainer = self._trainer
@@ -871,7 +872,8 @@ class CrestCallback(Callback):
             self._selections += 1
             self._steps_since_selection = 0
             self._select_next_epoch = False
-            self._stale = self._dm.plan.served - self._trained
+            # Batches read ahead but not trained, and those a restore has still to serve, come before the new plan's.
+            self._stale = self._dm.plan.served - self._trained + len(self._dm.plan.replay)
 
     def _select_coresets(self) -> None:
         """Pick the coresets probed for the quadratic model, then plan ``P = b T1`` coresets with this selection's

@@ -53,6 +53,9 @@ class Tracer(CrestCallback):
         super().__init__(**kwargs)
         self.selections: list[tuple[int, str, str]] = []
         self.trained: list[tuple[int, str]] = []
+        self.stale: list[
+            tuple[int, int]
+        ] = []  # batches of the earlier plan still to train, at each selection
         self._hook = "batch"
 
     def _select(self, steps_left: int) -> None:
@@ -60,6 +63,7 @@ class Tracer(CrestCallback):
         plan = self._dm.plan.batches
         step = self._trainer.global_step if self._trainer is not None else -1
         self.selections.append((step, self._hook, digest(*(i for i, _ in plan), *(w for _, w in plan))))
+        self.stale.append((step, self._stale))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._hook = "epoch_start"
@@ -355,6 +359,34 @@ def test_resume_twice_from_a_run_resumed_mid_epoch(tmp_path: Path) -> None:
     _, model = run(resumed, ckpt_path=str(tmp_path / "b" / "step=20.ckpt"), num_workers=2)
     assert resumed.trained == [t for t in full.trained if t[0] > 20]
     assert torch.equal(resumed.pool, full.pool)
+    assert same_parameters(model, reference)
+
+
+def test_a_checkpoint_keeps_the_batches_a_restore_has_still_to_serve(tmp_path: Path) -> None:
+    # A checkpoint saved with loader workers holds the batches they read ahead. Resumed without workers, those are
+    # served one per step; a checkpoint saved before they all are must keep the rest, and count them as read before
+    # a selection made meanwhile, for the next resume to repeat the run. (A run without workers does not repeat one
+    # with them: workers read a lazily picked coreset ahead, so its proxies come from the weights of an earlier step.)
+    def every_step(name: str) -> ModelCheckpoint:
+        return ModelCheckpoint(tmp_path / name, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+
+    run(crest(), extra=[every_step("a")], enable_checkpointing=True, num_workers=2)
+    state = torch.load(tmp_path / "a" / "step=15.ckpt", weights_only=True)["callbacks"]["Tracer"]
+    assert len(state["in_flight_indices"]) >= 2  # read ahead by the workers
+    first = crest()
+    _, reference = run(
+        first,
+        ckpt_path=str(tmp_path / "a" / "step=15.ckpt"),
+        extra=[every_step("b")],
+        enable_checkpointing=True,
+    )
+    # A selection made while the restored batches are served: the rest of them come before its own.
+    replayed = 15 + len(state["in_flight_indices"])
+    assert [(s, stale) for s, stale in first.stale if 16 < s <= replayed] == [(18, replayed - 18)]
+    resumed = crest()
+    _, model = run(resumed, ckpt_path=str(tmp_path / "b" / "step=16.ckpt"))
+    assert resumed.trained == [t for t in first.trained if t[0] > 16]
+    assert resumed.selections == [s for s in first.selections if s[0] > 16]
     assert same_parameters(model, reference)
 
 
