@@ -30,6 +30,7 @@ from lightning_crest.distributed import (
     share,
 )
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
+from lightning_crest.sampler import CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -351,6 +352,7 @@ class CrestCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_loader(trainer)
         # Lightning restores checkpointed tensors on the device they were saved from.
         self._quadratic.to(pl_module.device)
         self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
@@ -361,7 +363,18 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_loader(trainer)  # `reload_dataloaders_every_n_epochs` builds it anew
         self._begin_epoch(trainer.current_epoch)
+
+    def _check_loader(self, trainer: L.Trainer) -> None:
+        """Refuse a training loader that does not read the plan: it would train on other batches, unbudgeted."""
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if not (isinstance(sampler, CoresetSampler) and sampler.plan is self._dm.plan):
+            raise TypeError(
+                f"The training loader of {type(self._dm).__name__} does not read CREST's coresets (its sampler is "
+                f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
+                "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
+            )
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
@@ -458,7 +471,7 @@ class CrestCallback(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_ended = True
         # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
-        if self._pool is not None:
+        if self._pool is not None and not trainer.barebones:  # barebones Trainers refuse `log`
             self._log_statistics(pl_module, epoch=True)
 
     @override
@@ -1288,7 +1301,7 @@ class CrestCallback(Callback):
         ``log_every_n_steps`` steps.
         """
         # Lightning's own test of whether the loggers write at this step; if it ever goes, log at every step.
-        if getattr(trainer._logger_connector, "should_update_logs", True):
+        if not trainer.barebones and getattr(trainer._logger_connector, "should_update_logs", True):
             self._log_statistics(pl_module, epoch=False)
 
     def _log_statistics(self, pl_module: L.LightningModule, *, epoch: bool) -> None:
@@ -1415,7 +1428,9 @@ def _fitting(trainer: L.Trainer | None) -> bool:
 
 
 def _check_accumulation(trainer: L.Trainer) -> None:
-    if trainer.accumulate_grad_batches != 1:
+    # An epoch without backward passes takes no optimizer step, whatever the accumulation: StochasticWeightAveraging
+    # raises it to the epoch's length for the pass that recomputes the BatchNorm statistics of the averaged weights.
+    if trainer.accumulate_grad_batches != 1 and not getattr(trainer.fit_loop, "_skip_backward", False):
         raise ValueError(
             f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
             f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, defau
 from typing_extensions import override
 
 from lightning_crest.distributed import release_process_group
-from lightning_crest.sampler import CoresetPlan, CoresetSampler, WeightedDataset, class_index
+from lightning_crest.sampler import (
+    CoresetPlan,
+    CoresetSampler,
+    WeightedCollate,
+    WeightedDataset,
+    class_index,
+    collated_pair,
+)
 
 
 class CrestDataModule(L.LightningDataModule):
@@ -48,6 +55,11 @@ class CrestDataModule(L.LightningDataModule):
         seed: Seed of the shuffle in plain epochs.
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
+        collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
+            :func:`~torch.utils.data.default_collate` cannot stack (text to pad, say); ``targets`` must be a
+            ``(B,)`` tensor of class indices. Used for every loader and for CREST's own forward passes; training
+            batches get the weights appended. Defaults to ``default_collate``. Define it at module level when
+            ``num_workers > 0`` and processes are spawned, so that it pickles.
 
     Raises:
         TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
@@ -71,6 +83,7 @@ class CrestDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int = 0,
         predict_dataset: Dataset[Any] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         super().__init__()
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -81,6 +94,8 @@ class CrestDataModule(L.LightningDataModule):
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int (it seeds the shuffled full-data epochs), got {seed!r}.")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
@@ -90,6 +105,7 @@ class CrestDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
         self.seed = seed
+        self.collate_fn = collate_fn
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
 
@@ -152,6 +168,7 @@ class CrestDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
+            collate_fn=None if self.collate_fn is None else WeightedCollate(self.collate_fn),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
@@ -192,11 +209,14 @@ class CrestDataModule(L.LightningDataModule):
         """
         if seed is not None:
             with _restored_generators():
-                return default_collate([self._item(index, _item_seed(seed, index)) for index in indices])
-        getitems = getattr(self.train_dataset, "__getitems__", None)
-        if getitems is not None:
-            return default_collate([(x, class_index(y)) for x, y in getitems(list(indices))])
-        return default_collate([self._item(index) for index in indices])
+                items = [self._item(index, _item_seed(seed, index)) for index in indices]
+        elif hasattr(self.train_dataset, "__getitems__"):
+            items = [(x, class_index(y)) for x, y in self.train_dataset.__getitems__(list(indices))]
+        else:
+            items = [self._item(index) for index in indices]
+        if self.collate_fn is None:
+            return default_collate(items)
+        return collated_pair(self.collate_fn(items), len(items))
 
     def _item(self, index: int, seed: int | None = None) -> tuple[Any, Any]:
         try:
@@ -216,6 +236,7 @@ class CrestDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )

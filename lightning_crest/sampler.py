@@ -205,6 +205,39 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
         ]
 
 
+class WeightedCollate:
+    """A user's ``collate_fn`` of ``(input, target)`` items, for :class:`WeightedDataset`'s weighted items."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: Sequence[tuple[Any, Any, Tensor]]) -> list[Any]:
+        inputs, targets = collated_pair(self.collate_fn([(x, y) for x, y, _ in items]), len(items))
+        # A list, as default_collate makes of tuples: the step may replace the weights in place.
+        return [inputs, targets, torch.stack([w for _, _, w in items])]
+
+
+def collated_pair(batch: Any, size: int) -> tuple[Any, Tensor]:
+    """Check that a ``collate_fn`` made an ``(inputs, targets)`` batch of ``size`` class indices, and return it."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"`collate_fn` must return an (inputs, targets) pair, got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + f" for {size} items."
+        )
+    targets = batch[1]
+    if not isinstance(targets, Tensor) or targets.shape != (size,) or targets.is_floating_point():
+        got = (
+            f"shape {tuple(targets.shape)} {targets.dtype}"
+            if isinstance(targets, Tensor)
+            else type(targets).__name__
+        )
+        raise TypeError(
+            f"`collate_fn` must return the targets as a ({size},) tensor of class indices for {size} items, got {got}."
+        )
+    return batch[0], targets
+
+
 def class_index(target: Any) -> Any:
     """An integer target as torch's losses take class indices: int32 and other widths become int64."""
     if isinstance(target, Tensor):

@@ -959,6 +959,62 @@ def test_gradient_accumulation_scheduled_later_is_refused(data: Any) -> None:
     assert trainer.global_step == 4
 
 
+def test_a_data_module_whose_train_dataloader_bypasses_the_plan_is_refused(data: Any) -> None:
+    class OwnLoader(CrestDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
+
+    trainer = make_trainer([CrestCallback()], max_epochs=1)
+    with pytest.raises(
+        TypeError, match=r"training loader of OwnLoader does not read CREST's coresets \(its sampler "
+    ):
+        trainer.fit(TinyClassifier(), datamodule=OwnLoader(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_a_train_dataloader_reloaded_without_the_plan_is_refused(data: Any) -> None:
+    class LaterOwnLoader(CrestDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
+            if self.trainer is not None and self.trainer.current_epoch >= 1:
+                return torch.utils.data.DataLoader(self.train_dataset, batch_size=self.batch_size)
+            return super().train_dataloader()
+
+    trainer = make_trainer([CrestCallback()], max_epochs=3, reload_dataloaders_every_n_epochs=1)
+    with pytest.raises(TypeError, match="does not read CREST's coresets"):
+        trainer.fit(TinyClassifier(), datamodule=LaterOwnLoader(data, batch_size=32))
+    assert trainer.global_step == math.ceil(0.1 * len(data) / 32)  # the first epoch only
+
+
+def test_stochastic_weight_averaging_recomputes_batch_norm_statistics(data: Any) -> None:
+    # SWA adds an epoch without backward passes, with accumulation over the whole epoch, to recompute the
+    # BatchNorm statistics of the averaged weights: it steps no optimizer, so merges no coresets.
+    class Normalised(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net.insert(1, torch.nn.BatchNorm1d(32))
+
+    swa = L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    model = Normalised()
+    trainer = make_trainer([CrestCallback(), swa], max_epochs=4)
+    trainer.fit(model, datamodule=CrestDataModule(data, batch_size=32))
+    steps = math.ceil(0.1 * len(data) / 32)
+    assert trainer.current_epoch == 5  # with SWA's extra epoch
+    assert trainer.global_step == 4 * steps + 1  # Lightning steps once at its end, as without the callback
+    norm = model.net[1]
+    assert norm.momentum == 0.1  # put back after the extra epoch
+    assert norm.num_batches_tracked == steps  # recomputed over that epoch alone
+    assert not torch.allclose(norm.running_var, torch.ones(32))
+
+
+def test_a_barebones_trainer_gets_no_logging_from_the_callback(data: Any) -> None:
+    trainer = make_trainer([CrestCallback()], max_epochs=2, barebones=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert not [w for w in caught if "barebones" in str(w.message)]
+    assert trainer.global_step == 2 * math.ceil(0.1 * len(data) / 32)
+
+
 def test_overfit_batches_is_refused(data: Any) -> None:
     trainer = make_trainer([CrestCallback()], max_epochs=1, overfit_batches=2)
     with pytest.raises(ValueError, match="`overfit_batches`=2 replaces the coreset sampler"):

@@ -435,3 +435,100 @@ def test_labels_of_a_split_whose_items_transform_the_targets_are_read_from_the_i
     # On the dataset itself, such an attribute is refused: it is the user's to fix.
     with pytest.raises(ValueError, match="a `target_transform`"):
         _ = CrestDataModule(Halved(data)).labels
+
+
+class Sequences(torch.utils.data.Dataset[tuple[Tensor, int]]):
+    """Token sequences of different lengths; the class is the most frequent of 4 token groups."""
+
+    def __init__(self, n: int = 600, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.targets = torch.randint(0, 4, (n,), generator=gen)
+        lengths = torch.randint(3, 12, (n,), generator=gen)
+        self.items = [
+            (torch.randint(0, 5, (int(size),), generator=gen) + 5 * int(label), int(label))
+            for size, label in zip(lengths, self.targets)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.items[index]
+
+
+def pad(items: list[tuple[Tensor, int]]) -> tuple[dict[str, Tensor], Tensor]:
+    tokens = torch.nn.utils.rnn.pad_sequence([x for x, _ in items], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(x)) for x, _ in items], batch_first=True)
+    return {"tokens": tokens, "mask": mask}, torch.tensor([y for _, y in items])
+
+
+class BagOfTokens(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 16)
+        self.seen: list[tuple[Tensor, Tensor]] = []  # lengths and weights of each training batch
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tensor:
+        mask = inputs["mask"].unsqueeze(-1)
+        pooled = (self.embed(inputs["tokens"]) * mask).sum(1) / mask.sum(1)
+        return self.net(pooled)  # type: ignore[no-any-return]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.seen.append((batch[0]["mask"].sum(1), batch[2]))
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        self.log("val_acc", (self(inputs).argmax(1) == targets).float().mean())
+
+
+def test_a_collate_fn_batches_variable_length_inputs_for_training_crest_and_evaluation() -> None:
+    torch.manual_seed(0)
+    dm = CrestDataModule(Sequences(), Sequences(n=200, seed=1), batch_size=32, collate_fn=pad)
+    callback = CrestCallback(fraction=0.25, random_subset_size=100)
+    model = BagOfTokens()
+    trainer = make_trainer([callback], max_epochs=3)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 3 * 5  # ceil(0.25 * 600 / 32) steps per epoch
+    assert callback.statistics["selections"] >= 1
+    # Training batches hold padded sequences of several lengths and carry the coreset's weights.
+    assert {len(lengths) for lengths, _ in model.seen} == {32}
+    assert all(len(lengths.unique()) > 1 for lengths, _ in model.seen)
+    assert any(not torch.all(weights == 1) for _, weights in model.seen)
+    for _, weights in model.seen:
+        torch.testing.assert_close(weights.mean(), torch.tensor(1.0))
+    assert trainer.validate(model, datamodule=dm)[0]["val_acc"] > 0.5
+    inputs, targets = dm.fetch([0, 5, 7])
+    assert inputs["tokens"].shape[0] == 3
+    assert targets.tolist() == [Sequences().items[i][1] for i in (0, 5, 7)]
+
+
+@pytest.mark.parametrize(
+    ("collate_fn", "match"),
+    [
+        (
+            lambda items: torch.stack([x for x, _ in items]),
+            r"must return an \(inputs, targets\) pair, got Tensor",
+        ),
+        (
+            lambda items: (torch.zeros(len(items), 2), [y for _, y in items]),
+            r"as a \(3,\) tensor .* got list",
+        ),
+        (
+            lambda items: (torch.zeros(len(items), 2), torch.zeros(len(items))),
+            r"got shape \(3,\) torch.float32",
+        ),
+    ],
+)
+def test_a_collate_fn_must_return_inputs_and_class_index_targets(collate_fn: Any, match: str) -> None:
+    dm = CrestDataModule(blobs(n=40), batch_size=3, collate_fn=collate_fn)
+    with pytest.raises(TypeError, match=match):
+        dm.fetch([0, 1, 2])
+    dm.use_plan(None)
+    with pytest.raises(TypeError, match=match):
+        next(iter(dm.train_dataloader()))
+
+
+def test_collate_fn_must_be_callable() -> None:
+    with pytest.raises(TypeError, match="`collate_fn` must be callable or None, got 'pad'"):
+        CrestDataModule(blobs(n=40), collate_fn="pad")  # type: ignore[arg-type]
