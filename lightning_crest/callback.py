@@ -49,8 +49,8 @@ class CrestCallback(Callback):
     check sample drawn at the selection; when the relative error exceeds ``tau`` it selects again. After every
     re-selection ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is
     the sharpest smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every
-    ``drop_interval`` epochs, examples whose losses recorded in the window all stayed at or under ``drop_threshold``
-    leave the pool of future random subsets.
+    ``drop_interval`` epochs, examples whose losses recorded in the window (on the random subsets and the check
+    samples) all stayed at or under ``drop_threshold`` leave the pool of future random subsets.
 
     The callback needs a :class:`~lightning_crest.CrestDataModule`, whose training batches are
     ``(inputs, targets, weights)``; the module's loss must use the weights (see
@@ -183,6 +183,11 @@ class CrestCallback(Callback):
                 f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}."
             )
         if isinstance(random_subset_size, float):
+            if random_subset_size > 1.0 and random_subset_size.is_integer():
+                raise ValueError(
+                    f"`random_subset_size` as a float is a fraction of the training set in (0, 1], got "
+                    f"{random_subset_size!r}; pass {int(random_subset_size)} (an int) for a count."
+                )
             _check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
         elif random_subset_size < 1:
             raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
@@ -220,6 +225,9 @@ class CrestCallback(Callback):
             raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
         if selection not in ("crest", "random"):
             raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
+        _check_flag("drop_learned", drop_learned)
+        _check_flag("second_order", second_order)
+        _check_seed(seed)
         # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
         self.fraction = float(fraction)
         self.random_subset_size = (
@@ -245,7 +253,7 @@ class CrestCallback(Callback):
         self.backend = backend
         self.similarity = similarity
         self.selection = selection
-        self.seed = seed
+        self.seed = int(seed)
         self._reset_state()
 
     # --- extension points ----------------------------------------------------------------------------------
@@ -1380,12 +1388,12 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
     """Class sizes of ``count`` class-stratified random subsets of ``size`` from a pool with class sizes ``counts``.
 
-    Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average: the
-    fractional parts are rounded systematically (one uniform offset) over the classes in a random order, drawn anew
-    for every subset. Largest-remainder rounding would give the spare slots to the same classes every time (with ten
-    equal classes and batches of 128, the last two classes would get 12 examples in every batch, the others 13). A
-    class present in the pool that rounds to zero takes one slot from the largest, as in
-    :func:`~lightning_crest.selection.class_budgets`.
+    Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average (but for
+    the classes that round to zero, below): the fractional parts are rounded systematically (one uniform offset)
+    over the classes in a random order, drawn anew for every subset. Largest-remainder rounding would give the spare
+    slots to the same classes every time (with ten equal classes and batches of 128, the last two classes would get
+    12 examples in every batch, the others 13). A class present in the pool that rounds to zero takes one slot from
+    the largest, as in :func:`~lightning_crest.selection.class_budgets`.
 
     Returns:
         ``(count, C)`` int64 quotas; every row sums to ``size``.
@@ -1449,6 +1457,16 @@ def _check_range(name: str, value: object, low: float, high: float, *, low_open:
     if too_low or value > high or math.isnan(value):
         bracket = "(" if low_open else "["
         raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"`seed` must be an int in [0, 2**63), got {seed!r}.")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
 def _check_positive_int(name: str, value: object) -> None:

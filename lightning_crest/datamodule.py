@@ -56,10 +56,11 @@ class CrestDataModule(L.LightningDataModule):
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
-            :func:`~torch.utils.data.default_collate` cannot stack (text to pad, say); ``targets`` must be a
-            ``(B,)`` tensor of class indices. Used for every loader and for CREST's own forward passes; training
-            batches get the weights appended. Defaults to ``default_collate``. Define it at module level when
-            ``num_workers > 0`` and processes are spawned, so that it pickles.
+            :func:`~torch.utils.data.default_collate` cannot stack (text to pad, say). It must keep the items'
+            order and return ``targets`` as a ``(B,)`` tensor of class indices. Used for every loader (the predict
+            loader too, so its items must suit it) and for CREST's own forward passes; training batches get the
+            weights appended. Defaults to ``default_collate``. Define it at module level when ``num_workers > 0``
+            and processes are spawned, so that it pickles.
 
     Raises:
         TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
@@ -94,8 +95,12 @@ class CrestDataModule(L.LightningDataModule):
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int (it seeds the shuffled full-data epochs), got {seed!r}.")
+        if not isinstance(pin_memory, bool):
+            raise ValueError(f"`pin_memory` must be True or False, got {pin_memory!r}.")
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
+        for name, dataset in (("test_dataset", test_dataset), ("predict_dataset", predict_dataset)):
+            _check_eval_dataset(name, dataset)
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.test_dataset = test_dataset
@@ -127,12 +132,17 @@ class CrestDataModule(L.LightningDataModule):
 
     @val_dataset.setter
     def val_dataset(self, dataset: Dataset[Any] | None) -> None:
+        _check_eval_dataset("val_dataset", dataset)
         self._val_dataset = dataset
         # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance takes
         # back the base class's method, so a fit skips validation as with any data module that has none (a subclass
         # with its own `val_dataloader` keeps it).
         if dataset is None and type(self).val_dataloader is CrestDataModule.val_dataloader:
-            self.val_dataloader = partial(L.LightningDataModule.val_dataloader, self)  # type: ignore[method-assign]
+            # It still raises this module's message where a loader is asked for (`trainer.validate`); Lightning's
+            # test of an override unwraps `__wrapped__`.
+            missing = partial(CrestDataModule._stage_loader, self, "val")
+            missing.__wrapped__ = L.LightningDataModule.val_dataloader  # type: ignore[attr-defined]
+            self.val_dataloader = missing  # type: ignore[method-assign]
         else:
             self.__dict__.pop("val_dataloader", None)
 
@@ -216,7 +226,7 @@ class CrestDataModule(L.LightningDataModule):
             items = [self._item(index) for index in indices]
         if self.collate_fn is None:
             return default_collate(items)
-        return collated_pair(self.collate_fn(items), len(items))
+        return collated_pair(self.collate_fn, items)
 
     def _item(self, index: int, seed: int | None = None) -> tuple[Any, Any]:
         try:
@@ -265,7 +275,19 @@ def _item_seed(seed: int, index: int) -> int:
 _MASK64 = (1 << 64) - 1
 
 
+def _check_eval_dataset(name: str, dataset: object) -> None:
+    if isinstance(dataset, DataLoader):
+        raise TypeError(f"`{name}` must be a dataset, got a DataLoader; pass its `.dataset`.")
+    if dataset is not None and not (hasattr(dataset, "__getitem__") or hasattr(dataset, "__iter__")):
+        raise TypeError(
+            f"`{name}` must be a dataset or None, got {type(dataset).__name__} {dataset!r}"
+            + ("; pass the batch size as `batch_size=`." if isinstance(dataset, int) else ".")
+        )
+
+
 def _check_item(dataset: Dataset[Any]) -> None:
+    if isinstance(dataset, DataLoader):
+        raise TypeError("`train_dataset` must be a dataset, got a DataLoader; pass its `.dataset`.")
     not_map_style = TypeError(
         f"`train_dataset` must be a map-style dataset with a length, got {type(dataset).__name__}: CREST reads "
         "the examples it picks by index."

@@ -112,8 +112,8 @@ class CoresetSampler(DistributedSampler[Key]):
     With a plan, an epoch is exactly ``steps_per_epoch`` batches of ``batch_size`` keys per process. Each global
     batch (``num_replicas * batch_size`` examples) comes from the plan and process ``rank`` takes every
     ``num_replicas``-th example of it from position ``rank`` on (:func:`~lightning_crest.distributed.batch_share`),
-    so every process trains on a disjoint part of the same coreset with a similar mix of its picks. Without a plan it behaves like
-    :class:`~torch.utils.data.DistributedSampler` over the whole dataset with weight 1.
+    so every process trains on a disjoint part of the same coreset with a similar mix of its picks. Without a plan it
+    behaves like :class:`~torch.utils.data.DistributedSampler` over the whole dataset with weight 1.
 
     It subclasses :class:`~torch.utils.data.DistributedSampler` so that Lightning keeps it as it is under
     distributed strategies instead of wrapping it.
@@ -212,13 +212,16 @@ class WeightedCollate:
         self.collate_fn = collate_fn
 
     def __call__(self, items: Sequence[tuple[Any, Any, Tensor]]) -> list[Any]:
-        inputs, targets = collated_pair(self.collate_fn([(x, y) for x, y, _ in items]), len(items))
+        inputs, targets = collated_pair(self.collate_fn, [(x, y) for x, y, _ in items])
         # A list, as default_collate makes of tuples: the step may replace the weights in place.
         return [inputs, targets, torch.stack([w for _, _, w in items])]
 
 
-def collated_pair(batch: Any, size: int) -> tuple[Any, Tensor]:
-    """Check that a ``collate_fn`` made an ``(inputs, targets)`` batch of ``size`` class indices, and return it."""
+def collated_pair(collate_fn: Callable[[list[Any]], Any], items: list[tuple[Any, Any]]) -> tuple[Any, Tensor]:
+    """Collate ``(input, target)`` items with a user's ``collate_fn`` and check the batch: an ``(inputs, targets)``
+    pair whose targets are the items' own, in their order, as int64 class indices."""
+    batch = collate_fn(items)
+    size = len(items)
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             f"`collate_fn` must return an (inputs, targets) pair, got {type(batch).__name__}"
@@ -226,7 +229,12 @@ def collated_pair(batch: Any, size: int) -> tuple[Any, Tensor]:
             + f" for {size} items."
         )
     targets = batch[1]
-    if not isinstance(targets, Tensor) or targets.shape != (size,) or targets.is_floating_point():
+    if (
+        not isinstance(targets, Tensor)
+        or targets.shape != (size,)
+        or targets.is_floating_point()
+        or targets.dtype == torch.bool
+    ):
         got = (
             f"shape {tuple(targets.shape)} {targets.dtype}"
             if isinstance(targets, Tensor)
@@ -235,7 +243,13 @@ def collated_pair(batch: Any, size: int) -> tuple[Any, Tensor]:
         raise TypeError(
             f"`collate_fn` must return the targets as a ({size},) tensor of class indices for {size} items, got {got}."
         )
-    return batch[0], targets
+    # CREST pairs every row with the example it picked and its weight: a collate that sorts (by length, say) would
+    # pair them with others.
+    if not torch.equal(targets.cpu().long(), torch.tensor([int(y) for _, y in items])):
+        raise ValueError(
+            "`collate_fn` must keep the items' order: the targets it returned are not the items' targets in order."
+        )
+    return batch[0], targets.long()
 
 
 def class_index(target: Any) -> Any:

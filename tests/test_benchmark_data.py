@@ -132,7 +132,10 @@ def test_benchmark_names_its_extra_when_a_dependency_is_missing(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *args: None if name in absent else find_spec(name, *args)
     )
-    message = f"The benchmark needs {named} not installed: pip install 'lightning-crest[vision]'."
+    message = (
+        f"The benchmark needs {named} not installed: pip install 'lightning-crest[vision]' (or '.[vision]' in a "
+        "checkout)."
+    )
     with pytest.raises(ImportError, match=re.escape(message)):
         importlib.reload(package)
     monkeypatch.undo()
@@ -309,7 +312,7 @@ def test_subset_of_in_memory_dataset_loads_batches(fashion: tuple[Dataset[Any], 
 
 
 def test_gpu_check_script_runs_on_cpu() -> None:
-    # The GPU check is run by hand where a GPU is lent; its code path is exercised here on CPU and small sizes.
+    # The GPU check is run by hand on a GPU; its code path is exercised here on CPU and small sizes.
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     args = [
         "--device",

@@ -907,6 +907,16 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
             {"random_subset_size": "1%"},
             "`random_subset_size` must be a float fraction or an int count, got '1%'",
         ),
+        (
+            {"random_subset_size": 300.0},
+            r"as a float is a fraction of the training set in \(0, 1\], got 300.0; pass 300 \(an int\) for a count",
+        ),
+        ({"drop_learned": "no"}, "`drop_learned` must be True or False, got 'no'"),
+        ({"second_order": None}, "`second_order` must be True or False, got None"),
+        ({"seed": "a"}, r"`seed` must be an int in \[0, 2\*\*63\), got 'a'"),
+        ({"seed": 2**70}, r"`seed` must be an int in \[0, 2\*\*63\), got 1180591620717411303424"),
+        ({"seed": -1}, r"`seed` must be an int in \[0, 2\*\*63\), got -1"),
+        ({"seed": True}, r"`seed` must be an int in \[0, 2\*\*63\), got True"),
         ({"coreset_mul": 0}, "`coreset_mul` must be a positive int, got 0"),
         ({"hessian_every": 0}, "`hessian_every` must be a positive int, got 0"),
         ({"hessian_subsample": 0}, "`hessian_subsample` must be a positive int, got 0"),
@@ -924,6 +934,12 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CrestCallback(**kwargs)
+
+
+def test_a_numpy_integer_seed_is_kept_as_a_python_int() -> None:
+    callback = CrestCallback(seed=np.int64(3))
+    assert type(callback.seed) is int
+    assert callback.seed == 3
 
 
 def test_random_subset_smaller_than_the_batch() -> None:

@@ -12,7 +12,7 @@ import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.distributed import batch_share, share
@@ -518,17 +518,76 @@ def test_a_collate_fn_batches_variable_length_inputs_for_training_crest_and_eval
             lambda items: (torch.zeros(len(items), 2), torch.zeros(len(items))),
             r"got shape \(3,\) torch.float32",
         ),
+        (lambda items: (torch.zeros(len(items), 2), torch.ones(len(items), dtype=torch.bool)), "torch.bool"),
+        (  # sorted, as before packing sequences: rows would be paired with other examples' weights and labels
+            lambda items: default_collate(sorted(items, key=lambda item: -int(item[1]))),
+            "`collate_fn` must keep the items' order",
+        ),
     ],
 )
-def test_a_collate_fn_must_return_inputs_and_class_index_targets(collate_fn: Any, match: str) -> None:
-    dm = CrestDataModule(blobs(n=40), batch_size=3, collate_fn=collate_fn)
-    with pytest.raises(TypeError, match=match):
+def test_a_collate_fn_must_return_inputs_and_class_index_targets_in_order(
+    collate_fn: Any, match: str
+) -> None:
+    data = LabelledTensors(torch.randn(40, 2), torch.arange(40) % 4)
+    dm = CrestDataModule(data, batch_size=3, collate_fn=collate_fn)
+    with pytest.raises((TypeError, ValueError), match=match):
         dm.fetch([0, 1, 2])
     dm.use_plan(None)
-    with pytest.raises(TypeError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         next(iter(dm.train_dataloader()))
+
+
+def test_int32_targets_of_a_collate_fn_become_int64() -> None:
+    def int32(items: list[tuple[Tensor, Any]]) -> tuple[Tensor, Tensor]:
+        inputs, targets = default_collate(items)
+        return inputs, targets.int()
+
+    dm = CrestDataModule(blobs(n=40), batch_size=4, collate_fn=int32)
+    assert dm.fetch([0, 1, 2])[1].dtype == torch.int64
+    dm.use_plan(None)
+    assert next(iter(dm.train_dataloader()))[1].dtype == torch.int64
+
+
+def test_pin_memory_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`pin_memory` must be True or False, got 'no'"):
+        CrestDataModule(blobs(n=40), pin_memory="no")  # type: ignore[arg-type]
 
 
 def test_collate_fn_must_be_callable() -> None:
     with pytest.raises(TypeError, match="`collate_fn` must be callable or None, got 'pad'"):
         CrestDataModule(blobs(n=40), collate_fn="pad")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_dataset": 32}, r"`val_dataset` must be a dataset or None, got int 32; pass the batch size as"),
+        ({"test_dataset": 2.5}, r"`test_dataset` must be a dataset or None, got float 2.5.$"),
+        (
+            {"predict_dataset": DataLoader(blobs(n=8))},
+            r"`predict_dataset` must be a dataset, got a DataLoader",
+        ),
+    ],
+)
+def test_evaluation_sets_must_be_datasets(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        CrestDataModule(blobs(n=40), **kwargs)
+    dm = CrestDataModule(
+        blobs(n=40), val_dataset=[(torch.zeros(16), 0)]
+    )  # any sized sequence of items will do
+    assert len(dm.val_dataloader().dataset) == 1  # type: ignore[arg-type]
+
+
+def test_a_data_loader_given_as_the_training_set_is_refused() -> None:
+    with pytest.raises(
+        TypeError, match=r"`train_dataset` must be a dataset, got a DataLoader; pass its `.dataset`"
+    ):
+        CrestDataModule(DataLoader(blobs(n=40), batch_size=10))
+
+
+def test_validate_without_a_validation_set_names_it() -> None:
+    dm = CrestDataModule(blobs(n=64), batch_size=32)
+    with pytest.raises(
+        MisconfigurationException, match="CrestDataModule was created without a `val_dataset`"
+    ):
+        make_trainer().validate(TinyClassifier(), datamodule=dm)

@@ -11,5 +11,5 @@ _missing = [name for name in ("torchvision", "matplotlib") if importlib.util.fin
 if _missing:
     raise ImportError(
         f"The benchmark needs {' and '.join(_missing)}, which {'is' if len(_missing) == 1 else 'are'} not installed: "
-        "pip install 'lightning-crest[vision]'."
+        "pip install 'lightning-crest[vision]' (or '.[vision]' in a checkout)."
     )

@@ -60,7 +60,10 @@ _CELL_POINTS = 100
 
 BACKEND_NAMES = ("auto", "torch", "faiss")
 
-_FAISS_MISSING = "The 'faiss' kNN backend needs faiss; install it with: pip install 'lightning-crest[faiss]'"
+_FAISS_MISSING = (
+    "The 'faiss' kNN backend needs faiss; install it with: pip install 'lightning-crest[faiss]' (or '.[faiss]' in a "
+    "checkout)"
+)
 
 # GpuIndexFlatL2 rejects larger k; such rare searches fall back to the CPU index.
 _FAISS_GPU_MAX_K = 2048

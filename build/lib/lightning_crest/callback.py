@@ -1,0 +1,1474 @@
+"""CrestCallback: when to select coresets, check the quadratic model and drop learned examples."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from fractions import Fraction
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_crest.datamodule import CrestDataModule
+from lightning_crest.distributed import (
+    batch_share,
+    broadcast_from_first,
+    gather_shares,
+    mean_over_processes,
+    share,
+)
+from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
+from lightning_crest.sampler import CoresetSampler
+from lightning_crest.selection import facility_location, gradient_proxy
+
+_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+_PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
+
+
+class CrestCallback(Callback):
+    """Train on weighted mini-batch coresets under a budget (CREST, Yang et al., ICML 2023).
+
+    Every epoch has ``ceil(fraction * n / global_batch)`` steps, so a run of ``max_epochs`` epochs costs
+    ``fraction`` of full training's backprops and epoch-based schedules keep working. Each step trains on one
+    mini-batch coreset: ``global_batch`` examples picked by facility location on gradient proxies from a random
+    subset of the pool, with cluster-size weights. At each selection the callback plans ``P`` coresets, each from its
+    own random subset (the first ``hessian_probes`` picked at once, the others when first reached), and builds a
+    quadratic model of the loss. Every ``T1`` steps it compares the model's prediction with the loss on a random
+    check sample drawn at the selection; when the relative error exceeds ``tau`` it selects again. After every
+    re-selection ``T1 = ceil(interval_mul * ||H_ref|| / ||H_t||)`` and ``P = coreset_mul * T1``, where ``H_ref`` is
+    the sharpest smoothed curvature met so far (the paper uses the first; see ``_adapted_interval``). Every
+    ``drop_interval`` epochs, examples whose losses recorded in the window (on the random subsets and the check
+    samples) all stayed at or under ``drop_threshold`` leave the pool of future random subsets.
+
+    The callback needs a :class:`~lightning_crest.CrestDataModule`, whose training batches are
+    ``(inputs, targets, weights)``; the module's loss must use the weights (see
+    :func:`~lightning_crest.weighted_cross_entropy`).
+
+    Args:
+        fraction: Share of full training's backprops to spend, in ``(0, 1]``.
+        random_subset_size: Size ``r`` of each random subset: a fraction of the training set (float) or a count
+            (int). A fraction never yields fewer examples than the global batch.
+        tau: Tolerance of the quadratic model's relative error before re-selecting.
+        check_size: Examples of the check sample, on which the loss is measured at the selection and at every check
+            (the same examples both times), at most ``r``; ``None`` checks on ``r`` examples (the paper). Each
+            check is a forward pass over them, every ``T1`` steps.
+        check_sample: Where the check sample comes from. ``"independent"``: a class-stratified random draw of its
+            own from the pool, scored at the selection beside the random subsets (one forward pass over
+            ``check_size`` examples per selection). ``"subset"``: a random part of the first random subset, scored
+            in the same pass at no extra cost; but that subset's coreset is trained on, so part of the sample
+            (``check_size * batch / r`` examples on average) is trained on too, and its loss falls faster than
+            the loss the model describes.
+        interval_mul: ``h``, scale of the adaptive check interval ``T1``.
+        coreset_mul: ``b``, coresets per selection per step of ``T1``. Unlike the paper, ``P`` is not capped by the
+            steps left in the epoch: a selection carries over the epoch's end, and the coresets beyond the
+            ``hessian_probes`` picked at the selection are picked only when first reached, so unused ones cost
+            nothing.
+        drop_learned: Exclude learned examples from future random subsets.
+        drop_threshold: ``alpha``, the loss at or under which an example counts as learned.
+        drop_interval: ``T2``, epochs per exclusion window.
+        min_pool_fraction: Never shrink the pool below this fraction of the training set.
+        min_class_fraction: Never shrink a class below this fraction of its size.
+        hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
+            trainable parameters, in registration order) for large models.
+        hessian_probes: Coreset batches that update the quadratic model at each selection (their gradients, and a
+            Hutchinson probe each where the curvature is probed), at most the ``P`` that the previous selection
+            planned (``P`` is known only after the probes); ``None`` takes all ``P``.
+        hessian_every: Probe the curvature at every ``k``-th selection only, as AdaHessian's ``update_each`` does
+            (unlike it, the curvature average is left untouched in between, not fed the stale probe). The other
+            selections update the smoothed gradient with a plain backward pass instead of a double backward, about
+            a third of the cost. No effect with ``second_order=False``.
+        hessian_subsample: Run each Hutchinson probe on every ``k``-th example of the coreset only (picks in greedy
+            order, so the sample spans the gains and classes), and the coreset gradient on all of it, as Sophia and
+            Hessian-free optimisation take their curvature from a part of the gradient's batch. A probe's double
+            backward costs about twice a training step per example, so ``k = 4`` makes a probe about half as
+            costly. No effect with ``second_order=False``.
+        proxy_dtype: ``torch.bfloat16`` or ``torch.float16`` to run the forward passes that score random subsets
+            (their gradient proxies, and the losses recorded for excluding learned examples) under autocast in
+            that dtype; ``None`` runs them in the trainer's precision. The proxies only rank examples, so half
+            precision changes few picks, while this pass is the largest part of CREST's cost: on a CPU with
+            AVX-512 BF16 a bf16 pass of the benchmark's CNN took 9 ms against 15 ms. The check sample (the loss at
+            each selection and at every check), the coreset gradients and the curvature keep the trainer's
+            precision.
+        second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
+            curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` is
+            ``ceil(interval_mul)`` from the first re-selection on; the first selection has ``T1 = 1`` either way).
+        knn: Passed to :func:`~lightning_crest.selection.facility_location`: ``None`` (dense) or neighbours.
+            Only for random subsets of many thousands of examples: the kNN greedy takes one step (and host round
+            trip) at a time, and on subsets of 600 it took 55 ms per coreset on an H200 against 2.7 ms for the
+            dense greedy, and 12.6 s against 0.7 s over a ResNet-20 fit (``benchmarks/NOTES.md``).
+        backend: kNN backend, passed to :func:`~lightning_crest.selection.facility_location`.
+        similarity: Facility-location similarity, passed to :func:`~lightning_crest.selection.facility_location`.
+        selection: ``"crest"``, or ``"random"`` for class-stratified random mini-batches of weight 1 (drawn as the
+            random subsets are) under the same budget and sampler (no quadratic model, no checks): the honest
+            baseline.
+        seed: Seed of CREST's own random draws, and of the views of each check sample (see
+            :meth:`CrestDataModule.fetch`).
+
+    Raises:
+        ValueError: If an argument is out of range.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=200, callbacks=[CrestCallback(fraction=0.1)])
+        trainer.fit(model, datamodule=CrestDataModule(train_set, val_set, batch_size=128))
+    """
+
+    _trainer: L.Trainer | None
+    _module: L.LightningModule | None
+    _dm: CrestDataModule
+    _pool: Tensor | None
+    _check_batches: list[Any] | None
+    _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
+    _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
+    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
+    _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
+    _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
+    _check_seed: int | None  # the seed the check sample's items are read under
+    _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
+    _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
+    _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
+    _last_drop_epoch: int
+    _epoch_step: int  # steps trained in the current epoch
+    _fit_end: float | None  # when the last fit ended (None while it runs)
+    _select_next_epoch: bool  # a check failed on an epoch's last step: the next epoch starts with a selection
+    _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
+    _iterator_epoch: int  # the epoch the last data iterator started (-1: none yet in this fit)
+    _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
+    _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
+    _restored_started: int  # the epoch whose start-of-epoch work a restored checkpoint had done (-1: none)
+    _epoch_floor: int  # after a restore: the earliest epoch that can start
+    _modelled: tuple[str, ...]  # names of the parameters the quadratic model describes
+
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        random_subset_size: int | float = 0.01,
+        tau: float = 0.05,
+        check_size: int | None = None,
+        check_sample: Literal["independent", "subset"] = "independent",
+        interval_mul: float = 1.0,
+        coreset_mul: int = 5,
+        drop_learned: bool = True,
+        drop_threshold: float = 0.1,
+        drop_interval: int = 20,
+        min_pool_fraction: float = 0.5,
+        min_class_fraction: float = 0.2,
+        hessian_params: Literal["all", "last_layer"] = "all",
+        hessian_probes: int | None = 1,
+        hessian_every: int = 1,
+        hessian_subsample: int = 1,
+        proxy_dtype: torch.dtype | None = None,
+        second_order: bool = True,
+        knn: int | None = None,
+        backend: Literal["auto", "torch", "faiss"] = "auto",
+        similarity: Literal["distance", "exp"] = "distance",
+        selection: Literal["crest", "random"] = "crest",
+        seed: int = 0,
+    ) -> None:
+        _check_range("fraction", fraction, 0.0, 1.0, low_open=True)
+        if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
+            raise ValueError(
+                f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}."
+            )
+        if isinstance(random_subset_size, float):
+            if random_subset_size > 1.0 and random_subset_size.is_integer():
+                raise ValueError(
+                    f"`random_subset_size` as a float is a fraction of the training set in (0, 1], got "
+                    f"{random_subset_size!r}; pass {int(random_subset_size)} (an int) for a count."
+                )
+            _check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
+        elif random_subset_size < 1:
+            raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
+        _check_range("tau", tau, 0.0, math.inf)
+        if check_size is not None:
+            _check_positive_int("check_size", check_size)
+        if check_sample not in ("independent", "subset"):
+            raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {check_sample!r}.")
+        _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
+        if interval_mul == math.inf:
+            raise ValueError(
+                "`interval_mul` must be finite, got inf; to re-select rarely, raise `tau` instead."
+            )
+        _check_positive_int("coreset_mul", coreset_mul)
+        _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
+        _check_positive_int("drop_interval", drop_interval)
+        _check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
+        _check_range("min_class_fraction", min_class_fraction, 0.0, 1.0)
+        if hessian_params not in ("all", "last_layer"):
+            raise ValueError(f"`hessian_params` must be 'all' or 'last_layer', got {hessian_params!r}.")
+        if hessian_probes is not None:
+            _check_positive_int("hessian_probes", hessian_probes)
+        _check_positive_int("hessian_every", hessian_every)
+        _check_positive_int("hessian_subsample", hessian_subsample)
+        if proxy_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"`proxy_dtype` must be torch.bfloat16, torch.float16 or None (the trainer's precision), got "
+                f"{proxy_dtype!r}."
+            )
+        if knn is not None:
+            _check_positive_int("knn", knn)
+        if backend not in ("auto", "torch", "faiss"):
+            raise ValueError(f"`backend` must be 'auto', 'torch' or 'faiss', got {backend!r}.")
+        if similarity not in ("distance", "exp"):
+            raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
+        if selection not in ("crest", "random"):
+            raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
+        _check_flag("drop_learned", drop_learned)
+        _check_flag("second_order", second_order)
+        _check_seed(seed)
+        # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
+        self.fraction = float(fraction)
+        self.random_subset_size = (
+            float(random_subset_size) if isinstance(random_subset_size, float) else int(random_subset_size)
+        )
+        self.tau = tau
+        self.check_size = check_size
+        self.check_sample = check_sample
+        self.interval_mul = interval_mul
+        self.coreset_mul = coreset_mul
+        self.drop_learned = drop_learned
+        self.drop_threshold = drop_threshold
+        self.drop_interval = drop_interval
+        self.min_pool_fraction = min_pool_fraction
+        self.min_class_fraction = min_class_fraction
+        self.hessian_params = hessian_params
+        self.hessian_probes = hessian_probes
+        self.hessian_every = hessian_every
+        self.hessian_subsample = hessian_subsample
+        self.proxy_dtype = proxy_dtype
+        self.second_order = second_order
+        self.knn = knn
+        self.backend = backend
+        self.similarity = similarity
+        self.selection = selection
+        self.seed = int(seed)
+        self._reset_state()
+
+    # --- extension points ----------------------------------------------------------------------------------
+
+    def compute_logits(self, pl_module: L.LightningModule, inputs: Any) -> Tensor:
+        """Class logits ``(B, C)`` of a batch of inputs; override when ``forward`` returns something else."""
+        return pl_module(inputs)  # type: ignore[no-any-return]
+
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-example training loss ``(B,)``; override for a loss other than cross-entropy.
+
+        The gradient proxies stay ``softmax(logits) - onehot(targets)``, the gradient of cross-entropy with respect
+        to the logits, whatever this returns.
+        """
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    # --- what it selected -----------------------------------------------------------------------------------
+
+    @property
+    def coresets(self) -> list[tuple[Tensor, Tensor]]:
+        """The global batches of the current selection, ``(indices, weights)`` of shape ``(global_batch,)`` each.
+
+        Indices point into the training set; weights average 1 within a coreset. Empty before the first selection.
+        A selection's coresets after the first are picked when first trained on, so they appear one by one.
+        """
+        return [] if self._dm is None else [(i, w) for i, w in self._dm.plan.batches if w.numel() > 0]
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """Seconds of CREST's own work in the current fit, by part.
+
+        ``proxies``: forward passes over the random subsets for the gradient proxies (data loading included);
+        ``greedy``: facility location; ``hessian``: the quadratic model's coreset gradient and Hutchinson probes;
+        ``checks``: forward passes and predictions of the checks; ``exclusion``: dropping learned examples. The
+        rest of ``crest/overhead`` (drawing subsets, bookkeeping) is not itemised.
+        """
+        return dict(self._timings)
+
+    @property
+    def own_time(self) -> float:
+        """Seconds of CREST's own work in the current fit, all parts together (the numerator of ``overhead``)."""
+        return self._crest_time
+
+    @property
+    def statistics(self) -> dict[str, float]:
+        """What the callback logs as ``crest/*``, current at every step (the logged values are refreshed only where
+        the Trainer's loggers write, every ``log_every_n_steps`` steps, and at the end of each epoch).
+
+        ``selections`` (coreset selections since training started, a restored checkpoint's included),
+        ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
+        ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with
+        ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
+        first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
+        """
+        end = time.perf_counter() if self._fit_end is None else self._fit_end
+        elapsed = end - self._fit_start
+        values = {
+            "selections": float(self._selections),
+            "pool_size": float(self._pool_size),
+            "selection_time": self._selection_time,
+            "overhead": self._crest_time / elapsed if elapsed > 0 else 0.0,
+        }
+        if self.selection == "crest":
+            values |= {
+                "rho": self._rho,
+                "check_interval": float(self._interval),
+                "num_coresets": float(self._num_coresets),
+            }
+        return values
+
+    @property
+    def pool(self) -> Tensor:
+        """``(n,)`` bool mask of the training examples still drawn into random subsets (not excluded as learned)."""
+        return torch.empty(0, dtype=torch.bool) if self._pool is None else self._pool.clone()
+
+    # --- Lightning hooks -----------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._setup_fit(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit_end = time.perf_counter()
+            self._release_data_module()
+
+    @override
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._fit_end = time.perf_counter()
+            self._release_data_module()
+
+    def _release_data_module(self) -> None:
+        # Leave the data module as a plain one: a later fit without this callback trains on full shuffled epochs.
+        # The plan's batches stay readable through `coresets`.
+        if self._dm is not None:
+            self._dm.use_plan(None)
+            self._dm.plan.refill = self._dm.plan.resolve = self._dm.plan.on_epoch_start = None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_loader(trainer)
+        # Lightning restores checkpointed tensors on the device they were saved from.
+        self._quadratic.to(pl_module.device)
+        self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
+        self._fit_start = time.perf_counter()
+        self._fit_end = None
+        self._crest_time = 0.0
+        self._timings = dict.fromkeys(_PHASES, 0.0)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_loader(trainer)  # `reload_dataloaders_every_n_epochs` builds it anew
+        self._begin_epoch(trainer.current_epoch)
+
+    def _check_loader(self, trainer: L.Trainer) -> None:
+        """Refuse a training loader that does not read the plan: it would train on other batches, unbudgeted."""
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if not (isinstance(sampler, CoresetSampler) and sampler.plan is self._dm.plan):
+            raise TypeError(
+                f"The training loader of {type(self._dm).__name__} does not read CREST's coresets (its sampler is "
+                f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
+                "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
+            )
+
+    def _start_iterator(self, epoch: int) -> None:
+        """An epoch's iterator starts reading from its first step (called by the sampler)."""
+        plan = self._dm.plan
+        epoch = max(epoch, self._epoch_floor)
+        if epoch == self._iterator_epoch:
+            # The epoch's iterator again (Lightning creates two when it reloads the loaders, or when it resumes into
+            # an epoch with no batch left, whose iterator's workers start reading the next): batches the first read
+            # ahead and training never reached are served again, first, and those of an earlier plan stay stale.
+            plan.unserve(plan.served - self._trained)
+        else:
+            # A new epoch: batches read beyond the last one's trained steps (an epoch cut short by
+            # `limit_train_batches`) are forgotten.
+            self._trained = plan.served
+            self._stale = 0
+        self._iterator_epoch = epoch
+        self._begin_epoch(epoch)
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """Work due when an epoch starts; runs once per epoch, from whichever comes first.
+
+        Usually that is ``on_train_epoch_start``. Lightning skips that hook when it resumes from a checkpoint saved
+        inside an epoch, and also when the checkpoint was saved on the epoch's last step (in
+        ``on_train_batch_end``), where the resumed run starts the next epoch at once: then the sampler calls this
+        when the new epoch's first batch is read (:attr:`CoresetPlan.on_epoch_start`).
+
+        The sampler's epoch can lag: resuming with loader workers from a checkpoint saved at an epoch's end,
+        Lightning starts reading the next epoch before it sets the sampler's epoch (or its own). The restored state
+        knows which epoch comes next (``_epoch_floor``).
+        """
+        epoch = max(epoch, self._epoch_floor)
+        if epoch == self._started_epoch:
+            return
+        if (
+            self._dropping
+            and epoch > 0
+            and epoch % self.drop_interval == 0
+            and epoch != self._last_drop_epoch
+        ):
+            self._drop_learned_examples()
+            self._last_drop_epoch = epoch
+        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
+            self._select(self._steps_per_epoch)
+        # Started once its work is done: a checkpoint saved after that work failed (Ctrl-C) has it redone.
+        self._started_epoch = epoch
+        self._epoch_ended = False
+        self._epoch_step = 0
+        self._dm.plan.replay.clear()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
+        if not self._weights_checked and _is_weighted_batch(batch):
+            # Whether the loss reaches the weights shows in the probe's gradient. Given to the step as
+            # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
+            weights = batch[2]
+            if isinstance(batch, list):
+                self._weights_probe = torch.zeros((), device=weights.device, requires_grad=True)
+                batch[2] = weights + self._weights_probe
+            else:
+                self._weights_probe = weights.requires_grad_(True)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # A training_step that returned None (a skipped step) leaves no loss to inspect.
+        skipped = outputs is None or (isinstance(outputs, dict) and not outputs)
+        if not self._weights_checked and not skipped:
+            self._check_weights_used(batch)
+        self._trained += 1
+        self._epoch_step = batch_idx + 1
+        if self._stale > 0:
+            # Loader workers read this batch from the plan before the last selection: the selection's steps (and
+            # its checks) start with its own first batch.
+            self._stale -= 1
+        else:
+            self._steps_since_selection += 1
+            if (
+                self.selection == "crest"
+                and self._steps_since_selection % self._interval == 0
+                and self._check()
+            ):
+                steps_left = self._steps_per_epoch - batch_idx - 1
+                if steps_left > 0:
+                    self._select(steps_left)
+                else:  # the next epoch starts with a selection; until then `coresets` shows this one's
+                    self._select_next_epoch = True
+        self._log(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_ended = True
+        # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
+        if self._pool is not None and not trainer.barebones:  # barebones Trainers refuse `log`
+            self._log_statistics(pl_module, epoch=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._pool is None:
+            return {}
+        plan = self._dm.plan
+        # Batches loader workers read ahead but training has not reached, then those a restore has still to serve:
+        # served first after a restore.
+        in_flight = plan.served_since(plan.served - self._trained) + plan.replay
+        # Lightning's epoch may be shorter than CREST's (`limit_train_batches`); once it is over, the next one starts
+        # from its first step.
+        trainer = self._trainer
+        epoch_length = (
+            min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
+        )
+        epoch_done = self._epoch_step >= epoch_length
+        epoch, epoch_step, epoch_ended = self._started_epoch, self._epoch_step, self._epoch_ended
+        if self._started_epoch < self._epoch_floor:
+            # In this fit the epoch due next has not started yet (after a restore, or fitting again): saved as such.
+            epoch, epoch_step, epoch_done, epoch_ended = self._epoch_floor, 0, False, False
+        return {
+            "pool": self._pool.clone(),
+            "window_max_loss": self._window_max_loss.clone(),
+            "rng_state": self._generator.get_state(),
+            "quadratic": self._quadratic.state_dict(),
+            "interval": self._interval,
+            "peak_curvature": self._peak_curvature,
+            "modelled": list(self._modelled),
+            "num_coresets": self._num_coresets,
+            "selections": self._selections,
+            "checks": self._checks,
+            "steps_since_selection": self._steps_since_selection,
+            "select_next_epoch": self._select_next_epoch,
+            "stale": self._stale,
+            "check_indices": self._check_indices.clone(),
+            "check_seed": self._check_seed,
+            "anchor_stats": [stat.clone() for stat in self._anchor_stats],
+            "rho": self._rho,
+            "selection_time": self._selection_time,
+            "last_drop_epoch": self._last_drop_epoch,
+            "weights_checked": self._weights_checked,
+            "plan_indices": [idx for idx, _ in plan.batches],
+            "plan_weights": [w for _, w in plan.batches],
+            "plan_cursor": plan.cursor,
+            "in_flight_indices": [idx for idx, _ in in_flight],
+            "in_flight_weights": [w for _, w in in_flight],
+            "global_batch": self._global_batch,
+            "steps_per_epoch": self._steps_per_epoch,
+            "fraction": self.fraction,
+            "selection": self.selection,
+            "seed": self.seed,
+            "epoch_step": self._steps_per_epoch if epoch_done else epoch_step,
+            # The current epoch, whether its start-of-epoch work was done (a checkpoint saved before its first step, by
+            # an interrupt say, may come before or after it) and whether all its steps were trained.
+            "epoch": epoch,
+            "epoch_started": self._started_epoch == epoch,
+            "epoch_done": epoch_done,
+            # A run stopped inside an epoch (`max_steps`, `Timer`, `EarlyStopping`) ends it too.
+            "epoch_ended": epoch_ended,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        try:
+            self._load_state(state_dict)
+        except KeyError as error:
+            raise ValueError(
+                f"The checkpoint's CrestCallback state lacks {error}: it was saved by another version of "
+                "lightning-crest. Resume with that version, or start afresh without `ckpt_path`."
+            ) from None
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        self._pool = state_dict["pool"].clone()
+        self._window_max_loss = state_dict["window_max_loss"].clone()
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator.set_state(state_dict["rng_state"])
+        self._quadratic = QuadraticModel()
+        self._quadratic.load_state_dict(state_dict["quadratic"])
+        self._interval = int(state_dict["interval"])
+        self._peak_curvature = float(state_dict["peak_curvature"])
+        self._modelled = tuple(state_dict["modelled"])
+        self._num_coresets = int(state_dict["num_coresets"])
+        self._selections = int(state_dict["selections"])
+        self._checks = int(state_dict["checks"])
+        self._steps_since_selection = int(state_dict["steps_since_selection"])
+        self._select_next_epoch = bool(state_dict["select_next_epoch"])
+        self._stale = int(state_dict["stale"])
+        self._check_indices = state_dict["check_indices"].clone()
+        self._anchor_stats = [stat.clone() for stat in state_dict["anchor_stats"]]
+        self._check_seed = state_dict["check_seed"]
+        self._check_batches = None
+        self._rho = float(state_dict["rho"])
+        self._selection_time = float(state_dict["selection_time"])
+        self._last_drop_epoch = int(state_dict["last_drop_epoch"])
+        self._weights_checked = bool(state_dict["weights_checked"])
+        self._pool_size = int(self._pool.sum())
+        self._epoch_step = int(state_dict["epoch_step"])
+        self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
+        # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
+        started = bool(state_dict["epoch_started"]) and not state_dict["epoch_done"]
+        self._restored_started = int(state_dict["epoch"]) if started else -1
+        self._epoch_ended = False
+        self._restored_epoch_ended = bool(state_dict["epoch_ended"]) and not state_dict["epoch_done"]
+        self._restored_plan = (
+            list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
+            int(state_dict["plan_cursor"]),
+            self._epoch_step,
+            list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
+        )
+        self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
+        self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
+        # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
+        # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
+        if self._dm is not None and _fitting(self._trainer):
+            self._apply_restored_plan(self._dm)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to spawned processes: torch.Generator objects do not pickle, and the Trainer travels separately.
+        state = self.__dict__.copy()
+        state.update(_trainer=None, _module=None, _dm=None, _check_batches=None)
+        # As bytes: a temporary tensor would travel through shared memory that is freed once pickling returns,
+        # before the spawned process reads it ("unable to resize file ... Invalid argument").
+        state["_generator"] = self._generator.get_state().numpy().tobytes()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, _generator=generator)
+
+    # --- setup ---------------------------------------------------------------------------------------------
+
+    def _reset_state(self) -> None:
+        self._trainer = None
+        self._module = None
+        self._dm = None  # type: ignore[assignment]
+        self._pool = None
+        self._pool_size = 0
+        self._window_max_loss = torch.empty(0)
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self._quadratic = QuadraticModel()
+        self._interval = 1
+        self._num_coresets = self.coreset_mul
+        self._peak_curvature = 0.0
+        self._modelled = ()
+        self._selections = 0
+        self._checks = 0
+        self._steps_since_selection = 0
+        self._select_next_epoch = False
+        self._stale = 0
+        self._check_indices = torch.empty(0, dtype=torch.long)
+        self._check_seed = None
+        self._check_batches = None
+        self._anchor_stats = []
+        self._rho = math.nan
+        self._selection_time = 0.0
+        self._crest_time = 0.0
+        self._timings = dict.fromkeys(_PHASES, 0.0)
+        self._timing_depth = 0
+        self._fit_start = time.perf_counter()
+        self._fit_end = None
+        self._last_drop_epoch = -1
+        self._weights_checked = False
+        self._weights_probe = None
+        self._epoch_step = 0
+        self._trained = 0
+        self._started_epoch = self._iterator_epoch = -1
+        self._epoch_ended = False
+        self._epoch_floor = 0
+        self._restored_plan = None
+        self._restored_shape = (0, 0)
+        self._restored_settings = {}
+        self._restored_epoch_ended = False
+        self._restored_started = -1
+
+    def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._module is not None and self._module is not pl_module and self._restored_plan is None:
+            # The state (quadratic model, pool, plan) belongs to the module of an earlier fit; another one starts
+            # afresh. Fitting the same module again goes on where it stopped.
+            self._reset_state()
+        dm = getattr(trainer, "datamodule", None)
+        if not isinstance(dm, CrestDataModule):
+            raise TypeError(
+                "CrestCallback needs its batches from a CrestDataModule: call "
+                f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
+            )
+        _check_accumulation(trainer)
+        overfit = getattr(trainer, "overfit_batches", 0)  # set by the Trainer, not declared
+        if overfit > 0:
+            raise ValueError(
+                f"`overfit_batches`={overfit} replaces the coreset sampler with the first batches "
+                "of the training set, so CREST would select nothing. Remove CrestCallback to overfit a few batches."
+            )
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "CrestCallback supports automatic optimization with one optimizer only: it measures one optimizer "
+                "step per batch. Set `self.automatic_optimization = True` in the LightningModule and return a single "
+                "optimizer from `configure_optimizers`."
+            )
+        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
+            raise ValueError(
+                f"CrestCallback does not support {type(trainer.strategy).__name__} (sharded parameters "
+                "break its quadratic model); use 'ddp', 'ddp_spawn' or 'ddp_notebook'."
+            )
+        labels = dm.labels
+        n = len(labels)
+        global_batch = dm.batch_size * trainer.world_size
+        if n < global_batch:
+            raise ValueError(
+                f"The training set has {n} examples, fewer than one global batch of {global_batch} "
+                f"(batch_size={dm.batch_size} x {trainer.world_size} processes); lower the data module's "
+                "`batch_size`."
+            )
+        subset = self._subset_size(n, global_batch)
+        if self.selection == "crest" and subset <= global_batch:
+            rank_zero_warn(
+                f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "
+                f"more than the global batch of {global_batch}: every coreset is its whole subset with weight 1, so "
+                "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
+                "(about twice the global batch or more), or pass selection='random'."
+            )
+        if (
+            self.check_sample == "subset"
+            and self.check_size is not None
+            and 0 < subset - self.check_size < trainer.world_size
+        ):
+            raise ValueError(
+                f"`check_size`={self.check_size} leaves {subset - self.check_size} of the random subset's r={subset} "
+                f"examples to score besides it, fewer than the {trainer.world_size} processes that share them; "
+                f"lower it to at most {subset - trainer.world_size}, or pass None to check on the whole subset."
+            )
+        if self.check_size is not None and self.check_size < trainer.world_size:
+            raise ValueError(
+                f"`check_size`={self.check_size} is smaller than the {trainer.world_size} processes that share each "
+                "check; raise it."
+            )
+        if self.selection == "crest" and not self._model_parameters(pl_module):
+            raise ValueError(
+                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
+                f"{type(pl_module).__name__}: the quadratic model needs some."
+            )
+        # Lightning moves the module to its device after `setup`: the strategy knows where it will train.
+        device_type = trainer.strategy.root_device.type
+        if self.proxy_dtype is not None and not torch.amp.is_autocast_available(device_type):
+            raise ValueError(
+                f"`proxy_dtype`={self.proxy_dtype} needs autocast, which torch does not offer on "
+                f"{device_type!r} devices; pass proxy_dtype=None."
+            )
+        if self.proxy_dtype is not None and str(trainer.precision).startswith("64"):
+            raise ValueError(
+                f"`proxy_dtype`={self.proxy_dtype} has no effect under precision={trainer.precision!r}: autocast "
+                "leaves float64 untouched. Pass proxy_dtype=None."
+            )
+        num_classes = int(labels.max()) + 1
+        present = int((torch.bincount(labels) > 0).sum())
+        # With more classes than picks not every class can have one: coresets are then picked over the whole subset
+        # (the proxies' one-hot part keeps the classes apart) instead of class by class.
+        self._per_class = present <= global_batch
+        limit = trainer.limit_train_batches
+        steps_per_epoch = _ceil_share(self.fraction, n, global_batch)
+        if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
+            rank_zero_warn(
+                f"`max_steps`={trainer.max_steps} without `max_epochs` trains that many coreset steps, over epochs "
+                f"of {steps_per_epoch} steps ({self.fraction} of a full epoch): if it is the step count of full "
+                "training, the run costs as much as full training. Set `max_epochs` to full training's epochs, "
+                f"or `max_steps` to {self.fraction} of its steps."
+            )
+        interval = trainer.val_check_interval
+        if (
+            isinstance(interval, int)
+            and trainer.check_val_every_n_epoch is not None
+            and interval > steps_per_epoch
+        ):
+            raise ValueError(
+                f"`val_check_interval`={interval} steps is longer than CREST's epochs of {steps_per_epoch} steps "
+                f"({self.fraction} of a full epoch). Lower it, or pass `check_val_every_n_epoch=None` to count the "
+                "steps across epochs."
+            )
+        if (
+            limit is not None
+            and not getattr(trainer, "fast_dev_run", False)  # set by the Trainer, not declared
+            and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0)
+        ):
+            rank_zero_warn(
+                f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
+                "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
+            )
+        self._trainer, self._module, self._dm = trainer, pl_module, dm
+        self._labels = labels
+        self._num_classes = num_classes
+        self._global_batch = global_batch
+        self._subset = subset
+        self._steps_per_epoch = steps_per_epoch
+        dm.use_plan(self._steps_per_epoch)
+        dm.plan.refill = self._select
+        dm.plan.on_epoch_start = self._start_iterator
+        dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
+        dm.plan.restart()
+        self._trained = 0
+        self._started_epoch = self._iterator_epoch = -1
+        self._epoch_ended = False
+        # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first. A fresh
+        # Trainer counts from 0 again (a restore sets the floor later, or has set it already when loaded by hand).
+        self._epoch_floor = (
+            trainer.current_epoch
+            if self._restored_plan is None
+            else max(self._epoch_floor, trainer.current_epoch)
+        )
+        if self._pool is None or (len(self._pool) != n and self._restored_plan is None):
+            self._pool = torch.ones(n, dtype=torch.bool)
+            self._window_max_loss = torch.full((n,), math.nan)
+            # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
+            dm.plan.replace([])
+            dm.plan.replay.clear()
+        self._pool_size = int(self._pool.sum())
+        if self._restored_plan is not None:  # loaded by hand before `fit`
+            self._apply_restored_plan(dm)
+
+    def _apply_restored_plan(self, dm: CrestDataModule) -> None:
+        """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
+        assert self._restored_plan is not None
+        try:
+            self._refuse_another_run(dm)
+        except ValueError:
+            # The refused state is dropped, so that fitting again without `ckpt_path` starts afresh.
+            self._release_data_module()
+            self._reset_state()
+            raise
+        batches, cursor, epoch_step, in_flight = self._restored_plan
+        assert self._trainer is not None
+        if self._restored_epoch_ended and self._trainer.max_steps == -1:
+            # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
+            # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
+            epoch_step = self._steps_per_epoch
+            self._epoch_floor += 1
+        self._restored_epoch_ended = False
+        self._started_epoch = self._restored_started
+        dm.plan.replace(batches, cursor)
+        dm.plan.resume_step = epoch_step
+        dm.plan.replay = list(in_flight)
+        self._restored_plan = None
+
+    def _refuse_another_run(self, dm: CrestDataModule) -> None:
+        """Raise if the restored checkpoint was trained with other settings, batches, epochs or training set."""
+        global_batch, steps_per_epoch = self._restored_shape
+        trainer = self._trainer
+        assert trainer is not None
+        for name, saved in self._restored_settings.items():
+            if saved != getattr(self, name):
+                raise ValueError(
+                    f"The checkpoint was trained with CrestCallback({name}={saved!r}); this run's has "
+                    f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without "
+                    "`ckpt_path`."
+                )
+        if global_batch != self._global_batch:
+            raise ValueError(
+                f"The checkpoint's coresets are global batches of {global_batch} examples; this run's are "
+                f"{trainer.world_size} process{'es' if trainer.world_size > 1 else ''} x batch_size={dm.batch_size} = "
+                f"{self._global_batch}. Resume with "
+                f"batch_size x devices x num_nodes = {global_batch}, or start afresh."
+            )
+        if steps_per_epoch != self._steps_per_epoch:
+            raise ValueError(
+                f"The checkpoint's epochs have {steps_per_epoch} steps; this run's have {self._steps_per_epoch} "
+                f"(ceil(fraction * n / global batch) with fraction={self.fraction}, n={len(self._labels)}). Resume "
+                "with the checkpoint's `fraction` and training set, or start afresh."
+            )
+        assert self._pool is not None
+        if len(self._pool) != len(self._labels):
+            raise ValueError(
+                f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
+                f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
+            )
+
+    def _subset_size(self, n: int, global_batch: int) -> int:
+        """``r`` for ``n`` training examples and this global batch; raises if it, or ``check_size``, cannot be."""
+        if isinstance(self.random_subset_size, float):
+            subset = min(n, max(global_batch, _ceil_share(self.random_subset_size, n)))
+        elif not global_batch <= self.random_subset_size <= n:
+            raise ValueError(
+                f"`random_subset_size`={self.random_subset_size} must lie between the global batch "
+                f"({global_batch}) and the training set size ({n}): a coreset is picked from each random subset."
+            )
+        else:
+            subset = self.random_subset_size
+        if self.check_size is not None and self.check_size > subset:
+            raise ValueError(
+                f"`check_size`={self.check_size} exceeds the random subset size r={subset}; lower it, raise "
+                "`random_subset_size`, or pass None to check on r examples."
+            )
+        return subset
+
+    @property
+    def _dropping(self) -> bool:
+        return self.drop_learned and self.selection == "crest"
+
+    # --- selection -----------------------------------------------------------------------------------------
+
+    def _select(self, steps_left: int) -> None:
+        """Plan new batches: ``P`` coresets and a new quadratic model, or random batches for the epoch's rest."""
+        assert self._pool is not None
+        with self._timed(selection=True):
+            if self.selection == "random":
+                batches = self._draw(steps_left, self._global_batch).unbind(0)
+                self._dm.plan.replace([(b, torch.ones(len(b))) for b in batches])
+            else:
+                self._select_coresets()
+            self._selections += 1
+            self._steps_since_selection = 0
+            self._select_next_epoch = False
+            # Batches read ahead but not trained, and those a restore has still to serve, come before the new plan's.
+            self._stale = self._dm.plan.served - self._trained + len(self._dm.plan.replay)
+
+    def _select_coresets(self) -> None:
+        """Pick the coresets probed for the quadratic model, then plan ``P = b T1`` coresets with this selection's
+        ``T1``: the probed ones, and random subsets whose coresets are picked when the sampler first reaches them.
+
+        Lazy picks compute their proxies with the weights of the step that trains them. In measured runs the check
+        failed before a selection's last coresets were reached about half the time, and their forward passes were
+        the largest part of CREST's cost.
+        """
+        self._share_running_stats()
+        self._anchor_stats = [stat.clone() for stat in self._running_stats()]
+        probed = min(self._num_coresets, self.hessian_probes or self._num_coresets)
+        subsets = self._draw(probed, self._subset)
+        # The check sample, loaded once, so that the loss at the selection (L0) and at every check are measured on
+        # the same inputs, random augmentations included; its items are read under a seed of their own, so that a
+        # restored run loads the same views again.
+        checked = self.check_size or self._subset
+        self._check_seed = (self.seed << 32) + self._selections
+        if self.check_sample == "independent":
+            self._check_indices = self._draw(1, checked)[0]
+            self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
+            with self._timed("checks"):
+                _, check_losses = self._forward(self._check_indices, self._check_batches)
+            self._record_losses(self._check_indices, check_losses)
+            coresets, weights, _ = self._pick(subsets)
+            loss0 = float(check_losses.mean())
+        else:  # a random part of the first subset, put first and scored with it
+            subsets[0] = subsets[0][torch.randperm(self._subset, generator=self._generator)]
+            self._check_indices = subsets[0][:checked]
+            self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
+            coresets, weights, losses = self._pick(subsets, self._check_batches)
+            loss0 = float(losses[:checked].mean())
+        with self._timed("hessian"):
+            self._build_model(coresets, weights, loss0)
+        self._peak_curvature = max(self._peak_curvature, self._quadratic.curvature_norm())
+        if self._selections > 0:
+            self._interval = self._adapted_interval()
+            self._num_coresets = self.coreset_mul * self._interval
+        planned = list(zip(coresets.unbind(0), weights.unbind(0)))[: self._num_coresets]
+        pending = max(0, self._num_coresets - len(planned))
+        if pending:
+            planned += [(subset, torch.empty(0)) for subset in self._draw(pending, self._subset)]
+        self._dm.plan.replace(planned)
+
+    def _pick(self, subsets: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """One weighted coreset from each random subset ``(k, r)``: indices and weights ``(k, m)``, losses ``(k r,)``.
+
+        ``check_batches``: the loaded check sample, with which the first subset starts (see :meth:`_forward`).
+        """
+        count, flat = len(subsets), subsets.flatten()
+        with self._timed("proxies"):
+            logits, losses = self._forward(flat, check_batches)
+        targets = self._labels[flat].to(logits.device)
+        proxies = gradient_proxy(logits, targets)
+        if not bool(torch.isfinite(proxies).all()):
+            hint = (
+                f" They were scored under proxy_dtype={self.proxy_dtype}, whose range may have overflowed; try "
+                "torch.bfloat16 or None."
+                if self.proxy_dtype == torch.float16
+                else ""
+            )
+            raise FloatingPointError(
+                f"Non-finite gradient proxies at selection {self._selections + 1} (global step "
+                f"{self._trainer.global_step if self._trainer else '?'}): the model's logits contain NaN or inf."
+                + hint
+            )
+        self._record_losses(flat, losses)
+        with self._timed("greedy"):
+            picked = facility_location(
+                proxies.view(count, self._subset, -1),
+                self._global_batch,
+                targets.view(count, self._subset) if self._per_class else None,
+                similarity=self.similarity,
+                knn=self.knn,
+                backend=self.backend,
+            )
+        coresets = subsets.gather(1, picked.indices.cpu())
+        # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
+        weights = picked.weights.cpu().float() * (self._global_batch / self._subset)
+        return coresets, weights, losses
+
+    def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
+        with self._timed(selection=True):
+            self._share_running_stats()
+            coresets, weights, _ = self._pick(subset.unsqueeze(0))
+        return coresets[0], weights[0]
+
+    def _adapted_interval(self) -> int:
+        """``T1 = ceil(h ||H_ref|| / ||H_t||)``, with ``H_ref`` the sharpest smoothed curvature met so far.
+
+        The paper divides the curvature at the first selection by the current one, so that checks grow rarer as
+        the loss flattens. Networks without normalisation start flatter than they become (the curvature rises
+        several-fold over the first epochs), and then that ratio stays below 1 and ``T1`` at 1 for the whole run.
+        Measuring the flattening from the sharpest point reached keeps the intent in both cases and equals the
+        paper's rule when the curvature only decreases.
+        """
+        return self._quadratic.check_interval(self.interval_mul, reference=self._peak_curvature)
+
+    def _draw(self, count: int, size: int) -> Tensor:
+        """``count`` class-stratified random subsets of ``size`` pool examples, each without repeats, and disjoint
+        while every class has members for its quotas in all of them (a class's quota rounds up in some subsets)."""
+        assert self._pool is not None
+        members = torch.nonzero(self._pool).flatten()
+        shuffled = members[torch.randperm(len(members), generator=self._generator)]
+        order = torch.sort(self._labels[shuffled], stable=True)
+        grouped = shuffled[order.indices]
+        counts = torch.bincount(order.values, minlength=self._num_classes)
+        if int((counts > 0).sum()) > size:
+            # More classes than slots: plain uniform subsets, in the shuffled order (not the class-sorted one).
+            positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(shuffled)
+            return shuffled[positions]
+        quotas = stratified_quotas(counts, size, count, self._generator)
+        # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped.
+        starts = counts.cumsum(0) - counts
+        parts, owners = [], []
+        for cls in torch.nonzero(counts).flatten().tolist():
+            taken = quotas[:, cls]
+            positions = torch.arange(int(taken.sum())) % int(counts[cls])
+            parts.append(grouped[int(starts[cls]) + positions])
+            owners.append(torch.repeat_interleave(torch.arange(count), taken))
+        # Grouped by subset (a stable sort keeps the classes in order within each).
+        by_subset = torch.sort(torch.cat(owners), stable=True).indices
+        return torch.cat(parts)[by_subset].view(count, size)
+
+    # --- forward passes ------------------------------------------------------------------------------------
+
+    def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
+        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes.
+
+        With ``check_batches`` (this process's loaded share of the check sample), ``indices`` starts with the
+        check sample, which is evaluated from those batches instead of being loaded again.
+        """
+        trainer = self._trainer
+        assert trainer is not None
+        head = 0 if check_batches is None else len(self._check_indices)
+        # The check sample keeps the trainer's precision, as every later check measures it.
+        parts: list[tuple[int, list[Any], torch.dtype | None]] = []
+        if check_batches is not None:
+            parts.append((head, check_batches, None))
+        if len(indices) > head:
+            parts.append((len(indices) - head, self._fetch_share(indices[head:]), self.proxy_dtype))
+        outputs = [(self._evaluate(batches, dtype), total) for total, batches, dtype in parts]
+        logits = torch.cat([gather_shares(trainer, logits, total) for (logits, _), total in outputs])
+        losses = torch.cat([gather_shares(trainer, losses, total) for (_, losses), total in outputs])
+        return logits, losses
+
+    def _fetch_share(self, indices: Tensor, seed: int | None = None) -> list[Any]:
+        """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples, read
+        under ``seed`` if given (see :meth:`CrestDataModule.fetch`)."""
+        trainer = self._trainer
+        assert trainer is not None
+        mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
+        return [self._dm.fetch(chunk.tolist(), seed) for chunk in torch.split(mine, self._dm.eval_batch_size)]
+
+    def _evaluate(self, batches: list[Any], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None
+        assert module is not None
+        all_logits, all_losses = [], []
+        autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
+            for batch in batches:
+                inputs, targets = self._on_device(batch)
+                logits = self._logits(module, inputs, targets).float()
+                all_logits.append(logits)
+                all_losses.append(self.per_example_loss(logits, targets).float())
+        return torch.cat(all_logits), torch.cat(all_losses)
+
+    def _on_device(self, batch: Any) -> tuple[Any, Tensor]:
+        """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` in the precision and on the device that
+        training batches get (the module's batch-transfer hooks are not applied: they expect training batches)."""
+        assert self._trainer is not None
+        assert self._module is not None
+        batch = self._trainer.precision_plugin.convert_input(batch)
+        inputs, targets = move_data_to_device(batch, self._module.device)
+        return inputs, targets
+
+    def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
+        logits = self.compute_logits(module, inputs)
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != len(targets):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(
+                f"`compute_logits` must return class logits of shape ({len(targets)}, num_classes) for a batch "
+                f"of {len(targets)} examples, got {shape}. Override CrestCallback.compute_logits if the "
+                "module's forward returns something else."
+            )
+        if logits.shape[1] < self._num_classes:
+            raise ValueError(
+                f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "
+                f"{self._num_classes} classes (its labels, class indices from 0, go up to {self._num_classes - 1}). "
+                "Return one logit per class, or number the classes from 0."
+            )
+        return logits
+
+    # --- quadratic model -----------------------------------------------------------------------------------
+
+    def _model_parameters(self, module: torch.nn.Module | None = None) -> list[Tensor]:
+        module = module if module is not None else self._module
+        assert module is not None
+        if self.hessian_params == "all":
+            return [p for p in module.parameters() if p.requires_grad]
+        owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad] if owners else []
+
+    def _modelled_names(self) -> tuple[str, ...]:
+        """Names of the parameters the quadratic model would describe now (see :meth:`_model_parameters`)."""
+        assert self._module is not None
+        chosen = {id(p) for p in self._model_parameters()}
+        return tuple(name for name, p in self._module.named_parameters() if id(p) in chosen)
+
+    def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
+        """Update the smoothed gradient with each given coreset, and the curvature with one Hutchinson probe per
+        coreset at every ``hessian_every``-th selection; then anchor the model here."""
+        trainer = self._trainer
+        assert trainer is not None
+        names = self._modelled_names()
+        if names != self._modelled:
+            # Other parameters are trained now (a backbone unfrozen, say): their model starts afresh.
+            if self._modelled:
+                self._quadratic, self._peak_curvature = QuadraticModel(), 0.0
+            self._modelled = names
+        params = self._model_parameters()
+        mine = batch_share(trainer.global_rank, trainer.world_size)
+        probe = self._selections % self.hessian_every == 0 or self._quadratic.curvature_steps == 0
+        double_backward = probe and self.second_order
+        for coreset, weight in zip(coresets, weights, strict=True):
+            grad, curvature = self._coreset_derivatives(coreset[mine], weight[mine], params, double_backward)
+            flat_grad = mean_over_processes(trainer, grad)
+            if not probe:
+                self._quadratic.update([flat_grad])
+                continue
+            # The first-order model has no curvature beyond the model's eps.
+            flat_curv = torch.zeros_like(flat_grad) if curvature is None else curvature
+            self._quadratic.update([flat_grad], [mean_over_processes(trainer, flat_curv)])
+        self._quadratic.anchor(params, loss)
+
+    def _coreset_derivatives(
+        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Flat gradient of this process's share of a coreset's weighted mean loss, with a Hutchinson estimate of its
+        Hessian diagonal when ``probe``, taken on every ``hessian_subsample``-th example (see the argument)."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None
+        assert module is not None
+        rows = torch.arange(len(indices))
+        sampled = rows % self.hessian_subsample == 0 if probe else torch.zeros(len(indices), dtype=torch.bool)
+        grad = torch.zeros(sum(p.numel() for p in params), device=module.device)
+        curvature = None
+        # The probed examples first, with the graph for the double backward; then the rest with a plain backward.
+        for part, graph in ((rows[sampled], True), (rows[~sampled], False)):
+            if len(part) == 0:
+                continue
+            inputs, targets = self._on_device(self._dm.fetch(indices[part].tolist()))
+            with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
+                logits = self._logits(module, inputs, targets)
+                share = len(part) / len(rows)  # of the mean over all the examples
+                part_loss = (
+                    weights[part].to(module.device) * self.per_example_loss(logits, targets)
+                ).mean() * share
+                grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
+                if all(g is None for g in grads):
+                    raise ValueError(
+                        f"`hessian_params`={self.hessian_params!r} chose parameters that the loss does not depend "
+                        f"on ({sum(p.numel() for p in params)} values of {type(module).__name__}); the quadratic "
+                        "model would be flat. With 'last_layer', register the output layer last, or pass 'all'."
+                    )
+                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+                if graph:
+                    # The probe estimates the Hessian of the sample's own mean loss.
+                    try:
+                        hessian = hutchinson_diagonal(grads, params, self._generator)
+                    except RuntimeError as error:
+                        if "double backward" not in str(error):
+                            raise
+                        raise RuntimeError(
+                            f"The Hutchinson probe of the quadratic model needs a double backward pass, which the "
+                            f"model does not support ({error}). Pass second_order=False for a first-order model, "
+                            "or compile only the training step's model, not CREST's passes."
+                        ) from error
+                    curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
+            grad += torch.cat([g.detach().flatten() for g in grads])
+        return grad, curvature
+
+    def _running_stats(self) -> list[Tensor]:
+        """The module's normalisation statistics (BatchNorm's running mean and variance): training steps move them
+        and eval-mode passes use them, but the quadratic model, a function of the parameters, cannot see them."""
+        assert self._module is not None
+        return [
+            stat
+            for m in self._module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for stat in (m.running_mean, m.running_var)
+            if stat is not None
+        ]
+
+    def _share_running_stats(self) -> None:
+        """Give every process process 0's normalisation statistics before CREST's own passes.
+
+        DDP broadcasts process 0's buffers at every training forward (unless ``broadcast_buffers=False``), so a
+        process's own update of them never reaches training, but CREST's passes between two steps would see it. A
+        checkpoint holds process 0's alone: sharing them keeps the passes of a resumed run those of the
+        uninterrupted one.
+        """
+        assert self._trainer is not None
+        broadcast_from_first(self._trainer, self._running_stats())
+
+    def _check(self) -> bool:
+        """Compare the quadratic model with the loss on the check sample; True when it drifted past ``tau``."""
+        trainer = self._trainer
+        assert trainer is not None
+        if self._modelled_names() != self._modelled:
+            # Parameters were frozen or unfrozen since the selection: the model describes other ones.
+            self._rho = math.nan
+            return True
+        with self._timed("checks"):
+            indices = self._check_indices
+            if self._check_batches is None:  # after a restore
+                self._check_batches = self._fetch_share(indices, self._check_seed)
+            # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
+            # function of the parameters only (the recorded losses for exclusion use them too).
+            with _swapped(self._running_stats(), self._anchor_stats):
+                _, losses = self._evaluate(self._check_batches)
+            losses = gather_shares(trainer, losses, len(indices))
+            self._record_losses(indices, losses)
+            actual = float(losses.mean())
+            if not math.isfinite(actual):
+                raise FloatingPointError(
+                    f"Non-finite loss on the check sample at global step {trainer.global_step}: training diverged."
+                )
+            self._rho = relative_error(self._quadratic.predict(self._model_parameters()), actual)
+            self._checks += 1
+            # Every process computes the same rho; agreeing explicitly keeps them in step if rounding ever differs.
+            return bool(trainer.strategy.reduce_boolean_decision(self._rho > self.tau, all=False))
+
+    # --- learned examples ----------------------------------------------------------------------------------
+
+    def _record_losses(self, indices: Tensor, losses: Tensor) -> None:
+        if self._dropping:
+            # An example scored twice in one call (overlapping subsets) keeps the larger of its losses.
+            idx, inverse = torch.unique(indices.cpu(), return_inverse=True)
+            largest = torch.full((len(idx),), -math.inf).scatter_reduce_(
+                0, inverse, losses.detach().float().cpu(), reduce="amax"
+            )
+            self._window_max_loss[idx] = torch.fmax(self._window_max_loss[idx], largest)
+
+    def _drop_learned_examples(self) -> None:
+        """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
+        assert self._pool is not None
+        with self._timed("exclusion"):
+            dropped = learned_examples(
+                self._window_max_loss,
+                self._pool,
+                self._labels,
+                threshold=self.drop_threshold,
+                min_pool_fraction=self.min_pool_fraction,
+                min_class_fraction=self.min_class_fraction,
+                min_pool=self._subset,  # random subsets are drawn from the pool
+            )
+            self._pool[dropped] = False
+            self._pool_size = int(self._pool.sum())
+            self._window_max_loss.fill_(math.nan)
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+
+    def _check_weights_used(self, batch: Any) -> None:
+        self._weights_checked = True
+        if not _is_weighted_batch(batch):
+            rank_zero_warn(
+                "CrestCallback could not find the (inputs, targets, weights) batch that CrestDataModule serves; "
+                "make sure the training loss multiplies each example's loss by its weight."
+            )
+            return
+        probe, self._weights_probe = self._weights_probe, None
+        if probe is None:
+            return
+        probe.requires_grad_(False)
+        if probe.grad is None:
+            raise RuntimeError(
+                "The training loss does not use the batch's weights: CREST batches are weighted coresets and "
+                "training on them unweighted trains on a biased sample. Unpack `inputs, targets, weights = batch` "
+                "and return `weighted_cross_entropy(logits, targets, weights)` (or multiply per-example losses "
+                "by `weights` before averaging, without detaching them: this check follows the loss's graph)."
+            )
+
+    @contextmanager
+    def _timed(self, phase: str | None = None, *, selection: bool = False) -> Iterator[None]:
+        """Time CREST's own work: into ``phase`` of :attr:`timings`, and once (outermost) into the totals."""
+        start = time.perf_counter()
+        self._timing_depth += 1
+        try:
+            yield
+        finally:
+            self._timing_depth -= 1
+            module = self._module
+            if module is not None and module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)  # the phase's kernels are its time, not the next one's
+            elapsed = time.perf_counter() - start
+            if phase is not None:
+                self._timings[phase] += elapsed
+            if self._timing_depth == 0:
+                self._crest_time += elapsed
+                if selection:
+                    self._selection_time += elapsed
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log :attr:`statistics` as ``crest/*`` at the steps where the loggers write (and see
+        :meth:`on_train_epoch_end`).
+
+        Lightning's ``log`` costs about half a millisecond per value, 3.5 ms per step for these seven on a 2-core
+        CPU (as much as a small model's whole training step), and its loggers write step values only every
+        ``log_every_n_steps`` steps.
+        """
+        # Lightning's own test of whether the loggers write at this step; if it ever goes, log at every step.
+        if not trainer.barebones and getattr(trainer._logger_connector, "should_update_logs", True):
+            self._log_statistics(pl_module, epoch=False)
+
+    def _log_statistics(self, pl_module: L.LightningModule, *, epoch: bool) -> None:
+        # Epoch values are the same on every process but the overhead; unsynced, they make Lightning warn.
+        metrics = {f"crest/{name}": value for name, value in self.statistics.items()}
+        pl_module.log_dict(
+            metrics, on_step=not epoch, on_epoch=epoch, batch_size=self._global_batch, sync_dist=epoch
+        )
+
+
+def learned_examples(
+    max_loss: Tensor,
+    pool: Tensor,
+    labels: Tensor,
+    *,
+    threshold: float,
+    min_pool_fraction: float,
+    min_class_fraction: float,
+    min_pool: int = 0,
+) -> Tensor:
+    """Pool examples to drop as learned: every loss recorded for them was at most ``threshold``.
+
+    The most learned (lowest largest loss) go first. A class keeps at least ``ceil(min_class_fraction * n_c)``
+    members in the pool and the pool at least ``max(ceil(min_pool_fraction * n), min_pool)`` examples; examples with
+    no recorded loss (``NaN``) stay.
+
+    Args:
+        max_loss: ``(n,)`` largest loss recorded per example in the window, ``NaN`` where none was.
+        pool: ``(n,)`` bool, examples still in the pool.
+        labels: ``(n,)`` classes.
+        threshold: Loss at or under which an example counts as learned.
+        min_pool_fraction: Floor of the pool, as a fraction of ``n``.
+        min_class_fraction: Floor of each class, as a fraction of its size.
+        min_pool: Floor of the pool, as a number of examples (the callback passes its random subset size).
+
+    Returns:
+        ``(k,)`` int64 indices of the examples to drop.
+    """
+    num_classes = int(labels.max()) + 1
+    candidates = torch.nonzero(pool & (max_loss <= threshold)).flatten()
+    candidates = candidates[torch.argsort(max_loss[candidates], stable=True)]
+    sizes = torch.bincount(labels, minlength=num_classes)
+    in_pool = torch.bincount(labels[pool], minlength=num_classes)
+    room = (in_pool - torch.ceil(min_class_fraction * sizes.double()).long()).clamp(min=0)
+    classes = labels[candidates]
+    # Rank of each candidate within its class, in order of increasing loss.
+    by_class = torch.argsort(classes, stable=True)
+    starts = torch.bincount(classes, minlength=num_classes).cumsum(0) - torch.bincount(
+        classes, minlength=num_classes
+    )
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(len(by_class)) - starts[classes[by_class]]
+    dropped = candidates[rank < room[classes]]
+    global_room = max(0, int(pool.sum()) - max(math.ceil(min_pool_fraction * len(pool)), min_pool))
+    return dropped[:global_room]
+
+
+def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
+    """``ceil(fraction * total / per)`` for the fraction as written in decimal: in floats, 0.07 * 50000 / 125 is
+    28.000000000000004, and a step or an example more than asked for."""
+    return math.ceil(Fraction(repr(fraction)) * total / per)
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    # Each submodule gets its own mode back: a frozen part the user keeps in eval mode stays there.
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
+    """Class sizes of ``count`` class-stratified random subsets of ``size`` from a pool with class sizes ``counts``.
+
+    Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average (but for
+    the classes that round to zero, below): the fractional parts are rounded systematically (one uniform offset)
+    over the classes in a random order, drawn anew for every subset. Largest-remainder rounding would give the spare
+    slots to the same classes every time (with ten equal classes and batches of 128, the last two classes would get
+    12 examples in every batch, the others 13). A class present in the pool that rounds to zero takes one slot from
+    the largest, as in :func:`~lightning_crest.selection.class_budgets`.
+
+    Returns:
+        ``(count, C)`` int64 quotas; every row sums to ``size``.
+    """
+    total = int(counts.sum())
+    base = size * counts // total
+    # Fractional parts, in units of 1 / total; they sum to a multiple of total.
+    remainders = size * counts % total
+    order = torch.rand(count, len(counts), generator=generator).argsort(dim=1)
+    ends = remainders[order].cumsum(dim=1)
+    offset = torch.randint(total, (count, 1), generator=generator)
+    # Slot boundaries at offset + j * total: a class gets a spare slot when one falls inside its fraction.
+    spare = (ends + offset) // total - (ends - remainders[order] + offset) // total
+    quotas = base + torch.zeros_like(spare).scatter_(1, order, spare)
+    for row, cls in torch.nonzero((quotas == 0) & (counts > 0)).tolist():
+        quotas[row, quotas[row].argmax()] -= 1
+        quotas[row, cls] = 1
+    return quotas
+
+
+@contextmanager
+def _swapped(tensors: list[Tensor], values: list[Tensor]) -> Iterator[None]:
+    """Give ``tensors`` the ``values`` for the duration, in place."""
+    saved = [t.clone() for t in tensors]
+    for t, value in zip(tensors, values, strict=True):
+        t.copy_(value)
+    try:
+        yield
+    finally:
+        for t, value in zip(tensors, saved, strict=True):
+            t.copy_(value)
+
+
+def _fitting(trainer: L.Trainer | None) -> bool:
+    return (
+        trainer is not None
+        and trainer.state.fn == TrainerFn.FITTING
+        and trainer.state.status == TrainerStatus.RUNNING
+    )
+
+
+def _check_accumulation(trainer: L.Trainer) -> None:
+    # An epoch without backward passes takes no optimizer step, whatever the accumulation: StochasticWeightAveraging
+    # raises it to the epoch's length for the pass that recomputes the BatchNorm statistics of the averaged weights.
+    if trainer.accumulate_grad_batches != 1 and not getattr(trainer.fit_loop, "_skip_backward", False):
+        raise ValueError(
+            f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
+            f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."
+        )
+
+
+def _is_weighted_batch(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Tensor)
+
+
+def _check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
+        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high or math.isnan(value):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
+
+
+def _check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"`seed` must be an int in [0, 2**63), got {seed!r}.")
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
