@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -21,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed
 from lightning_crest.datamodule import CrestDataModule
 from lightning_crest.distributed import (
     batch_share,
@@ -132,7 +132,7 @@ class CrestCallback(Callback):
     _check_batches: list[Any] | None
     _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
-    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, int, list[tuple[Tensor, Tensor]]] | None
+    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
     _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
@@ -177,7 +177,7 @@ class CrestCallback(Callback):
         selection: Literal["crest", "random"] = "crest",
         seed: int = 0,
     ) -> None:
-        _check_range("fraction", fraction, 0.0, 1.0, low_open=True)
+        check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
             raise ValueError(
                 f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}."
@@ -188,46 +188,46 @@ class CrestCallback(Callback):
                     f"`random_subset_size` as a float is a fraction of the training set in (0, 1], got "
                     f"{random_subset_size!r}; pass {int(random_subset_size)} (an int) for a count."
                 )
-            _check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
+            check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
         elif random_subset_size < 1:
             raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
-        _check_range("tau", tau, 0.0, math.inf)
+        check_range("tau", tau, 0.0, math.inf)
         if check_size is not None:
-            _check_positive_int("check_size", check_size)
+            check_positive_int("check_size", check_size)
         if check_sample not in ("independent", "subset"):
             raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {check_sample!r}.")
-        _check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
+        check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
         if interval_mul == math.inf:
             raise ValueError(
                 "`interval_mul` must be finite, got inf; to re-select rarely, raise `tau` instead."
             )
-        _check_positive_int("coreset_mul", coreset_mul)
-        _check_range("drop_threshold", drop_threshold, 0.0, math.inf)
-        _check_positive_int("drop_interval", drop_interval)
-        _check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
-        _check_range("min_class_fraction", min_class_fraction, 0.0, 1.0)
+        check_positive_int("coreset_mul", coreset_mul)
+        check_range("drop_threshold", drop_threshold, 0.0, math.inf)
+        check_positive_int("drop_interval", drop_interval)
+        check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
+        check_range("min_class_fraction", min_class_fraction, 0.0, 1.0)
         if hessian_params not in ("all", "last_layer"):
             raise ValueError(f"`hessian_params` must be 'all' or 'last_layer', got {hessian_params!r}.")
         if hessian_probes is not None:
-            _check_positive_int("hessian_probes", hessian_probes)
-        _check_positive_int("hessian_every", hessian_every)
-        _check_positive_int("hessian_subsample", hessian_subsample)
+            check_positive_int("hessian_probes", hessian_probes)
+        check_positive_int("hessian_every", hessian_every)
+        check_positive_int("hessian_subsample", hessian_subsample)
         if proxy_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(
                 f"`proxy_dtype` must be torch.bfloat16, torch.float16 or None (the trainer's precision), got "
                 f"{proxy_dtype!r}."
             )
         if knn is not None:
-            _check_positive_int("knn", knn)
+            check_positive_int("knn", knn)
         if backend not in ("auto", "torch", "faiss"):
             raise ValueError(f"`backend` must be 'auto', 'torch' or 'faiss', got {backend!r}.")
         if similarity not in ("distance", "exp"):
             raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
         if selection not in ("crest", "random"):
             raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
-        _check_flag("drop_learned", drop_learned)
-        _check_flag("second_order", second_order)
-        _check_seed(seed)
+        check_flag("drop_learned", drop_learned)
+        check_flag("second_order", second_order)
+        check_seed(seed)
         # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
         self.fraction = float(fraction)
         self.random_subset_size = (
@@ -339,8 +339,7 @@ class CrestCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._fit_end = time.perf_counter()
-            self._release_data_module()
+            self._end_fit()
 
     @override
     def on_exception(
@@ -348,8 +347,11 @@ class CrestCallback(Callback):
     ) -> None:
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
-            self._fit_end = time.perf_counter()
-            self._release_data_module()
+            self._end_fit()
+
+    def _end_fit(self) -> None:
+        self._fit_end = time.perf_counter()
+        self._release_data_module()
 
     def _release_data_module(self) -> None:
         # Leave the data module as a plain one: a later fit without this callback trains on full shuffled epochs.
@@ -557,7 +559,7 @@ class CrestCallback(Callback):
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         self._pool = state_dict["pool"].clone()
         self._window_max_loss = state_dict["window_max_loss"].clone()
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._generator = torch.Generator()
         self._generator.set_state(state_dict["rng_state"])
         self._quadratic = QuadraticModel()
         self._quadratic.load_state_dict(state_dict["quadratic"])
@@ -578,7 +580,6 @@ class CrestCallback(Callback):
         self._selection_time = float(state_dict["selection_time"])
         self._last_drop_epoch = int(state_dict["last_drop_epoch"])
         self._weights_checked = bool(state_dict["weights_checked"])
-        self._pool_size = int(self._pool.sum())
         self._epoch_step = int(state_dict["epoch_step"])
         self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
         # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
@@ -589,7 +590,6 @@ class CrestCallback(Callback):
         self._restored_plan = (
             list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
             int(state_dict["plan_cursor"]),
-            self._epoch_step,
             list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
         )
         self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
@@ -620,7 +620,6 @@ class CrestCallback(Callback):
         self._module = None
         self._dm = None  # type: ignore[assignment]
         self._pool = None
-        self._pool_size = 0
         self._window_max_loss = torch.empty(0)
         self._generator = torch.Generator().manual_seed(self.seed)
         self._quadratic = QuadraticModel()
@@ -797,7 +796,6 @@ class CrestCallback(Callback):
             # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
             dm.plan.replace([])
             dm.plan.replay.clear()
-        self._pool_size = int(self._pool.sum())
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
 
@@ -811,14 +809,14 @@ class CrestCallback(Callback):
             self._release_data_module()
             self._reset_state()
             raise
-        batches, cursor, epoch_step, in_flight = self._restored_plan
+        batches, cursor, in_flight = self._restored_plan
+        epoch_step = self._epoch_step
         assert self._trainer is not None
         if self._restored_epoch_ended and self._trainer.max_steps == -1:
             # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
             # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
             epoch_step = self._steps_per_epoch
             self._epoch_floor += 1
-        self._restored_epoch_ended = False
         self._started_epoch = self._restored_started
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step
@@ -874,6 +872,10 @@ class CrestCallback(Callback):
                 "`random_subset_size`, or pass None to check on r examples."
             )
         return subset
+
+    @property
+    def _pool_size(self) -> int:
+        return 0 if self._pool is None else int(self._pool.sum())
 
     @property
     def _dropping(self) -> bool:
@@ -1255,7 +1257,6 @@ class CrestCallback(Callback):
                 min_pool=self._subset,  # random subsets are drawn from the pool
             )
             self._pool[dropped] = False
-            self._pool_size = int(self._pool.sum())
             self._window_max_loss.fill_(math.nan)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
@@ -1447,28 +1448,3 @@ def _check_accumulation(trainer: L.Trainer) -> None:
 
 def _is_weighted_batch(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Tensor)
-
-
-def _check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
-        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high or math.isnan(value):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
-
-
-def _check_seed(seed: object) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
-        raise ValueError(f"`seed` must be an int in [0, 2**63), got {seed!r}.")
-
-
-def _check_flag(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
 
+from lightning_crest._checks import check_flag, check_positive_int
 from lightning_crest.distributed import release_process_group
 from lightning_crest.sampler import (
     CoresetPlan,
@@ -88,15 +89,13 @@ class CrestDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        check_positive_int("batch_size", batch_size)
+        check_positive_int("eval_batch_size", eval_batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int (it seeds the shuffled full-data epochs), got {seed!r}.")
-        if not isinstance(pin_memory, bool):
-            raise ValueError(f"`pin_memory` must be True or False, got {pin_memory!r}.")
+        check_flag("pin_memory", pin_memory)
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
         for name, dataset in (("test_dataset", test_dataset), ("predict_dataset", predict_dataset)):
@@ -201,7 +200,14 @@ class CrestDataModule(L.LightningDataModule):
             raise MisconfigurationException(
                 f"CrestDataModule was created without a `{stage}_dataset`; pass one to use `{stage}_dataloader`."
             )
-        return self._eval_loader(dataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     @override
     def teardown(self, stage: str) -> None:
@@ -240,16 +246,6 @@ class CrestDataModule(L.LightningDataModule):
                 error.add_note(f"CREST failed to load training item {index} while scoring examples.")
             raise
         return x, class_index(y)
-
-    def _eval_loader(self, dataset: Dataset[Any]) -> DataLoader[Any]:
-        return DataLoader(
-            dataset,
-            batch_size=self.eval_batch_size,
-            num_workers=self.num_workers,
-            collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
 
 
 @contextmanager

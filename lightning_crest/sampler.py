@@ -67,7 +67,7 @@ class CoresetPlan:
                 f"{count} batches are read ahead of training, more than the {len(self._recent)} the plan keeps; "
                 "lower the data loader's `prefetch_factor * num_workers`."
             )
-        return list(self._recent)[len(self._recent) - count :] if count > 0 else []
+        return list(self._recent)[len(self._recent) - count :]
 
     def unserve(self, count: int) -> None:
         """Serve the last ``count`` batches served again, first: the loader that read them is gone."""
@@ -191,8 +191,7 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
 
     def __getitem__(self, key: Key | int) -> tuple[Any, Any, Tensor]:
         index, weight = _key(key)
-        inputs, target = self.dataset[index]
-        return inputs, class_index(target), torch.tensor(weight, dtype=torch.float32)
+        return _weighted(self.dataset[index], weight)
 
     def __getitems__(self, keys: Sequence[Key | int]) -> list[tuple[Any, Any, Tensor]]:
         getitems = getattr(self.dataset, "__getitems__", None)
@@ -200,9 +199,7 @@ class WeightedDataset(Dataset[tuple[Any, Any, Tensor]]):
             return [self[key] for key in keys]
         pairs = [_key(key) for key in keys]
         items = getitems([index for index, _ in pairs])
-        return [
-            (x, class_index(y), torch.tensor(w, dtype=torch.float32)) for (x, y), (_, w) in zip(items, pairs)
-        ]
+        return [_weighted(item, w) for item, (_, w) in zip(items, pairs)]
 
 
 class WeightedCollate:
@@ -255,8 +252,13 @@ def collated_pair(collate_fn: Callable[[list[Any]], Any], items: list[tuple[Any,
 def class_index(target: Any) -> Any:
     """An integer target as torch's losses take class indices: int32 and other widths become int64."""
     if isinstance(target, Tensor):
-        return target if target.dtype == torch.int64 else target.long()
+        return target.long()
     return int(target) if isinstance(target, numbers.Integral) else target
+
+
+def _weighted(item: tuple[Any, Any], weight: float) -> tuple[Any, Any, Tensor]:
+    inputs, target = item
+    return inputs, class_index(target), torch.tensor(weight, dtype=torch.float32)
 
 
 def _key(key: Key | int) -> Key:

@@ -917,6 +917,8 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"seed": 2**70}, r"`seed` must be an int in \[0, 2\*\*63\), got 1180591620717411303424"),
         ({"seed": -1}, r"`seed` must be an int in \[0, 2\*\*63\), got -1"),
         ({"seed": True}, r"`seed` must be an int in \[0, 2\*\*63\), got True"),
+        ({"backend": "annoy"}, "`backend` must be 'auto', 'torch' or 'faiss', got 'annoy'"),
+        ({"similarity": "cosine"}, "`similarity` must be 'distance' or 'exp', got 'cosine'"),
         ({"coreset_mul": 0}, "`coreset_mul` must be a positive int, got 0"),
         ({"hessian_every": 0}, "`hessian_every` must be a positive int, got 0"),
         ({"hessian_subsample": 0}, "`hessian_subsample` must be a positive int, got 0"),
@@ -934,6 +936,20 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CrestCallback(**kwargs)
+
+
+def test_a_callback_never_fitted_saves_and_loads_an_empty_state(data: Any, tmp_path: Any) -> None:
+    # As in a checkpoint saved after `validate` with the callback attached.
+    callback = CrestCallback()
+    trainer = make_trainer([callback])
+    trainer.validate(TinyClassifier(), datamodule=CrestDataModule(data, data, batch_size=32))
+    trainer.save_checkpoint(tmp_path / "validated.ckpt")
+    assert callback.state_dict() == {}
+    assert "CrestCallback" not in torch.load(tmp_path / "validated.ckpt", weights_only=True)["callbacks"]
+    callback.load_state_dict({})
+    assert len(callback.pool) == 0
+    fit(callback, max_epochs=1)  # and it fits afresh
+    assert callback.statistics["selections"] >= 1
 
 
 def test_a_numpy_integer_seed_is_kept_as_a_python_int() -> None:

@@ -1,0 +1,31 @@
+"""Argument checks shared by the callback and the data module: each error names the argument and the value."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+
+def check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
+        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high or math.isnan(value):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_seed(seed: object) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
+        raise ValueError(f"`seed` must be an int in [0, 2**63), got {seed!r}.")
