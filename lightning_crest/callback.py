@@ -463,6 +463,10 @@ class CrestCallback(Callback):
             # Loader workers read this batch from the plan before the last selection: the selection's steps (and
             # its checks) start with its own first batch.
             self._stale -= 1
+        elif _without_backward(trainer):
+            # No training step (StochasticWeightAveraging's pass that recomputes BatchNorm statistics, over the
+            # averaged weights): nothing for the quadratic model to check.
+            pass
         else:
             self._steps_since_selection += 1
             if (
@@ -1436,10 +1440,15 @@ def _fitting(trainer: L.Trainer | None) -> bool:
     )
 
 
+def _without_backward(trainer: L.Trainer) -> bool:
+    """An epoch without backward passes, such as StochasticWeightAveraging's pass that recomputes the BatchNorm
+    statistics of the averaged weights (Lightning's flag, read defensively)."""
+    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
+
+
 def _check_accumulation(trainer: L.Trainer) -> None:
-    # An epoch without backward passes takes no optimizer step, whatever the accumulation: StochasticWeightAveraging
-    # raises it to the epoch's length for the pass that recomputes the BatchNorm statistics of the averaged weights.
-    if trainer.accumulate_grad_batches != 1 and not getattr(trainer.fit_loop, "_skip_backward", False):
+    # An epoch without backward passes merges no coresets, whatever the accumulation (SWA raises it to the epoch).
+    if trainer.accumulate_grad_batches != 1 and not _without_backward(trainer):
         raise ValueError(
             f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
             f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."

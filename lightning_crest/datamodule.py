@@ -6,7 +6,6 @@ import numbers
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import lightning as L
@@ -137,11 +136,7 @@ class CrestDataModule(L.LightningDataModule):
         # back the base class's method, so a fit skips validation as with any data module that has none (a subclass
         # with its own `val_dataloader` keeps it).
         if dataset is None and type(self).val_dataloader is CrestDataModule.val_dataloader:
-            # It still raises this module's message where a loader is asked for (`trainer.validate`); Lightning's
-            # test of an override unwraps `__wrapped__`.
-            missing = partial(CrestDataModule._stage_loader, self, "val")
-            missing.__wrapped__ = L.LightningDataModule.val_dataloader  # type: ignore[attr-defined]
-            self.val_dataloader = missing  # type: ignore[method-assign]
+            self.val_dataloader = _NoValidationLoader(self)  # type: ignore[method-assign]
         else:
             self.__dict__.pop("val_dataloader", None)
 
@@ -224,15 +219,16 @@ class CrestDataModule(L.LightningDataModule):
         An item that fails to load raises the dataset's own error, with a note of the index when known.
         """
         if seed is not None:
-            with _restored_generators():
-                items = [self._item(index, _item_seed(seed, index)) for index in indices]
-        elif hasattr(self.train_dataset, "__getitems__"):
-            items = [(x, class_index(y)) for x, y in self.train_dataset.__getitems__(list(indices))]
-        else:
-            items = [self._item(index) for index in indices]
-        if self.collate_fn is None:
-            return default_collate(items)
-        return collated_pair(self.collate_fn, items)
+            with _restored_generators():  # a collate that draws random numbers is seeded by the last item
+                return self._collate([self._item(index, _item_seed(seed, index)) for index in indices])
+        if hasattr(self.train_dataset, "__getitems__"):
+            return self._collate(
+                [(x, class_index(y)) for x, y in self.train_dataset.__getitems__(list(indices))]
+            )
+        return self._collate([self._item(index) for index in indices])
+
+    def _collate(self, items: list[tuple[Any, Any]]) -> Any:
+        return default_collate(items) if self.collate_fn is None else collated_pair(self.collate_fn, items)
 
     def _item(self, index: int, seed: int | None = None) -> tuple[Any, Any]:
         try:
@@ -246,6 +242,23 @@ class CrestDataModule(L.LightningDataModule):
                 error.add_note(f"CREST failed to load training item {index} while scoring examples.")
             raise
         return x, class_index(y)
+
+
+class _NoValidationLoader:
+    """``val_dataloader`` of a data module without a validation set.
+
+    Lightning's test of an override unwraps ``__wrapped__``, so it sees the base class's method and a fit skips
+    validation; asked for a loader (``trainer.validate``), it raises the data module's message. A class attribute, so
+    that it survives pickling by multiprocessing (``ddp_spawn``), which rebuilds a ``partial`` without its attributes.
+    """
+
+    __wrapped__ = L.LightningDataModule.val_dataloader
+
+    def __init__(self, dm: CrestDataModule) -> None:
+        self.dm = dm
+
+    def __call__(self) -> DataLoader[Any]:
+        return self.dm._stage_loader("val")
 
 
 @contextmanager

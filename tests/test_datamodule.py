@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy as copy_module
+import pickle
 import random
 from types import SimpleNamespace
 from typing import Any
@@ -537,6 +539,19 @@ def test_a_collate_fn_must_return_inputs_and_class_index_targets_in_order(
         next(iter(dm.train_dataloader()))
 
 
+def test_a_seeded_fetch_seeds_the_collate_fn_too_and_restores_the_generators() -> None:
+    def noisy(items: list[tuple[Tensor, Any]]) -> tuple[Tensor, Tensor]:
+        inputs, targets = default_collate(items)
+        return inputs + torch.rand(inputs.shape), targets  # a random augmentation applied to the batch
+
+    dm = CrestDataModule(blobs(n=40), batch_size=4, collate_fn=noisy)
+    state = torch.get_rng_state()
+    first = dm.fetch([3, 1, 2], seed=7)[0]
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # the global generator moves on; the seeded fetch does not depend on it
+    assert torch.equal(dm.fetch([3, 1, 2], seed=7)[0], first)
+
+
 def test_int32_targets_of_a_collate_fn_become_int64() -> None:
     def int32(items: list[tuple[Tensor, Any]]) -> tuple[Tensor, Tensor]:
         inputs, targets = default_collate(items)
@@ -583,6 +598,22 @@ def test_a_data_loader_given_as_the_training_set_is_refused() -> None:
         TypeError, match=r"`train_dataset` must be a dataset, got a DataLoader; pass its `.dataset`"
     ):
         CrestDataModule(DataLoader(blobs(n=40), batch_size=10))
+
+
+def test_without_a_validation_set_validation_stays_skipped_in_spawned_copies() -> None:
+    # ddp_spawn sends the data module through multiprocessing's pickler, which rebuilds a `partial` without its
+    # attributes: the stand-in for `val_dataloader` must still look like the base class's method there.
+    from multiprocessing.reduction import ForkingPickler
+
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    dm = CrestDataModule(blobs(n=64), batch_size=32)
+    for copy in (dm, pickle.loads(ForkingPickler.dumps(dm)), copy_module.deepcopy(dm)):
+        assert not is_overridden("val_dataloader", copy)
+        with pytest.raises(MisconfigurationException, match="created without a `val_dataset`"):
+            copy.val_dataloader()
+    dm.val_dataset = blobs(n=8)
+    assert is_overridden("val_dataloader", pickle.loads(ForkingPickler.dumps(dm)))
 
 
 def test_validate_without_a_validation_set_names_it() -> None:

@@ -218,8 +218,9 @@ def load_dataset(
     Args:
         name: One of :data:`DATASET_NAMES`: ``"fashion-mnist"``, ``"cifar10"`` or ``"cifar100"``.
         data_dir: Root directory, laid out as torchvision expects (e.g. ``DATA_DIR/FashionMNIST/raw``).
-        download: Let torchvision download missing files (needs internet); a download that stalls for
-            :data:`DOWNLOAD_TIMEOUT_S` seconds raises :class:`TimeoutError`.
+        download: Let torchvision download missing files (needs internet); a connection that stalls for
+            :data:`DOWNLOAD_TIMEOUT_S` seconds fails (torchvision tries its other mirrors first), and the error
+            is raised.
         augment: For CIFAR, apply ``RandomCrop(32, padding=4)`` and ``RandomHorizontalFlip`` to the
             training split. Fashion-MNIST is never augmented.
         in_memory: Serve Fashion-MNIST from a pre-normalised :class:`InMemoryVisionDataset` instead of
@@ -253,7 +254,7 @@ def load_dataset(
 
     train_ds: Dataset[Any]
     test_ds: Dataset[Any]
-    # torchvision downloads missing files when a split is built; under a timeout, a stalled one raises TimeoutError.
+    # torchvision downloads missing files when a split is built; under a timeout, a stalled one fails.
     with _socket_timeout(DOWNLOAD_TIMEOUT_S) if download else nullcontext():
         if in_memory:
             # torchvision still parses the idx files; only the per-item PIL/ToTensor work is replaced.
