@@ -132,9 +132,9 @@ class CrestDataModule(L.LightningDataModule):
     def val_dataset(self, dataset: Dataset[Any] | None) -> None:
         _check_eval_dataset("val_dataset", dataset)
         self._val_dataset = dataset
-        # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance takes
-        # back the base class's method, so a fit skips validation as with any data module that has none (a subclass
-        # with its own `val_dataloader` keeps it).
+        # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance gets a
+        # stand-in that Lightning takes for the base class's method, so a fit skips validation as with any data module
+        # that has none (a subclass with its own `val_dataloader` keeps it).
         if dataset is None and type(self).val_dataloader is CrestDataModule.val_dataloader:
             self.val_dataloader = _NoValidationLoader(self)  # type: ignore[method-assign]
         else:
@@ -248,8 +248,9 @@ class _NoValidationLoader:
     """``val_dataloader`` of a data module without a validation set.
 
     Lightning's test of an override unwraps ``__wrapped__``, so it sees the base class's method and a fit skips
-    validation; asked for a loader (``trainer.validate``), it raises the data module's message. A class attribute, so
-    that it survives pickling by multiprocessing (``ddp_spawn``), which rebuilds a ``partial`` without its attributes.
+    validation; asked for a loader (``trainer.validate``), it raises the data module's message. ``__wrapped__`` is a
+    class attribute so that it survives multiprocessing's pickling (``ddp_spawn``), which rebuilds a ``partial``
+    without its attributes.
     """
 
     __wrapped__ = L.LightningDataModule.val_dataloader
