@@ -1025,22 +1025,22 @@ def test_stochastic_weight_averaging_recomputes_batch_norm_statistics(data: Any)
             super().__init__()
             self.net.insert(1, torch.nn.BatchNorm1d(32))
 
-    class Epochs(Recorder):
+    checked_in: list[int] = []  # the epoch of every check
+
+    class Checks(CrestCallback):
         def _check(self) -> bool:
             assert self._trainer is not None
-            self.epochs.append(self._trainer.current_epoch)
+            checked_in.append(self._trainer.current_epoch)
             return super()._check()
 
     swa = L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
     model = Normalised()
-    callback = Epochs(interval_mul=1e-6)  # a check after every step
-    callback.epochs = []
-    trainer = make_trainer([callback, swa], max_epochs=4)
+    trainer = make_trainer([Checks(interval_mul=1e-6), swa], max_epochs=4)  # a check after every step
     trainer.fit(model, datamodule=CrestDataModule(data, batch_size=32))
     steps = math.ceil(0.1 * len(data) / 32)
     # No checks in the extra epoch: no training step moved the weights, SWA replaced them.
-    assert sorted(set(callback.epochs)) == [0, 1, 2, 3]
-    assert len(callback.epochs) == 4 * steps
+    assert sorted(set(checked_in)) == [0, 1, 2, 3]
+    assert len(checked_in) == 4 * steps
     assert trainer.current_epoch == 5  # with SWA's extra epoch
     assert trainer.global_step == 4 * steps + 1  # Lightning steps once at its end, as without the callback
     norm = model.net[1]
