@@ -463,11 +463,9 @@ class CrestCallback(Callback):
             # Loader workers read this batch from the plan before the last selection: the selection's steps (and
             # its checks) start with its own first batch.
             self._stale -= 1
-        elif _without_backward(trainer):
-            # No training step (StochasticWeightAveraging's pass that recomputes BatchNorm statistics, over the
-            # averaged weights): nothing for the quadratic model to check.
-            pass
-        else:
+        elif not _without_backward(trainer):
+            # (An epoch without training steps, StochasticWeightAveraging's pass that recomputes BatchNorm statistics
+            # over the averaged weights, leaves nothing for the quadratic model to check.)
             self._steps_since_selection += 1
             if (
                 self.selection == "crest"
