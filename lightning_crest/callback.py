@@ -12,7 +12,6 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
@@ -21,7 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed
-from lightning_crest.datamodule import CrestDataModule
+from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seed_generators
 from lightning_crest.distributed import (
     batch_share,
     broadcast_from_first,
@@ -1034,13 +1033,13 @@ class CrestCallback(Callback):
         trainer = self._trainer
         assert trainer is not None
         head = 0 if check_batches is None else len(self._check_indices)
-        # The check sample keeps the trainer's precision, as every later check measures it.
-        parts: list[tuple[int, list[Any], torch.dtype | None]] = []
+        # The check sample keeps the trainer's precision and its seed, as every later check measures it.
+        parts: list[tuple[int, list[Any], torch.dtype | None, int | None]] = []
         if check_batches is not None:
-            parts.append((head, check_batches, None))
+            parts.append((head, check_batches, None, self._check_seed))
         if len(indices) > head:
-            parts.append((len(indices) - head, self._fetch_share(indices[head:]), self.proxy_dtype))
-        outputs = [(self._evaluate(batches, dtype), total) for total, batches, dtype in parts]
+            parts.append((len(indices) - head, self._fetch_share(indices[head:]), self.proxy_dtype, None))
+        outputs = [(self._evaluate(batches, dtype, seed), total) for total, batches, dtype, seed in parts]
         logits = torch.cat([gather_shares(trainer, logits, total) for (logits, _), total in outputs])
         losses = torch.cat([gather_shares(trainer, losses, total) for (_, losses), total in outputs])
         return logits, losses
@@ -1053,29 +1052,56 @@ class CrestCallback(Callback):
         mine = indices[share(len(indices), trainer.global_rank, trainer.world_size)]
         return [self._dm.fetch(chunk.tolist(), seed) for chunk in torch.split(mine, self._dm.eval_batch_size)]
 
-    def _evaluate(self, batches: list[Any], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
-        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given."""
+    def _evaluate(
+        self, batches: list[Any], dtype: torch.dtype | None = None, seed: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given; ``seed``: the
+        batches' transfer hooks run seeded (see :meth:`_on_device`)."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
         all_logits, all_losses = [], []
         autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
-            for batch in batches:
-                inputs, targets = self._on_device(batch)
+            for position, batch in enumerate(batches):
+                inputs, targets = self._on_device(batch, None if seed is None else item_seed(seed, position))
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
                 all_losses.append(self.per_example_loss(logits, targets).float())
         return torch.cat(all_logits), torch.cat(all_losses)
 
-    def _on_device(self, batch: Any) -> tuple[Any, Tensor]:
-        """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` in the precision and on the device that
-        training batches get (the module's batch-transfer hooks are not applied: they expect training batches)."""
-        assert self._trainer is not None
-        assert self._module is not None
-        batch = self._trainer.precision_plugin.convert_input(batch)
-        inputs, targets = move_data_to_device(batch, self._module.device)
-        return inputs, targets
+    def _on_device(self, batch: Any, seed: int | None = None) -> tuple[Any, Tensor]:
+        """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` on the device, as training batches get
+        there: in the trainer's precision and through the batch-transfer hooks of the module (or data module), as a
+        training batch of weight 1 each. With ``seed``, the hooks run with the global generators seeded from it and
+        restored afterwards, so that random transforms there give the same views every time (the check sample)."""
+        trainer, module = self._trainer, self._module
+        assert trainer is not None
+        assert module is not None
+        inputs, targets = batch
+        size = len(targets)
+        batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(size)])
+        with restored_generators(module.device) if seed is not None else nullcontext():
+            if seed is not None:
+                seed_generators(seed, module.device)
+            batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        if not (
+            isinstance(batch, (tuple, list))
+            and len(batch) == 3
+            and isinstance(batch[1], Tensor)
+            and batch[1].shape == (size,)
+        ):
+            got = type(batch).__name__ + (
+                f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+            )
+            raise TypeError(
+                "CREST scores its examples as training batches, through the batch-transfer hooks "
+                "(`on_before_batch_transfer`, `transfer_batch_to_device`, `on_after_batch_transfer`), which must "
+                f"return an (inputs, targets, weights) batch with the ({size},) targets, as they get it; got {got}. "
+                "Keep that structure in the hooks (transform the inputs in place of the first item)."
+            )
+        return batch[0], batch[1]
 
     def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
         logits = self.compute_logits(module, inputs)
@@ -1221,7 +1247,7 @@ class CrestCallback(Callback):
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
             with _swapped(self._running_stats(), self._anchor_stats):
-                _, losses = self._evaluate(self._check_batches)
+                _, losses = self._evaluate(self._check_batches, seed=self._check_seed)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
             actual = float(losses.mean())

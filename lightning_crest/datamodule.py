@@ -219,8 +219,8 @@ class CrestDataModule(L.LightningDataModule):
         An item that fails to load raises the dataset's own error, with a note of the index when known.
         """
         if seed is not None:
-            with _restored_generators():  # a collate that draws random numbers is seeded by the last item
-                return self._collate([self._item(index, _item_seed(seed, index)) for index in indices])
+            with restored_generators():  # a collate that draws random numbers is seeded by the last item
+                return self._collate([self._item(index, item_seed(seed, index)) for index in indices])
         if hasattr(self.train_dataset, "__getitems__"):
             return self._collate(
                 [(x, class_index(y)) for x, y in self.train_dataset.__getitems__(list(indices))]
@@ -233,9 +233,7 @@ class CrestDataModule(L.LightningDataModule):
     def _item(self, index: int, seed: int | None = None) -> tuple[Any, Any]:
         try:
             if seed is not None:
-                torch.default_generator.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed >> 32)  # noqa: NPY002 (the global generator transforms draw from)
+                seed_generators(seed)
             x, y = self.train_dataset[index]
         except Exception as error:
             if hasattr(error, "add_note"):  # Python 3.11+
@@ -263,18 +261,30 @@ class _NoValidationLoader:
 
 
 @contextmanager
-def _restored_generators() -> Iterator[None]:
-    """Restore torch's (CPU), NumPy's and Python's global generators on exit."""
+def restored_generators(device: torch.device | None = None) -> Iterator[None]:
+    """Restore torch's (CPU, and ``device``'s if a CUDA device), NumPy's and Python's global generators on exit."""
     python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
+    devices = [device] if device is not None and device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=devices):
             yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)  # noqa: NPY002
 
 
-def _item_seed(seed: int, index: int) -> int:
+def seed_generators(seed: int, device: torch.device | None = None) -> None:
+    """Seed the global generators that random transforms draw from: torch's (CPU, and ``device``'s if a CUDA
+    device), NumPy's and Python's."""
+    torch.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed >> 32)  # noqa: NPY002
+
+
+def item_seed(seed: int, index: int) -> int:
     """A 64-bit seed for item ``index`` under ``seed`` (SplitMix64's finaliser of the pair)."""
     z = (seed * 0x9E3779B97F4A7C15 + index) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64

@@ -343,6 +343,86 @@ def test_anchor_loss_and_checks_see_the_same_augmented_inputs(check_size: int | 
     assert callback._rho == 0.0
 
 
+class DeviceNormalised(TinyClassifier):
+    """Normalises its inputs after they reach the device, as Lightning suggests for transforms on the GPU."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        inputs, *rest = batch
+        return [inputs - 10.0, *rest]
+
+
+class NormalisingDataModule(CrestDataModule):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        inputs, *rest = batch
+        return [inputs - 10.0, *rest]
+
+
+class InputsSeen(CrestCallback):
+    """Keeps the mean of every input batch that CREST's own passes give the module."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.means: list[float] = []
+
+    def compute_logits(self, pl_module: L.LightningModule, inputs: Any) -> Tensor:
+        self.means.append(float(inputs.mean()))
+        return super().compute_logits(pl_module, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer`")
+@pytest.mark.parametrize("owner", ["module", "datamodule"])
+def test_crest_passes_go_through_the_batch_transfer_hooks(owner: str) -> None:
+    # The inputs are stored 10 above what the model trains on; the hook takes it off on the device. CREST's
+    # proxies, checks and coreset gradients must score what training sees, not the stored inputs.
+    data = blobs()
+    shifted = LabelledTensors(data.tensors[0] + 10.0, data.tensors[1])
+    callback = InputsSeen(random_subset_size=0.1, tau=0.0)
+    model = DeviceNormalised() if owner == "module" else TinyClassifier()
+    dm_class = CrestDataModule if owner == "module" else NormalisingDataModule
+    torch.manual_seed(0)
+    trainer = make_trainer([callback], max_epochs=1)
+    trainer.fit(model, datamodule=dm_class(shifted, batch_size=32))
+    assert callback._selections > 1
+    assert len(callback.means) > 10
+    assert max(abs(mean) for mean in callback.means) < 2.0  # the stored inputs average 10
+
+
+class DeviceAugmented(TinyClassifier):
+    """Adds fresh noise to every training batch on the device: a random augmentation in the transfer hook."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not self.trainer.training:
+            return batch
+        inputs, *rest = batch
+        return [inputs + 0.5 * torch.randn_like(inputs), *rest]
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer`")
+@pytest.mark.parametrize("check_size", [None, 16])
+def test_checks_see_the_same_views_from_a_random_transfer_hook(check_size: int | None) -> None:
+    # As with random augmentations in the data set: with a zero learning rate the model predicts L0 exactly, so
+    # rho is 0 only if L0 and every check see the same draw of the hook's noise.
+    callback = Recorder(random_subset_size=0.1, check_size=check_size, tau=1e9)
+    fit(callback, model=DeviceAugmented(lr=0.0), max_epochs=1)
+    assert callback.steps("check")
+    assert callback._rho == 0.0
+
+
+def test_transfer_hooks_that_change_the_batch_structure_are_refused() -> None:
+    class DictBatches(TinyClassifier):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            inputs, targets, weights = batch
+            return {"inputs": inputs, "targets": targets, "weights": weights}
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return super().training_step(list(batch.values()), batch_idx)
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(TypeError, match=r"return an \(inputs, targets, weights\) batch .* got dict"):
+        trainer.fit(DictBatches(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 0
+
+
 def test_skipped_steps_do_not_count_as_ignoring_the_weights() -> None:
     class SkipsFirst(TinyClassifier):
         def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
