@@ -149,3 +149,25 @@ def test_fsdp_is_refused_in_setup() -> None:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+class CudaAugmented(TinyClassifier):
+    """Adds noise from the CUDA generator to every training batch on the device (a GPU augmentation)."""
+
+    def on_after_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        if not self.trainer.training:
+            return batch
+        inputs, *rest = batch  # type: ignore[misc]
+        noise = torch.randn(inputs.shape, device=inputs.device)
+        return [inputs + 0.5 * noise, *rest]
+
+
+def test_checks_see_the_same_views_from_a_random_hook_on_the_gpu() -> None:
+    # The check sample's hooks run with the CUDA generator seeded too: with a zero learning rate the model predicts
+    # L0 exactly, so rho is 0 only if L0 and every check see the same draw of the noise.
+    torch.manual_seed(0)
+    callback = Recorder(random_subset_size=0.1, check_size=16, tau=1e9)
+    trainer = make_trainer([callback], accelerator="cuda", max_epochs=1)
+    trainer.fit(CudaAugmented(lr=0.0), datamodule=CrestDataModule(TRAIN, batch_size=32))
+    assert callback.steps("check")
+    assert callback._rho == 0.0
