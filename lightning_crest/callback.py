@@ -28,6 +28,7 @@ from lightning_crest.distributed import (
     mean_over_processes,
     share,
 )
+from lightning_crest.pool import learned_examples, stratified_quotas
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
 from lightning_crest.sampler import CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy
@@ -1349,53 +1350,6 @@ class CrestCallback(Callback):
         )
 
 
-def learned_examples(
-    max_loss: Tensor,
-    pool: Tensor,
-    labels: Tensor,
-    *,
-    threshold: float,
-    min_pool_fraction: float,
-    min_class_fraction: float,
-    min_pool: int = 0,
-) -> Tensor:
-    """Pool examples to drop as learned: every loss recorded for them was at most ``threshold``.
-
-    The most learned (lowest largest loss) go first. A class keeps at least ``ceil(min_class_fraction * n_c)``
-    members in the pool and the pool at least ``max(ceil(min_pool_fraction * n), min_pool)`` examples; examples with
-    no recorded loss (``NaN``) stay.
-
-    Args:
-        max_loss: ``(n,)`` largest loss recorded per example in the window, ``NaN`` where none was.
-        pool: ``(n,)`` bool, examples still in the pool.
-        labels: ``(n,)`` classes.
-        threshold: Loss at or under which an example counts as learned.
-        min_pool_fraction: Floor of the pool, as a fraction of ``n``.
-        min_class_fraction: Floor of each class, as a fraction of its size.
-        min_pool: Floor of the pool, as a number of examples (the callback passes its random subset size).
-
-    Returns:
-        ``(k,)`` int64 indices of the examples to drop.
-    """
-    num_classes = int(labels.max()) + 1
-    candidates = torch.nonzero(pool & (max_loss <= threshold)).flatten()
-    candidates = candidates[torch.argsort(max_loss[candidates], stable=True)]
-    sizes = torch.bincount(labels, minlength=num_classes)
-    in_pool = torch.bincount(labels[pool], minlength=num_classes)
-    room = (in_pool - torch.ceil(min_class_fraction * sizes.double()).long()).clamp(min=0)
-    classes = labels[candidates]
-    # Rank of each candidate within its class, in order of increasing loss.
-    by_class = torch.argsort(classes, stable=True)
-    starts = torch.bincount(classes, minlength=num_classes).cumsum(0) - torch.bincount(
-        classes, minlength=num_classes
-    )
-    rank = torch.empty_like(by_class)
-    rank[by_class] = torch.arange(len(by_class)) - starts[classes[by_class]]
-    dropped = candidates[rank < room[classes]]
-    global_room = max(0, int(pool.sum()) - max(math.ceil(min_pool_fraction * len(pool)), min_pool))
-    return dropped[:global_room]
-
-
 def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
     """``ceil(fraction * total / per)`` for the fraction as written in decimal: in floats, 0.07 * 50000 / 125 is
     28.000000000000004, and a step or an example more than asked for."""
@@ -1412,35 +1366,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
-
-
-def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
-    """Class sizes of ``count`` class-stratified random subsets of ``size`` from a pool with class sizes ``counts``.
-
-    Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average (but for
-    the classes that round to zero, below): the fractional parts are rounded systematically (one uniform offset)
-    over the classes in a random order, drawn anew for every subset. Largest-remainder rounding would give the spare
-    slots to the same classes every time (with ten equal classes and batches of 128, the last two classes would get
-    12 examples in every batch, the others 13). A class present in the pool that rounds to zero takes one slot from
-    the largest, as in :func:`~lightning_crest.selection.class_budgets`.
-
-    Returns:
-        ``(count, C)`` int64 quotas; every row sums to ``size``.
-    """
-    total = int(counts.sum())
-    base = size * counts // total
-    # Fractional parts, in units of 1 / total; they sum to a multiple of total.
-    remainders = size * counts % total
-    order = torch.rand(count, len(counts), generator=generator).argsort(dim=1)
-    ends = remainders[order].cumsum(dim=1)
-    offset = torch.randint(total, (count, 1), generator=generator)
-    # Slot boundaries at offset + j * total: a class gets a spare slot when one falls inside its fraction.
-    spare = (ends + offset) // total - (ends - remainders[order] + offset) // total
-    quotas = base + torch.zeros_like(spare).scatter_(1, order, spare)
-    for row, cls in torch.nonzero((quotas == 0) & (counts > 0)).tolist():
-        quotas[row, quotas[row].argmax()] -= 1
-        quotas[row, cls] = 1
-    return quotas
 
 
 @contextmanager

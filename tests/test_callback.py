@@ -25,7 +25,6 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
-from lightning_crest.callback import learned_examples, stratified_quotas
 from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
 
@@ -607,23 +606,6 @@ def test_random_batches_and_subsets_are_class_stratified(selection: str) -> None
             assert bool((counts >= share.floor()).all() and (counts <= share.ceil()).all())
 
 
-def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average() -> None:
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.tensor([700, 500, 300, 200, 300])  # shares of 10: 3.5, 2.5, 1.5, 1, 1.5
-    share = 10 * counts / counts.sum()
-    quotas = stratified_quotas(counts, 10, 20_000, generator)
-    assert bool((quotas.sum(1) == 10).all())
-    assert bool((quotas >= share.floor()).all() and (quotas <= share.ceil()).all())
-    torch.testing.assert_close(quotas.float().mean(0), share.float(), atol=0.02, rtol=0)
-    # Ten equal classes, 128 slots: every class gets the spare slots as often (largest remainder: always 0-7).
-    quotas = stratified_quotas(torch.full((10,), 6000), 128, 20_000, generator)
-    assert set(quotas.flatten().tolist()) == {12, 13}
-    torch.testing.assert_close(quotas.float().mean(0), torch.full((10,), 12.8), atol=0.02, rtol=0)
-    # A class too small for a slot of its own still gets one, from the largest.
-    quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 1000, generator)
-    assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
-
-
 @pytest.mark.parametrize("selection", ["crest", "random"])
 def test_logged_statistics_and_timings(selection: str) -> None:
     callback = CrestCallback(random_subset_size=0.1, drop_interval=1, selection=selection)
@@ -753,79 +735,6 @@ def test_drop_learned_switch(drop_learned: bool) -> None:
     fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=seeded_classifier(lr=0.2))
     assert bool(callback.pool.all()) is not drop_learned
     assert (callback.timings["exclusion"] > 0) is drop_learned
-
-
-LABELS = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
-MAX_LOSS = torch.tensor([0.01, 0.05, 0.5, math.nan, 0.02, 0.03, 0.04, 0.09, 0.2, 0.0])
-FULL = torch.ones(10, dtype=torch.bool)
-SHRUNK = torch.tensor([False, True, True, True, False, True, True, True, True, True])  # 0 and 4 already out
-
-
-def learned_reference(
-    max_loss: Tensor,
-    pool: Tensor,
-    labels: Tensor,
-    *,
-    threshold: float,
-    min_pool_fraction: float,
-    min_class_fraction: float,
-    min_pool: int = 0,
-) -> list[int]:
-    """The docstring's rule one example at a time: the most learned first, while its class and the pool keep
-    more than their floors (fractions of the full class and set sizes)."""
-    sizes = torch.bincount(labels).tolist()
-    kept = torch.bincount(labels[pool], minlength=len(sizes)).tolist()
-    left = int(pool.sum())
-    pool_floor = max(math.ceil(min_pool_fraction * len(pool)), min_pool)
-    learned = sorted(
-        (float(max_loss[i]), i) for i in range(len(pool)) if pool[i] and max_loss[i] <= threshold
-    )
-    dropped = []
-    for _, i in learned:
-        cls = int(labels[i])
-        if kept[cls] > math.ceil(min_class_fraction * sizes[cls]) and left > pool_floor:
-            dropped.append(i)
-            kept[cls] -= 1
-            left -= 1
-    return sorted(dropped)
-
-
-@pytest.mark.parametrize(
-    ("pool", "floors", "expected"),
-    [
-        (FULL, {}, [0, 1, 4, 5, 6, 7, 9]),  # never recorded (3) and high-loss (2, 8) examples stay
-        (FULL, {"min_class_fraction": 0.75}, [0, 9]),  # classes keep 3 of 4 and 5 of 6: their most learned go
-        (FULL, {"min_pool_fraction": 0.7}, [0, 4, 9]),  # the pool keeps 7 of 10: the 3 most learned go
-        (FULL, {"min_pool": 9}, [9]),
-        (SHRUNK, {}, [1, 5, 6, 7, 9]),  # examples already out are not dropped again
-        # Floors count against the full sizes: class 0 keeps ceil(0.6 * 4) = 3 of its 3 left, class 1
-        # ceil(0.6 * 6) = 4 of 5 (against the sizes left it would be [1, 5, 9]).
-        (SHRUNK, {"min_class_fraction": 0.6}, [9]),
-        (SHRUNK, {"min_pool_fraction": 0.7}, [9]),  # 7 of all 10, not of the 8 left ([5, 9])
-    ],
-)
-def test_learned_examples_rules(pool: Tensor, floors: dict[str, Any], expected: list[int]) -> None:
-    args: dict[str, Any] = {"threshold": 0.1, "min_pool_fraction": 0.0, "min_class_fraction": 0.0, **floors}
-    drop = learned_examples(MAX_LOSS, pool.clone(), LABELS, **args)
-    assert sorted(drop.tolist()) == expected == learned_reference(MAX_LOSS, pool, LABELS, **args)
-
-
-def test_learned_examples_match_the_reference_on_random_cases() -> None:
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        n = int(torch.randint(5, 40, (1,), generator=gen))
-        labels = torch.randint(0, 3, (n,), generator=gen)
-        max_loss = torch.rand(n, generator=gen) * 0.2
-        max_loss[torch.rand(n, generator=gen) < 0.2] = math.nan
-        pool = torch.rand(n, generator=gen) < 0.8
-        pool_fraction, class_fraction = torch.rand(2, generator=gen).tolist()
-        args: dict[str, Any] = {
-            "threshold": 0.1,
-            "min_pool_fraction": pool_fraction,
-            "min_class_fraction": class_fraction,
-        }
-        drop = learned_examples(max_loss, pool, labels, **args)
-        assert sorted(drop.tolist()) == learned_reference(max_loss, pool, labels, **args)
 
 
 @pytest.mark.parametrize("hessian_params", ["all", "last_layer"])

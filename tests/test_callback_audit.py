@@ -14,7 +14,6 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
-from lightning_crest.callback import learned_examples, stratified_quotas
 
 
 def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,21 +72,6 @@ def test_check_losses_enter_the_exclusion_window() -> None:
     assert bool(torch.isfinite(window).all())
     assert bool((window >= final - 1e-5).all())
     torch.testing.assert_close(window, torch.maximum(window, final), rtol=1e-5, atol=1e-5)
-
-
-def test_stratified_quotas_are_exact_on_average_with_unequal_fractional_parts() -> None:
-    # Shares 7.3 and 2.7: the spare slot goes to the first class 30% of the time, not half of it.
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.tensor([73, 27])
-    quotas = stratified_quotas(counts, 10, 20_000, generator)
-    assert bool((quotas.sum(1) == 10).all())
-    assert set(quotas[:, 0].tolist()) == {7, 8}
-    torch.testing.assert_close(quotas.float().mean(0), torch.tensor([7.3, 2.7]), atol=0.02, rtol=0)
-    # Three classes with fractional parts 0.2, 0.3 and 0.5 of shares 2.2, 3.3 and 4.5.
-    counts = torch.tensor([22, 33, 45])
-    quotas = stratified_quotas(counts, 10, 20_000, generator)
-    assert bool((quotas.sum(1) == 10).all())
-    torch.testing.assert_close(quotas.float().mean(0), torch.tensor([2.2, 3.3, 4.5]), atol=0.02, rtol=0)
 
 
 def test_uniform_subsets_wrap_around_a_small_pool_without_repeating_an_example() -> None:
@@ -196,15 +180,6 @@ def test_an_example_scored_twice_in_one_call_keeps_its_largest_loss() -> None:
     recorded = callback._window_max_loss
     assert recorded[[2, 3, 4]].tolist() == pytest.approx([0.9, 0.2, 0.01])
     assert bool(recorded[[0, 1]].isnan().all())  # never scored: stays in the pool
-
-
-def test_the_learned_threshold_is_inclusive() -> None:
-    # "At or under" the threshold: a loss of exactly 0 counts as learned at threshold 0.
-    losses = torch.tensor([0.0, 0.25, 0.3])
-    pool, labels = torch.ones(3, dtype=torch.bool), torch.zeros(3, dtype=torch.long)
-    floors: dict[str, Any] = {"min_pool_fraction": 0.0, "min_class_fraction": 0.0}
-    assert learned_examples(losses, pool, labels, threshold=0.0, **floors).tolist() == [0]
-    assert sorted(learned_examples(losses, pool, labels, threshold=0.25, **floors).tolist()) == [0, 1]
 
 
 def test_the_exclusion_window_restarts_after_each_drop() -> None:
