@@ -71,7 +71,7 @@ class TracedCallback(CrestCallback):
             chunks = torch.split(order[: self.wide_size], self._dm.eval_batch_size)
             self._wide_batches = [self._dm.fetch(chunk.tolist(), seed=0) for chunk in chunks]
         with _swapped(self._running_stats(), self._anchor_stats):
-            _, losses = super()._evaluate(self._wide_batches)
+            _, losses = super()._evaluate(self._wide_batches, seed=0)
         return float(losses.mean())
 
     def _select_coresets(self) -> None:
@@ -100,8 +100,10 @@ class TracedCallback(CrestCallback):
         self.rows.append(row | wide | {"actual": float(self._check_loss), "rho": self._rho, "failed": failed})
         return failed
 
-    def _evaluate(self, batches: list[Any], dtype: Any = None) -> tuple[Tensor, Tensor]:
-        logits, losses = super()._evaluate(batches, dtype)
+    def _evaluate(
+        self, batches: list[Any], dtype: Any = None, seed: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        logits, losses = super()._evaluate(batches, dtype, seed)
         self._check_loss = losses.mean()
         return logits, losses
 

@@ -12,7 +12,12 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import (
+    BatchSizeFinder,
+    Callback,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+)
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
@@ -130,6 +135,7 @@ class CrestCallback(Callback):
     _dm: CrestDataModule
     _pool: Tensor | None
     _check_batches: list[Any] | None
+    _labels: Tensor  # the training set's classes, from the fit's setup on
     _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
@@ -137,6 +143,7 @@ class CrestCallback(Callback):
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
+    _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -348,6 +355,19 @@ class CrestCallback(Callback):
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
+        probe = self._weights_probe
+        if (
+            probe is not None
+            and probe.dim() == 1
+            and "leaf Variable that requires grad" in str(exception)
+            and hasattr(exception, "add_note")  # Python 3.11+
+        ):
+            exception.add_note(
+                "CrestCallback made the first batch's weights require grad, to check that the loss uses them; the "
+                "batch is a tuple (as a batch-transfer hook returned it), so they could not be given as a copy and "
+                "an in-place change to them fails. Change them out of place in the step "
+                "(`weights = weights / weights.mean()`), or return a list from the hook."
+            )
 
     def _end_fit(self) -> None:
         self._fit_end = time.perf_counter()
@@ -547,8 +567,17 @@ class CrestCallback(Callback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores callbacks for `validate`, `test` and `predict` with a `ckpt_path` too (just before
+        # `load_state_dict`); only a fit resumes CREST's training, so the others leave this fit's state alone.
+        self._ignore_next_state = trainer.state.fn != TrainerFn.FITTING
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        ignore, self._ignore_next_state = self._ignore_next_state, False
+        if not state_dict or ignore:
             return
         try:
             self._load_state(state_dict)
@@ -648,6 +677,7 @@ class CrestCallback(Callback):
         self._last_drop_epoch = -1
         self._weights_checked = False
         self._weights_probe = None
+        self._ignore_next_state = False
         self._epoch_step = 0
         self._trained = 0
         self._started_epoch = self._iterator_epoch = -1
@@ -671,6 +701,27 @@ class CrestCallback(Callback):
                 f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
             )
         _check_accumulation(trainer)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(other, GradientAccumulationScheduler):
+                due = sorted(
+                    (epoch, factor)
+                    for epoch, factor in other.scheduling.items()
+                    if factor != 1 and (trainer.max_epochs in (None, -1) or epoch < trainer.max_epochs)
+                )
+                if due:
+                    raise ValueError(
+                        f"CrestCallback trains one weighted coreset per optimizer step; the "
+                        f"GradientAccumulationScheduler sets `accumulate_grad_batches`={due[0][1]} from epoch "
+                        f"{due[0][0]}, which would merge coresets. Remove it, and raise the batch size instead."
+                    )
+            if isinstance(other, (LearningRateFinder, BatchSizeFinder)):
+                tuner = "lr_find" if isinstance(other, LearningRateFinder) else "scale_batch_size"
+                raise ValueError(
+                    f"{type(other).__name__} (which Tuner.{tuner} adds too) runs its search steps without the other "
+                    "callbacks: CREST would neither check nor re-select, and the search would train on one "
+                    "selection's coresets. Tune in a run without CrestCallback (the data module then serves full "
+                    "shuffled epochs) and set the value found on the module or the data module."
+                )
         overfit = getattr(trainer, "overfit_batches", 0)  # set by the Trainer, not declared
         if overfit > 0:
             raise ValueError(
@@ -771,6 +822,15 @@ class CrestCallback(Callback):
                 f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
                 "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
             )
+        if self._restored_plan is None and trainer is not self._trainer:
+            # A fresh Trainer counts its epochs from 0: the last fit's exclusion epoch is not one of them.
+            self._last_drop_epoch = -1
+        # Fitting again on another training set starts its pool afresh (a restore refuses one of another size).
+        another_set = (
+            self._pool is not None
+            and self._restored_plan is None
+            and (len(self._pool) != n or not torch.equal(self._labels, labels))
+        )
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         self._labels = labels
         self._num_classes = num_classes
@@ -792,7 +852,7 @@ class CrestCallback(Callback):
             if self._restored_plan is None
             else max(self._epoch_floor, trainer.current_epoch)
         )
-        if self._pool is None or (len(self._pool) != n and self._restored_plan is None):
+        if self._pool is None or another_set:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
             # A fresh start: batches an earlier fit left in the data module's plan are not this run's.

@@ -737,6 +737,32 @@ def test_drop_learned_switch(drop_learned: bool) -> None:
     assert (callback.timings["exclusion"] > 0) is drop_learned
 
 
+def test_a_fresh_trainer_excludes_learned_examples_on_its_own_epochs() -> None:
+    # The second fit counts its epochs from 0 again: its exclusion at epoch 2 is due although the first fit's
+    # last exclusion was at its own epoch 2.
+    callback = CrestCallback(random_subset_size=0.2, drop_interval=2)
+    data, model = blobs(n=1200, noise=0.3), seeded_classifier(lr=0.2)
+    for _ in range(2):
+        fit(callback, data=data, max_epochs=3, model=model)
+        assert callback.timings["exclusion"] > 0  # timed afresh in every fit
+
+
+def test_fitting_again_on_another_training_set_starts_its_pool_afresh() -> None:
+    callback = CrestCallback(random_subset_size=0.2, drop_interval=1)
+    model = seeded_classifier(lr=0.2)
+    fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=model)
+    assert not bool(callback.pool.all())
+    # The same size, other examples: the first set's exclusions say nothing about them.
+    fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=model)
+    assert bool(callback.pool.all())
+    # The same set again goes on with its pool.
+    fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=3, model=model)
+    kept = callback.pool
+    assert not bool(kept.all())
+    fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=model)
+    assert torch.equal(callback.pool, kept)
+
+
 @pytest.mark.parametrize("hessian_params", ["all", "last_layer"])
 def test_quadratic_model_parameters(hessian_params: str) -> None:
     callback = CrestCallback(random_subset_size=0.1, hessian_params=hessian_params)  # type: ignore[arg-type]
@@ -971,13 +997,81 @@ def test_gradient_accumulation_is_refused(data: Any) -> None:
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
 
 
-def test_gradient_accumulation_scheduled_later_is_refused(data: Any) -> None:
+def test_gradient_accumulation_scheduled_later_is_refused_before_training(data: Any) -> None:
     schedule = L.pytorch.callbacks.GradientAccumulationScheduler({1: 2})
     trainer = make_trainer([CrestCallback(), schedule], max_epochs=2)
+    with pytest.raises(ValueError, match="sets `accumulate_grad_batches`=2 from epoch 1, which would merge"):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_gradient_accumulation_scheduled_after_the_last_epoch_trains(data: Any) -> None:
+    schedule = L.pytorch.callbacks.GradientAccumulationScheduler({2: 2})
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1), schedule], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 8
+
+
+def test_gradient_accumulation_raised_during_the_run_is_refused_at_once(
+    data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever raises it (here a scheduler the setup cannot see through), no merged step is trained.
+    class Hidden(L.Callback):
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if trainer.current_epoch == 1:
+                trainer.accumulate_grad_batches = 2
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1), Hidden()], max_epochs=2)
     with pytest.raises(ValueError, match="`accumulate_grad_batches`=2 would merge coresets"):
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
-    assert trainer.current_epoch == 1  # refused when the schedule raised it, before any merged step
+    assert trainer.current_epoch == 1
     assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize("tuned", ["learning rate", "batch size"])
+@pytest.mark.parametrize("how", ["callback", "tuner"])
+def test_tuners_are_refused_before_their_search(data: Any, tuned: str, how: str) -> None:
+    callbacks = L.pytorch.callbacks
+    finder = (
+        callbacks.LearningRateFinder(num_training_steps=5)
+        if tuned == "learning rate"
+        else callbacks.BatchSizeFinder()
+    )
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)] + ([finder] if how == "callback" else []))
+    dm = CrestDataModule(data, batch_size=32)
+    tuner = L.pytorch.tuner.Tuner(trainer)
+
+    def search() -> None:
+        if how == "callback":
+            trainer.fit(TinyClassifier(), datamodule=dm)
+        elif tuned == "learning rate":
+            tuner.lr_find(TinyClassifier(), datamodule=dm, num_training=5)
+        else:
+            tuner.scale_batch_size(TinyClassifier(), datamodule=dm, max_trials=2)
+
+    with pytest.raises(
+        ValueError, match=f"{type(finder).__name__} .* runs its search steps without the other"
+    ):
+        search()
+    assert trainer.global_step == 0
+    assert dm.batch_size == 32
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer`")
+def test_a_tuple_batch_whose_weights_change_in_place_says_how_to_fix_it(data: Any) -> None:
+    class TupleBatches(TinyClassifier):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            return tuple(batch)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            weights = batch[2]
+            weights.div_(weights.mean())
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(RuntimeError, match="leaf Variable") as raised:
+        trainer.fit(TupleBatches(), datamodule=CrestDataModule(data, batch_size=32))
+    assert "Change them out of place in the step" in "".join(getattr(raised.value, "__notes__", []))
 
 
 def test_a_data_module_whose_train_dataloader_bypasses_the_plan_is_refused(data: Any) -> None:

@@ -786,3 +786,31 @@ def test_numpy_float_settings_are_kept_as_python_floats_for_weights_only_checkpo
     torch.load(tmp_path / "last.ckpt", weights_only=True)
     trainer, _ = run(crest(fraction=np.float64(FRACTION)), ckpt_path=str(tmp_path / "last.ckpt"))
     assert trainer.global_step == EPOCHS * STEPS
+
+
+class Evaluated(TinyClassifier):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch[0])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_a_checkpoint_leaves_crest_state_alone(tmp_path: Path, stage: str) -> None:
+    # Lightning restores callbacks for every stage given a `ckpt_path`; only a fit resumes CREST. Evaluating an
+    # earlier checkpoint (`ckpt_path="best"`, say) keeps the fit's state, and the next fit does not resume from it.
+    callback = crest(tau=0.0)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer, model = run(callback, extra=[saver], model=Evaluated(), enable_checkpointing=True)
+    selections, pool = callback.statistics["selections"], callback.pool
+    early = tmp_path / "epoch=0-step=3.ckpt"
+    data = blobs(n=200, seed=1)
+    dm = CrestDataModule(blobs(n=N), data, test_dataset=data, predict_dataset=data, batch_size=BATCH)
+    getattr(trainer, stage)(model, datamodule=dm, ckpt_path=str(early))
+    assert callback.statistics["selections"] == selections
+    assert torch.equal(callback.pool, pool)
+    # A new model in a new Trainer: a fresh fit, every epoch whole.
+    again, _ = run(callback)
+    assert again.global_step == EPOCHS * STEPS
+    assert [step for step, _ in callback.trained[-EPOCHS * STEPS :]] == list(range(1, EPOCHS * STEPS + 1))
