@@ -570,9 +570,11 @@ class CrestCallback(Callback):
     def on_load_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Lightning restores callbacks for `validate`, `test` and `predict` with a `ckpt_path` too (just before
-        # `load_state_dict`); only a fit resumes CREST's training, so the others leave this fit's state alone.
-        self._ignore_next_state = trainer.state.fn != TrainerFn.FITTING
+        # Lightning restores callbacks for `validate`, `test` and `predict` with a `ckpt_path` too (calling
+        # `load_state_dict` next, with a state that is not empty); only a fit resumes CREST's training, so the others
+        # leave this fit's state alone.
+        has_state = bool(checkpoint.get("callbacks", {}).get(self.state_key))
+        self._ignore_next_state = has_state and trainer.state.fn != TrainerFn.FITTING
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -814,3 +814,22 @@ def test_evaluating_a_checkpoint_leaves_crest_state_alone(tmp_path: Path, stage:
     again, _ = run(callback)
     assert again.global_step == EPOCHS * STEPS
     assert [step for step, _ in callback.trained[-EPOCHS * STEPS :]] == list(range(1, EPOCHS * STEPS + 1))
+
+
+def test_evaluating_a_checkpoint_without_crest_state_leaves_the_next_load_alone(tmp_path: Path) -> None:
+    # Lightning calls `load_state_dict` only for a callback whose saved state is not empty: a checkpoint of a run
+    # without CREST must not leave the next load (by hand, here) ignored.
+    model = Evaluated()
+    trainer = make_trainer([ModelCheckpoint(dirpath=tmp_path)], max_epochs=1, enable_checkpointing=True)
+    trainer.fit(model, datamodule=CrestDataModule(blobs(n=N), batch_size=BATCH))
+    source = crest()
+    run(source, max_epochs=1)
+    callback = crest()
+    data = blobs(n=200, seed=1)
+    make_trainer([callback]).test(
+        model,
+        datamodule=CrestDataModule(blobs(n=N), test_dataset=data, batch_size=BATCH),
+        ckpt_path=str(next(tmp_path.glob("*.ckpt"))),
+    )
+    callback.load_state_dict(source.state_dict())
+    assert callback._selections == source._selections > 0
