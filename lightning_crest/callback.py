@@ -340,6 +340,7 @@ class CrestCallback(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._ignore_next_state = False  # left set if another callback's restore failed before this one's
         if stage == "fit":
             self._setup_fit(trainer, pl_module)
 
@@ -352,6 +353,7 @@ class CrestCallback(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        self._ignore_next_state = False
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
@@ -383,6 +385,7 @@ class CrestCallback(Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_loader(trainer)
+        self._check_accumulation_schedule(trainer)
         # Lightning restores checkpointed tensors on the device they were saved from.
         self._quadratic.to(pl_module.device)
         self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
@@ -405,6 +408,33 @@ class CrestCallback(Callback):
                 f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
                 "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
             )
+
+    def _check_accumulation_schedule(self, trainer: L.Trainer) -> None:
+        """Refuse a ``GradientAccumulationScheduler`` that will raise the accumulation in this fit's epochs, before
+        its first step (``on_train_batch_start`` refuses it anyway when it does: this saves the epochs before)."""
+        start, ends = trainer.current_epoch, []  # after a restore: the epoch it resumes
+        if trainer.max_epochs not in (None, -1):
+            ends.append(trainer.max_epochs)
+        if trainer.max_steps != -1 and 0 < trainer.num_training_batches < math.inf:
+            steps = max(0, trainer.max_steps - trainer.global_step)
+            ends.append(start + math.ceil(steps / trainer.num_training_batches))
+        end = min(ends, default=math.inf)
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if not isinstance(other, GradientAccumulationScheduler):
+                continue
+            epochs = sorted(other.scheduling)
+            for (
+                first,
+                last,
+            ) in zip(epochs, [*epochs[1:], math.inf]):  # each factor holds until the next
+                factor = other.scheduling[first]
+                if factor != 1 and first < end and last > start:
+                    raise ValueError(
+                        f"CrestCallback trains one weighted coreset per optimizer step; the "
+                        f"GradientAccumulationScheduler sets `accumulate_grad_batches`={factor} from epoch "
+                        f"{max(first, start)}, which would merge coresets. Remove it, and raise the batch size "
+                        "instead."
+                    )
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
@@ -692,30 +722,23 @@ class CrestCallback(Callback):
         self._restored_started = -1
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._module is not None and self._module is not pl_module and self._restored_plan is None:
-            # The state (quadratic model, pool, plan) belongs to the module of an earlier fit; another one starts
-            # afresh. Fitting the same module again goes on where it stopped.
-            self._reset_state()
         dm = getattr(trainer, "datamodule", None)
         if not isinstance(dm, CrestDataModule):
             raise TypeError(
                 "CrestCallback needs its batches from a CrestDataModule: call "
                 f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
             )
+        labels = dm.labels
+        if (
+            self._restored_plan is None
+            and self._module is not None
+            and (self._module is not pl_module or not torch.equal(self._labels, labels))
+        ):
+            # The state (quadratic model, pool, plan) belongs to the module and training set of an earlier fit;
+            # another module or training set starts afresh. Fitting the same ones again goes on where it stopped.
+            self._reset_state()
         _check_accumulation(trainer)
         for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(other, GradientAccumulationScheduler):
-                due = sorted(
-                    (epoch, factor)
-                    for epoch, factor in other.scheduling.items()
-                    if factor != 1 and (trainer.max_epochs in (None, -1) or epoch < trainer.max_epochs)
-                )
-                if due:
-                    raise ValueError(
-                        f"CrestCallback trains one weighted coreset per optimizer step; the "
-                        f"GradientAccumulationScheduler sets `accumulate_grad_batches`={due[0][1]} from epoch "
-                        f"{due[0][0]}, which would merge coresets. Remove it, and raise the batch size instead."
-                    )
             if isinstance(other, (LearningRateFinder, BatchSizeFinder)):
                 tuner = "lr_find" if isinstance(other, LearningRateFinder) else "scale_batch_size"
                 raise ValueError(
@@ -741,7 +764,6 @@ class CrestCallback(Callback):
                 f"CrestCallback does not support {type(trainer.strategy).__name__} (sharded parameters "
                 "break its quadratic model); use 'ddp', 'ddp_spawn' or 'ddp_notebook'."
             )
-        labels = dm.labels
         n = len(labels)
         global_batch = dm.batch_size * trainer.world_size
         if n < global_batch:
@@ -827,12 +849,6 @@ class CrestCallback(Callback):
         if self._restored_plan is None and trainer is not self._trainer:
             # A fresh Trainer counts its epochs from 0: the last fit's exclusion epoch is not one of them.
             self._last_drop_epoch = -1
-        # Fitting again on another training set starts its pool afresh (a restore refuses one of another size).
-        another_set = (
-            self._pool is not None
-            and self._restored_plan is None
-            and (len(self._pool) != n or not torch.equal(self._labels, labels))
-        )
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         self._labels = labels
         self._num_classes = num_classes
@@ -854,7 +870,7 @@ class CrestCallback(Callback):
             if self._restored_plan is None
             else max(self._epoch_floor, trainer.current_epoch)
         )
-        if self._pool is None or another_set:
+        if self._pool is None or (self._restored_plan is None and len(self._pool) != n):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
             # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
@@ -1124,14 +1140,23 @@ class CrestCallback(Callback):
         assert trainer is not None
         assert module is not None
         all_logits, all_losses = [], []
-        autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
-            for position, batch in enumerate(batches):
-                inputs, targets = self._on_device(batch, None if seed is None else item_seed(seed, position))
+        for position, batch in enumerate(batches):
+            # The hooks run as for a training batch: in training mode, outside the pass's contexts.
+            inputs, targets = self._on_device(
+                batch, None if seed is None else self._hook_seed(seed, position)
+            )
+            autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
+            with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
                 all_losses.append(self.per_example_loss(logits, targets).float())
         return torch.cat(all_logits), torch.cat(all_losses)
+
+    def _hook_seed(self, seed: int, position: int) -> int:
+        """Seed of the transfer hooks for batch ``position`` of this process's share of the check sample: apart
+        from the seeds the sample's items are read under (``item_seed(seed, index)``) and from other processes'."""
+        assert self._trainer is not None
+        return item_seed(item_seed(seed, -1), (self._trainer.global_rank << 32) + position)
 
     def _on_device(self, batch: Any, seed: int | None = None) -> tuple[Any, Tensor]:
         """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` on the device, as training batches get
@@ -1142,8 +1167,7 @@ class CrestCallback(Callback):
         assert trainer is not None
         assert module is not None
         inputs, targets = batch
-        size = len(targets)
-        batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(size)])
+        batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(len(targets))])
         with restored_generators(module.device) if seed is not None else nullcontext():
             if seed is not None:
                 seed_generators(seed, module.device)
@@ -1153,16 +1177,18 @@ class CrestCallback(Callback):
             isinstance(batch, (tuple, list))
             and len(batch) == 3
             and isinstance(batch[1], Tensor)
-            and batch[1].shape == (size,)
+            and torch.equal(batch[1].cpu(), targets)
         ):
-            got = type(batch).__name__ + (
-                f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-            )
+            sequence = isinstance(batch, (tuple, list))
+            got = type(batch).__name__ + (f" of length {len(batch)}" if sequence else "")
+            if sequence and len(batch) == 3:
+                got += " whose targets are not the ones given, in their order"
             raise TypeError(
                 "CREST scores its examples as training batches, through the batch-transfer hooks "
                 "(`on_before_batch_transfer`, `transfer_batch_to_device`, `on_after_batch_transfer`), which must "
-                f"return an (inputs, targets, weights) batch with the ({size},) targets, as they get it; got {got}. "
-                "Keep that structure in the hooks (transform the inputs in place of the first item)."
+                "return an (inputs, targets, weights) batch with the targets they got, in their order; got "
+                f"{got}. Keep that structure and order in the hooks (transform the inputs in place of the first "
+                "item): each row must stay paired with the example CREST picked."
             )
         return batch[0], batch[1]
 

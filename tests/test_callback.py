@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -25,6 +26,7 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.datamodule import item_seed
 from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
 
@@ -747,20 +749,74 @@ def test_a_fresh_trainer_excludes_learned_examples_on_its_own_epochs() -> None:
         assert callback.timings["exclusion"] > 0  # timed afresh in every fit
 
 
-def test_fitting_again_on_another_training_set_starts_its_pool_afresh() -> None:
-    callback = CrestCallback(random_subset_size=0.2, drop_interval=1)
+class SelectionCount(CrestCallback):
+    """Keeps the number of earlier selections at each selection."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.counts: list[int] = []
+
+    def _select_coresets(self) -> None:
+        self.counts.append(self._selections)
+        super()._select_coresets()
+
+
+def test_fitting_again_on_another_training_set_starts_afresh() -> None:
+    callback = SelectionCount(random_subset_size=0.2, drop_interval=1)
     model = seeded_classifier(lr=0.2)
     fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=model)
     assert not bool(callback.pool.all())
-    # The same size, other examples: the first set's exclusions say nothing about them.
+    # The same size, other examples: the first set's exclusions and quadratic model say nothing about them.
+    callback.counts.clear()
     fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=model)
     assert bool(callback.pool.all())
-    # The same set again goes on with its pool.
+    assert callback.counts[0] == 0
+    # The same set again goes on where it stopped.
     fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=3, model=model)
-    kept = callback.pool
+    kept, selections = callback.pool, callback._selections
     assert not bool(kept.all())
+    callback.counts.clear()
     fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=model)
     assert torch.equal(callback.pool, kept)
+    assert callback.counts[0] == selections
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_transfer_hooks_run_as_for_training_batches(precision: str) -> None:
+    # In training mode, with gradients enabled and outside autocast, as Lightning runs them for a training batch:
+    # a hook that augments in training mode (dropout on the inputs, say) augments what CREST scores too.
+    seen: set[tuple[bool, bool, bool]] = set()
+
+    class Watched(TinyClassifier):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            seen.add((self.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+            return batch
+
+    fit(InputsSeen(random_subset_size=0.1), model=Watched(), max_epochs=1, precision=precision)
+    assert seen == {(True, True, False)}
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer`")
+def test_transfer_hooks_that_reorder_the_rows_are_refused() -> None:
+    class Sorting(TinyClassifier):
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            order = torch.argsort(batch[1], stable=True)  # rows moved together: training would not notice
+            return [part[order] for part in batch]
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(TypeError, match="whose targets are not the ones given, in their order"):
+        trainer.fit(Sorting(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_hook_seeds_of_the_check_sample_differ_from_item_seeds_and_across_processes() -> None:
+    callback = CrestCallback()
+    seeds = set()
+    for rank in (0, 1):
+        callback._trainer = SimpleNamespace(global_rank=rank)  # type: ignore[assignment]
+        seeds |= {callback._hook_seed(7, position) for position in range(100)}
+    assert len(seeds) == 200
+    assert not seeds & {item_seed(7, index) for index in range(10_000)}
 
 
 @pytest.mark.parametrize("hessian_params", ["all", "last_layer"])
@@ -1005,11 +1061,32 @@ def test_gradient_accumulation_scheduled_later_is_refused_before_training(data: 
     assert trainer.global_step == 0
 
 
-def test_gradient_accumulation_scheduled_after_the_last_epoch_trains(data: Any) -> None:
+@pytest.mark.parametrize("stop", [{"max_epochs": 2}, {"max_epochs": -1, "max_steps": 8}])
+def test_gradient_accumulation_scheduled_after_the_last_epoch_trains(data: Any, stop: dict[str, int]) -> None:
     schedule = L.pytorch.callbacks.GradientAccumulationScheduler({2: 2})
-    trainer = make_trainer([CrestCallback(random_subset_size=0.1), schedule], max_epochs=2)
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1), schedule], **stop)
     trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
     assert trainer.global_step == 8
+
+
+def test_gradient_accumulation_over_before_a_resumed_epoch_trains(data: Any, tmp_path: Path) -> None:
+    # A warm start with accumulation over its first two epochs, then CREST from epoch 2, where it is 1 again.
+    schedule = {0: 2, 2: 1}
+    dm = CrestDataModule(data, batch_size=32)
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path)
+    warm = make_trainer(
+        [L.pytorch.callbacks.GradientAccumulationScheduler(schedule), saver],
+        max_epochs=2,
+        enable_checkpointing=True,
+    )
+    warm.fit(TinyClassifier(), datamodule=dm)
+    callbacks = [
+        CrestCallback(random_subset_size=0.1),
+        L.pytorch.callbacks.GradientAccumulationScheduler(schedule),
+    ]
+    trainer = make_trainer(callbacks, max_epochs=4)
+    trainer.fit(TinyClassifier(), datamodule=dm, ckpt_path=saver.best_model_path)
+    assert trainer.current_epoch == 4
 
 
 def test_gradient_accumulation_raised_during_the_run_is_refused_at_once(

@@ -159,7 +159,7 @@ def test_check_sizes_that_leave_a_process_without_rows_are_refused(check_size: i
     # Refused in setup, before any process group work: a fake two-process trainer is enough.
     dm, _ = setting(GLOBAL_BATCH // 2)
     trainer = SimpleNamespace(
-        datamodule=dm, accumulate_grad_batches=1, strategy=SimpleNamespace(), world_size=2
+        datamodule=dm, accumulate_grad_batches=1, callbacks=[], strategy=SimpleNamespace(), world_size=2
     )
     callback = CrestCallback(
         fraction=0.25, random_subset_size=0.1, check_size=check_size, check_sample="subset"

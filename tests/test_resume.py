@@ -763,7 +763,9 @@ def test_sharded_strategies_are_refused() -> None:
     from lightning.pytorch.strategies import FSDPStrategy
 
     dm = CrestDataModule(blobs(n=N), batch_size=BATCH)
-    fake = SimpleNamespace(datamodule=dm, accumulate_grad_batches=1, strategy=FSDPStrategy(), world_size=1)
+    fake = SimpleNamespace(
+        datamodule=dm, accumulate_grad_batches=1, callbacks=[], strategy=FSDPStrategy(), world_size=1
+    )
     with pytest.raises(ValueError, match="does not support FSDPStrategy"):
         CrestCallback().setup(fake, TinyClassifier(), "fit")  # type: ignore[arg-type]
 
@@ -831,5 +833,31 @@ def test_evaluating_a_checkpoint_without_crest_state_leaves_the_next_load_alone(
         datamodule=CrestDataModule(blobs(n=N), test_dataset=data, batch_size=BATCH),
         ckpt_path=str(next(tmp_path.glob("*.ckpt"))),
     )
+    callback.load_state_dict(source.state_dict())
+    assert callback._selections == source._selections > 0
+
+
+def test_a_failed_restore_outside_a_fit_leaves_the_next_load_alone(tmp_path: Path) -> None:
+    # Another callback's restore fails after CREST's `on_load_checkpoint` and before its `load_state_dict`.
+    class Failing(L.Callback):
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            raise RuntimeError("cannot restore")
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"saved": True}
+
+    source = crest()
+    saver = ModelCheckpoint(dirpath=tmp_path)
+    _, model = run(
+        source, extra=[Failing(), saver], model=Evaluated(), max_epochs=1, enable_checkpointing=True
+    )
+    callback = crest()
+    data = blobs(n=200, seed=1)
+    with pytest.raises(RuntimeError, match="cannot restore"):
+        make_trainer([Failing(), callback]).validate(
+            model,
+            datamodule=CrestDataModule(blobs(n=N), data, batch_size=BATCH),
+            ckpt_path=saver.best_model_path,
+        )
     callback.load_state_dict(source.state_dict())
     assert callback._selections == source._selections > 0
