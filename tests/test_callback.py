@@ -646,8 +646,14 @@ def test_logged_statistics_and_timings(selection: str) -> None:
     assert sum(timings.values()) <= callback._crest_time
     assert 0 < callback._selection_time <= callback._crest_time
     assert 0 < logged["overhead"] < 1
+    # A selection's time includes its passes, greedy picks and quadratic model, also those of coresets picked
+    # when first reached.
+    picking = timings["proxies"] + timings["greedy"] + timings["hessian"]
+    assert picking <= callback._selection_time
     # After the fit the share stays that of the fit's time, however long after it is read.
     after = callback.statistics["overhead"]
+    assert callback._fit_end is not None
+    assert after == pytest.approx(callback.own_time / (callback._fit_end - callback._fit_start))
     time.sleep(0.05)
     assert callback.statistics["overhead"] == after
     assert after == pytest.approx(logged["overhead"], rel=0.5)
@@ -729,6 +735,38 @@ def test_exclusion_drops_learned_examples_down_to_the_floors(
     assert {drops for drops, _ in callback.draws} == {0, 1, 2}
     for drops, subsets in callback.draws:
         assert bool(pools[drops][subsets].all())
+
+
+def test_selection_time_counts_the_coresets_picked_when_first_reached() -> None:
+    spent = {"select": 0.0, "resolve": 0.0}
+
+    class Timed(CrestCallback):
+        def _select(self, steps_left: int) -> None:
+            start = time.perf_counter()
+            super()._select(steps_left)
+            spent["select"] += time.perf_counter() - start
+
+        def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
+            start = time.perf_counter()
+            picked = super()._resolve(subset)
+            spent["resolve"] += time.perf_counter() - start
+            return picked
+
+    callback = Timed(random_subset_size=0.1, tau=1e9)
+    fit(callback, max_epochs=2)
+    assert spent["resolve"] > 0.2 * spent["select"]  # four of each selection's five coresets are picked later
+    total = spent["select"] + spent["resolve"]
+    assert 0.9 * total <= callback._selection_time <= total
+
+
+def test_the_seed_sets_crests_draws() -> None:
+    firsts = []
+    for seed in (0, 1, 0):
+        callback = RecordedDraws(random_subset_size=0.1, seed=seed)
+        fit(callback, max_epochs=1)
+        firsts.append(callback.draws[0][1])
+    assert torch.equal(firsts[0], firsts[2])
+    assert not torch.equal(firsts[0], firsts[1])
 
 
 @pytest.mark.parametrize("drop_learned", [True, False])
@@ -947,6 +985,9 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(restored._anchor_stats, callback._anchor_stats, strict=True))
     assert restored._interval == callback._interval
     assert restored._selections == callback._selections
+    saved = callback.statistics
+    for name in ("selections", "rho", "check_interval", "num_coresets", "pool_size", "selection_time"):
+        assert restored.statistics[name] == pytest.approx(saved[name], nan_ok=True)
     assert torch.equal(restored._generator.get_state(), callback._generator.get_state())
     assert restored._quadratic.predict(callback._model_parameters()) == pytest.approx(
         callback._quadratic.predict(callback._model_parameters())

@@ -74,6 +74,26 @@ def test_check_losses_enter_the_exclusion_window() -> None:
     torch.testing.assert_close(window, torch.maximum(window, final), rtol=1e-5, atol=1e-5)
 
 
+def test_check_losses_at_the_selection_enter_the_exclusion_window() -> None:
+    # In a fit whose loss falls, the check sample's losses are largest when they are measured at the selection: the
+    # window keeps them.
+    anchors: list[Tensor] = []
+
+    class AnchorLosses(CrestCallback):
+        def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
+            logits, losses = super()._forward(indices, check_batches)
+            if check_batches is not None:
+                anchors.append(losses[: len(self._check_indices)].clone())
+            return logits, losses
+
+    callback = AnchorLosses(random_subset_size=0.1, tau=1e9, interval_mul=1e-6, drop_interval=100)
+    fit(callback, data=blobs(), model=TinyClassifier(lr=0.2), max_epochs=2)
+    assert callback._selections == 1
+    assert len(anchors) == 1
+    window = callback._window_max_loss[callback._check_indices]
+    torch.testing.assert_close(window, anchors[0])
+
+
 def test_uniform_subsets_wrap_around_a_small_pool_without_repeating_an_example() -> None:
     # 40 classes, subsets of 20: plain uniform subsets. 60 examples hold fewer than the 4 x 20 drawn at once.
     data = blobs(n=60, num_classes=40)
@@ -103,6 +123,8 @@ def test_uniform_subsets_mix_the_classes(selection: str) -> None:
     assert len(subsets) >= 5
     distinct = torch.tensor([len(labels[members].unique()) for members in subsets], dtype=torch.float)
     assert float(distinct.mean()) > 10
+    # Every draw is a new one, not the same members of the pool again.
+    assert len({tuple(sorted(members.tolist())) for members in subsets}) == len(subsets)
 
 
 def test_a_fractional_random_subset_size_rounds_up() -> None:
@@ -316,8 +338,11 @@ class Finetuned(TinyClassifier):
         return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr, momentum=0.9)
 
 
+@pytest.mark.parametrize("hessian_every", [1, 3])
 @pytest.mark.parametrize("hessian_params", ["all", "last_layer"])
-def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(hessian_params: str) -> None:
+def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(
+    hessian_params: str, hessian_every: int
+) -> None:
     from lightning.pytorch.callbacks import BackboneFinetuning
 
     sizes: list[tuple[int, int]] = []
@@ -327,7 +352,9 @@ def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(hessian_params:
             super()._build_model(coresets, weights, loss)
             sizes.append((self._trainer.current_epoch, len(self._quadratic.gradient)))  # type: ignore[union-attr]
 
-    callback = Sizes(fraction=0.25, random_subset_size=0.1, hessian_params=hessian_params)
+    callback = Sizes(
+        fraction=0.25, random_subset_size=0.1, hessian_params=hessian_params, hessian_every=hessian_every
+    )
     unfreeze = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
     torch.manual_seed(0)
     model = Finetuned()
@@ -337,5 +364,10 @@ def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(hessian_params:
     head = sum(p.numel() for p in model.head.parameters())
     everything = sum(p.numel() for p in model.parameters())
     after = everything if hessian_params == "all" else head
-    assert {size for epoch, size in sizes if epoch == 0} == {head}
-    assert {size for epoch, size in sizes if epoch >= 1} == {after}
+    # The head alone until the backbone is unfrozen at epoch 1, then the new set from the first selection that
+    # models it (at epoch 1's start, or at the next check, which fails on the changed set) to the end; with
+    # `hessian_every` > 1, a fresh model is probed whatever the count of selections.
+    switch = next(i for i, (epoch, size) in enumerate(sizes) if epoch >= 1 and size == after)
+    assert {size for _, size in sizes[:switch]} == {head}
+    assert {size for _, size in sizes[switch:]} == {after}
+    assert sizes[switch][0] == 1

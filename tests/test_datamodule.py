@@ -288,6 +288,7 @@ def test_fetch_with_a_seed_repeats_each_items_views_and_restores_the_generators(
     offset = seeded - data.tensors[0][[5, 3, 7]]
     assert torch.allclose(offset, offset[:, :1].expand_as(offset))
     assert bool(((offset > 0) & (offset < 3)).all())
+    assert len(set(offset[:, 0].tolist())) == 3  # each item its own draw
 
 
 class OneRelabelled(LabelledTensors):

@@ -29,6 +29,15 @@ def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average(
     assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
 
 
+def test_stratified_quotas_give_the_spare_slots_in_a_random_order() -> None:
+    # Four classes with a share of 1.5 slots each: any two of them may get the two spare slots, not only every
+    # other class in a fixed order ({0, 2} or {1, 3}).
+    quotas = stratified_quotas(torch.full((4,), 10), 6, 2_000, torch.Generator().manual_seed(0))
+    assert set(quotas.flatten().tolist()) == {1, 2}
+    pairs = {tuple(torch.nonzero(row == 2).flatten().tolist()) for row in quotas}
+    assert pairs == {(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)}
+
+
 def test_stratified_quotas_are_exact_on_average_with_unequal_fractional_parts() -> None:
     # Shares 7.3 and 2.7: the spare slot goes to the first class 30% of the time, not half of it.
     generator = torch.Generator().manual_seed(0)
