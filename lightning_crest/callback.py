@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
@@ -415,9 +416,13 @@ class CrestCallback(Callback):
         start, ends = trainer.current_epoch, []  # after a restore: the epoch it resumes
         if trainer.max_epochs not in (None, -1):
             ends.append(trainer.max_epochs)
-        if trainer.max_steps != -1 and 0 < trainer.num_training_batches < math.inf:
+        length = trainer.num_training_batches
+        if trainer.max_steps != -1 and 0 < length < math.inf:
+            # Resumed inside an epoch, the steps left start from its batches already trained (a whole epoch's
+            # count belongs to the one before: the restore has moved on to the next).
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready % length
             steps = max(0, trainer.max_steps - trainer.global_step)
-            ends.append(start + math.ceil(steps / trainer.num_training_batches))
+            ends.append(start + math.ceil((done + steps) / length))
         end = min(ends, default=math.inf)
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if not isinstance(other, GradientAccumulationScheduler):
@@ -1135,18 +1140,20 @@ class CrestCallback(Callback):
         self, batches: list[Any], dtype: torch.dtype | None = None, seed: int | None = None
     ) -> tuple[Tensor, Tensor]:
         """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given; ``seed``: the
-        batches' transfer hooks run seeded (see :meth:`_on_device`)."""
+        batches are kept (the check sample) and their transfer hooks run seeded (see :meth:`_on_device`)."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
+        # All on the device first: the hooks run as for a training batch, in training mode and outside the pass's
+        # contexts, which are entered once (putting every submodule in eval mode and back costs microseconds each).
+        on_device = [
+            self._on_device(batch, None if seed is None else self._hook_seed(seed, position))
+            for position, batch in enumerate(batches)
+        ]
         all_logits, all_losses = [], []
-        for position, batch in enumerate(batches):
-            # The hooks run as for a training batch: in training mode, outside the pass's contexts.
-            inputs, targets = self._on_device(
-                batch, None if seed is None else self._hook_seed(seed, position)
-            )
-            autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
-            with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
+        autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
+        with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
+            for inputs, targets in on_device:
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
                 all_losses.append(self.per_example_loss(logits, targets).float())
@@ -1161,12 +1168,17 @@ class CrestCallback(Callback):
     def _on_device(self, batch: Any, seed: int | None = None) -> tuple[Any, Tensor]:
         """An ``(inputs, targets)`` batch of :meth:`CrestDataModule.fetch` on the device, as training batches get
         there: in the trainer's precision and through the batch-transfer hooks of the module (or data module), as a
-        training batch of weight 1 each. With ``seed``, the hooks run with the global generators seeded from it and
-        restored afterwards, so that random transforms there give the same views every time (the check sample)."""
+        training batch of weight 1 each. With ``seed``, the batch is one that CREST keeps (the check sample): the hooks
+        get a copy, so that one that changes its tensors in place leaves the kept batch as it was, and they run with
+        the global generators seeded from ``seed`` and restored afterwards, so that random transforms there give the
+        same views every time."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
+        if seed is not None:
+            batch = apply_to_collection(batch, Tensor, Tensor.clone)
         inputs, targets = batch
+        given = targets.clone()  # a hook may change the targets in place
         batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(len(targets))])
         with restored_generators(module.device) if seed is not None else nullcontext():
             if seed is not None:
@@ -1177,7 +1189,7 @@ class CrestCallback(Callback):
             isinstance(batch, (tuple, list))
             and len(batch) == 3
             and isinstance(batch[1], Tensor)
-            and torch.equal(batch[1].cpu(), targets)
+            and torch.equal(batch[1].cpu(), given)
         ):
             sequence = isinstance(batch, (tuple, list))
             got = type(batch).__name__ + (f" of length {len(batch)}" if sequence else "")
@@ -1187,7 +1199,7 @@ class CrestCallback(Callback):
                 "CREST scores its examples as training batches, through the batch-transfer hooks "
                 "(`on_before_batch_transfer`, `transfer_batch_to_device`, `on_after_batch_transfer`), which must "
                 "return an (inputs, targets, weights) batch with the targets they got, in their order; got "
-                f"{got}. Keep that structure and order in the hooks (transform the inputs in place of the first "
+                f"{got}. Keep that structure and order in the hooks (return the transformed inputs as the first "
                 "item): each row must stay paired with the example CREST picked."
             )
         return batch[0], batch[1]

@@ -847,6 +847,35 @@ def test_transfer_hooks_that_reorder_the_rows_are_refused() -> None:
     assert trainer.global_step == 0
 
 
+@pytest.mark.filterwarnings("ignore:You have overridden `on_before_batch_transfer`")
+def test_transfer_hooks_that_reorder_the_targets_in_place_are_refused() -> None:
+    class Reversing(TinyClassifier):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            inputs, targets, _ = batch
+            inputs.copy_(inputs.flip(0))
+            targets.copy_(targets.flip(0))
+            return batch
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(TypeError, match="whose targets are not the ones given, in their order"):
+        trainer.fit(Reversing(), datamodule=CrestDataModule(blobs(), batch_size=32))
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_before_batch_transfer`")
+def test_a_hook_that_scales_the_inputs_in_place_leaves_the_kept_check_sample_alone() -> None:
+    # The check sample is loaded once and goes through the hooks at every check: each time it must start from the
+    # same inputs. With a zero learning rate the model predicts L0 exactly, so rho stays 0.
+    class Scaling(TinyClassifier):
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+            batch[0].mul_(1.5)
+            return batch
+
+    callback = Recorder(random_subset_size=0.1, check_size=16, tau=1e9)
+    fit(callback, model=Scaling(lr=0.0), max_epochs=1)
+    assert len(callback.steps("check")) > 1
+    assert callback._rho == 0.0
+
+
 def test_hook_seeds_of_the_check_sample_differ_from_item_seeds_and_across_processes() -> None:
     callback = CrestCallback()
     seeds = set()

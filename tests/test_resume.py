@@ -16,6 +16,7 @@ import torch
 from conftest import LabelledTensors, TinyClassifier, blobs, make_trainer
 from lightning.pytorch.callbacks import (
     EarlyStopping,
+    GradientAccumulationScheduler,
     LearningRateMonitor,
     ModelCheckpoint,
     OnExceptionCheckpoint,
@@ -861,3 +862,27 @@ def test_a_failed_restore_outside_a_fit_leaves_the_next_load_alone(tmp_path: Pat
         )
     callback.load_state_dict(source.state_dict())
     assert callback._selections == source._selections > 0
+
+
+def test_an_accumulation_schedule_due_after_a_mid_epoch_restore_is_refused_before_its_first_step(
+    tmp_path: Path,
+) -> None:
+    # Resumed after 5 steps of epoch 2 (25 of 10-step epochs): with `max_steps`=31 the fit reaches epoch 3, where the
+    # schedule sets an accumulation of 2; with 30 it ends with epoch 2.
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=25)
+    run(crest(), extra=[saver], max_epochs=-1, max_steps=26, enable_checkpointing=True)
+    checkpoint = str(tmp_path / "epoch=2-step=25.ckpt")
+    for max_steps, refused in ((31, True), (30, False)):
+        schedule = (
+            GradientAccumulationScheduler({0: 1, 3: 2}) if refused else GradientAccumulationScheduler({3: 2})
+        )
+        callback = crest()
+        if refused:
+            with pytest.raises(ValueError, match="sets `accumulate_grad_batches`=2 from epoch 3"):
+                run(callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps)
+            assert callback.trained == []
+        else:
+            trainer, _ = run(
+                callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps
+            )
+            assert trainer.global_step == 30
