@@ -412,17 +412,18 @@ class CrestCallback(Callback):
 
     def _check_accumulation_schedule(self, trainer: L.Trainer) -> None:
         """Refuse a ``GradientAccumulationScheduler`` that will raise the accumulation in this fit's epochs, before
-        its first step (``on_train_batch_start`` refuses it anyway when it does: this saves the epochs before)."""
+        its first step (``on_train_batch_start`` refuses it anyway when it does: this saves the epochs before).
+
+        Under ``max_steps`` the epochs are counted as if the fit started at an epoch's first step: never more than it
+        runs (a fit resumed inside an epoch may reach one more, where the schedule is refused when it applies).
+        """
         start, ends = trainer.current_epoch, []  # after a restore: the epoch it resumes
         if trainer.max_epochs not in (None, -1):
             ends.append(trainer.max_epochs)
         length = trainer.num_training_batches
         if trainer.max_steps != -1 and 0 < length < math.inf:
-            # Resumed inside an epoch, the steps left start from its batches already trained (a whole epoch's
-            # count belongs to the one before: the restore has moved on to the next).
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.ready % length
             steps = max(0, trainer.max_steps - trainer.global_step)
-            ends.append(start + math.ceil((done + steps) / length))
+            ends.append(start + math.ceil(steps / length))
         end = min(ends, default=math.inf)
         for other in trainer.callbacks:  # type: ignore[attr-defined]
             if not isinstance(other, GradientAccumulationScheduler):
@@ -1144,16 +1145,15 @@ class CrestCallback(Callback):
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
-        # All on the device first: the hooks run as for a training batch, in training mode and outside the pass's
-        # contexts, which are entered once (putting every submodule in eval mode and back costs microseconds each).
-        on_device = [
-            self._on_device(batch, None if seed is None else self._hook_seed(seed, position))
-            for position, batch in enumerate(batches)
-        ]
         all_logits, all_losses = [], []
-        autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
-        with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
-            for inputs, targets in on_device:
+        for position, batch in enumerate(batches):
+            # One batch on the device at a time (`eval_batch_size` is what fits); its hooks run as for a training
+            # batch, in training mode and outside the pass's contexts.
+            inputs, targets = self._on_device(
+                batch, None if seed is None else self._hook_seed(seed, position)
+            )
+            autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
+            with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
                 all_losses.append(self.per_example_loss(logits, targets).float())
@@ -1178,7 +1178,7 @@ class CrestCallback(Callback):
         if seed is not None:
             batch = apply_to_collection(batch, Tensor, Tensor.clone)
         inputs, targets = batch
-        given = targets.clone()  # a hook may change the targets in place
+        given = targets.to("cpu", copy=True)  # a hook may change the targets in place
         batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(len(targets))])
         with restored_generators(module.device) if seed is not None else nullcontext():
             if seed is not None:

@@ -864,25 +864,25 @@ def test_a_failed_restore_outside_a_fit_leaves_the_next_load_alone(tmp_path: Pat
     assert callback._selections == source._selections > 0
 
 
-def test_an_accumulation_schedule_due_after_a_mid_epoch_restore_is_refused_before_its_first_step(
+def test_an_accumulation_schedule_after_a_mid_epoch_restore_is_refused_before_its_epoch(
     tmp_path: Path,
 ) -> None:
-    # Resumed after 5 steps of epoch 2 (25 of 10-step epochs): with `max_steps`=31 the fit reaches epoch 3, where the
-    # schedule sets an accumulation of 2; with 30 it ends with epoch 2.
+    # Resumed after 5 steps of epoch 2 (25 of 10-step epochs). With `max_steps`=45 the fit certainly reaches epoch 3,
+    # where the schedule sets an accumulation of 2: refused before its first step. With 31 it reaches epoch 3 only
+    # by the epoch's trained steps, which the restore does not say reliably: refused when epoch 3 starts, before
+    # any of its steps. With 30 it ends with epoch 2 and trains.
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=25)
     run(crest(), extra=[saver], max_epochs=-1, max_steps=26, enable_checkpointing=True)
     checkpoint = str(tmp_path / "epoch=2-step=25.ckpt")
-    for max_steps, refused in ((31, True), (30, False)):
-        schedule = (
-            GradientAccumulationScheduler({0: 1, 3: 2}) if refused else GradientAccumulationScheduler({3: 2})
-        )
+    for max_steps, trained in ((45, 25), (31, 30), (30, None)):
+        schedule = GradientAccumulationScheduler({0: 1, 3: 2})
         callback = crest()
-        if refused:
-            with pytest.raises(ValueError, match="sets `accumulate_grad_batches`=2 from epoch 3"):
-                run(callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps)
-            assert callback.trained == []
-        else:
+        if trained is None:
             trainer, _ = run(
                 callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps
             )
-            assert trainer.global_step == 30
+            assert trainer.global_step == max_steps
+            continue
+        with pytest.raises(ValueError, match="`accumulate_grad_batches`=2"):
+            run(callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps)
+        assert [step for step, _ in callback.trained][-1:] == ([trained] if trained > 25 else [])
