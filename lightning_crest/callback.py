@@ -26,7 +26,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed
-from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seed_generators
+from lightning_crest.datamodule import CrestDataModule, item_seed, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
     broadcast_from_first,
@@ -429,10 +429,7 @@ class CrestCallback(Callback):
             if not isinstance(other, GradientAccumulationScheduler):
                 continue
             epochs = sorted(other.scheduling)
-            for (
-                first,
-                last,
-            ) in zip(epochs, [*epochs[1:], math.inf]):  # each factor holds until the next
+            for first, last in zip(epochs, [*epochs[1:], math.inf]):  # each factor holds until the next
                 factor = other.scheduling[first]
                 if factor != 1 and first < end and last > start:
                     raise ValueError(
@@ -1149,9 +1146,8 @@ class CrestCallback(Callback):
         for position, batch in enumerate(batches):
             # One batch on the device at a time (`eval_batch_size` is what fits); its hooks run as for a training
             # batch, in training mode and outside the pass's contexts.
-            inputs, targets = self._on_device(
-                batch, None if seed is None else self._hook_seed(seed, position)
-            )
+            hook_seed = None if seed is None else self._hook_seed(seed, position)
+            inputs, targets = self._on_device(batch, hook_seed)
             autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
             with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
                 logits = self._logits(module, inputs, targets).float()
@@ -1180,9 +1176,7 @@ class CrestCallback(Callback):
         inputs, targets = batch
         given = targets.to("cpu", copy=True)  # a hook may change the targets in place
         batch = trainer.precision_plugin.convert_input([inputs, targets, torch.ones(len(targets))])
-        with restored_generators(module.device) if seed is not None else nullcontext():
-            if seed is not None:
-                seed_generators(seed, module.device)
+        with seeded_generators(seed, module.device) if seed is not None else nullcontext():
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
         if not (

@@ -284,6 +284,14 @@ def seed_generators(seed: int, device: torch.device | None = None) -> None:
     np.random.seed(seed >> 32)  # noqa: NPY002
 
 
+@contextmanager
+def seeded_generators(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run the block with the global generators seeded from ``seed`` (see :func:`seed_generators`), restored after."""
+    with restored_generators(device):
+        seed_generators(seed, device)
+        yield
+
+
 def item_seed(seed: int, index: int) -> int:
     """A 64-bit seed for item ``index`` under ``seed`` (SplitMix64's finaliser of the pair)."""
     z = (seed * 0x9E3779B97F4A7C15 + index) & _MASK64
