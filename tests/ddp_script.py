@@ -84,6 +84,8 @@ class Audit(CrestCallback):
       (Lightning kept it instead of wrapping it in a ``DistributedSampler``).
     - Every step, the processes' batches put together are exactly the planned global batch, with its weights:
       the shares are disjoint and cover the coreset.
+    - Every process takes the gradient and curvature of its own share of each coreset, and the shares make up the
+      coreset.
     - After every step, every process holds the identical plan (indices, weights, order, cursor) and made the same
       decisions (selections, checks, interval, coresets per selection, rho, pool).
 
@@ -102,6 +104,15 @@ class Audit(CrestCallback):
         plan = self._dm.plan.batches
         step = self._trainer.global_step if self._trainer is not None else -1
         self.selections.append((step, digest(*(i for i, _ in plan), *(w for _, w in plan))))
+
+    def _coreset_derivatives(
+        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        # Each process differentiates its own share of the coreset, and the shares make up the coreset.
+        assert self._trainer is not None
+        shares = self._trainer.strategy.all_gather(indices).reshape(-1)
+        assert len(shares) == len(torch.unique(shares)) == self._global_batch, shares
+        return super()._coreset_derivatives(indices, weights, params, probe)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -761,14 +761,30 @@ def test_selection_time_counts_the_coresets_picked_when_first_reached() -> None:
     assert 0.9 * total <= callback._selection_time <= total
 
 
-def test_the_seed_sets_crests_draws() -> None:
-    firsts = []
+def test_the_seed_sets_crests_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The draws of subsets, and the seeds the check sample's views are read under (its items, and the transfer
+    # hooks through `item_seed`): the same seed repeats them, another gives others.
+    fetch = CrestDataModule.fetch
+    view_seeds: list[int] = []
+
+    def recorded_fetch(self: CrestDataModule, indices: list[int], seed: int | None = None) -> Any:
+        if seed is not None:
+            view_seeds.append(seed)
+        return fetch(self, indices, seed)
+
+    monkeypatch.setattr(CrestDataModule, "fetch", recorded_fetch)
+    firsts, seeds = [], []
     for seed in (0, 1, 0):
         callback = RecordedDraws(random_subset_size=0.1, seed=seed)
+        view_seeds.clear()
         fit(callback, max_epochs=1)
         firsts.append(callback.draws[0][1])
+        seeds.append(list(view_seeds))
     assert torch.equal(firsts[0], firsts[2])
     assert not torch.equal(firsts[0], firsts[1])
+    assert seeds[0] == seeds[2]
+    assert len(seeds[0]) == len(seeds[1]) > 1
+    assert not set(seeds[0]) & set(seeds[1])
 
 
 @pytest.mark.parametrize("drop_learned", [True, False])
