@@ -23,6 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
 from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed
@@ -37,7 +38,7 @@ from lightning_crest.distributed import (
 from lightning_crest.pool import learned_examples, stratified_quotas
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
 from lightning_crest.sampler import CoresetSampler
-from lightning_crest.selection import facility_location, gradient_proxy
+from lightning_crest.selection import facility_location, gradient_proxy, last_layer_sketch
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
@@ -107,6 +108,12 @@ class CrestCallback(Callback):
             AVX-512 BF16 a bf16 pass of the benchmark's CNN took 9 ms against 15 ms. The check sample (the loss at
             each selection and at every check), the coreset gradients and the curvature keep the trainer's
             precision.
+        embedding_proxy: ``k > 0`` extends the gradient proxies from the logits' gradient (the last layer's bias) to the
+            whole last linear layer: a random sketch of about ``k`` values of each example's weight gradient, the
+            outer product of the logits' gradient with the layer's input (the penultimate embedding), is appended
+            without forming it (see :func:`~lightning_crest.selection.last_layer_sketch`). The paper's option for
+            models whose logits alone tell examples apart poorly; it needs the logits to come from the module's
+            last ``nn.Linear``, called once per forward on ``(B, D)`` inputs. ``0``: the logits' gradient only.
         second_order: Use the Hessian term; ``False`` gives the first-order model of the paper's ablation (the
             curvature is then the model's ``eps`` alone, a negligible ``eps ||delta||^2 / 2``, and ``T1`` is
             ``ceil(interval_mul)`` from the first re-selection on; the first selection has ``T1 = 1`` either way).
@@ -178,6 +185,7 @@ class CrestCallback(Callback):
         hessian_every: int = 1,
         hessian_subsample: int = 1,
         proxy_dtype: torch.dtype | None = None,
+        embedding_proxy: int = 0,
         second_order: bool = True,
         knn: int | None = None,
         backend: Literal["auto", "torch", "faiss"] = "auto",
@@ -225,6 +233,10 @@ class CrestCallback(Callback):
                 f"`proxy_dtype` must be torch.bfloat16, torch.float16 or None (the trainer's precision), got "
                 f"{proxy_dtype!r}."
             )
+        if isinstance(embedding_proxy, bool) or not isinstance(embedding_proxy, int) or embedding_proxy < 0:
+            raise ValueError(
+                f"`embedding_proxy` must be a non-negative int (0: the logits' gradient only), got {embedding_proxy!r}."
+            )
         if knn is not None:
             check_positive_int("knn", knn)
         if backend not in ("auto", "torch", "faiss"):
@@ -256,6 +268,7 @@ class CrestCallback(Callback):
         self.hessian_every = hessian_every
         self.hessian_subsample = hessian_subsample
         self.proxy_dtype = proxy_dtype
+        self.embedding_proxy = int(embedding_proxy)
         self.second_order = second_order
         self.knn = knn
         self.backend = backend
@@ -1002,7 +1015,7 @@ class CrestCallback(Callback):
             self._check_indices = self._draw(1, checked)[0]
             self._check_batches = self._fetch_share(self._check_indices, self._check_seed)
             with self._timed("checks"):
-                _, check_losses = self._forward(self._check_indices, self._check_batches)
+                _, check_losses, _ = self._forward(self._check_indices, self._check_batches)
             self._record_losses(self._check_indices, check_losses)
             coresets, weights, _ = self._pick(subsets)
             loss0 = float(check_losses.mean())
@@ -1031,9 +1044,12 @@ class CrestCallback(Callback):
         """
         count, flat = len(subsets), subsets.flatten()
         with self._timed("proxies"):
-            logits, losses = self._forward(flat, check_batches)
+            logits, losses, embeddings = self._forward(flat, check_batches, embed=self.embedding_proxy > 0)
         targets = self._labels[flat].to(logits.device)
-        proxies = gradient_proxy(logits, targets)
+        if embeddings is None:
+            proxies = gradient_proxy(logits, targets)
+        else:
+            proxies = last_layer_sketch(logits, targets, embeddings, self.embedding_proxy, self._generator)
         if not bool(torch.isfinite(proxies).all()):
             hint = (
                 f" They were scored under proxy_dtype={self.proxy_dtype}, whose range may have overflowed; try "
@@ -1106,8 +1122,11 @@ class CrestCallback(Callback):
 
     # --- forward passes ------------------------------------------------------------------------------------
 
-    def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
-        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes.
+    def _forward(
+        self, indices: Tensor, check_batches: list[Any] | None = None, *, embed: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits ``(k, C)`` and losses ``(k,)`` of training examples in eval mode, split across processes, and with
+        ``embed`` the inputs ``(k, D)`` of the last linear layer (else ``None``).
 
         With ``check_batches`` (this process's loaded share of the check sample), ``indices`` starts with the
         check sample, which is evaluated from those batches instead of being loaded again.
@@ -1121,10 +1140,15 @@ class CrestCallback(Callback):
             parts.append((head, check_batches, None, self._check_seed))
         if len(indices) > head:
             parts.append((len(indices) - head, self._fetch_share(indices[head:]), self.proxy_dtype, None))
-        outputs = [(self._evaluate(batches, dtype, seed), total) for total, batches, dtype, seed in parts]
-        logits = torch.cat([gather_shares(trainer, logits, total) for (logits, _), total in outputs])
-        losses = torch.cat([gather_shares(trainer, losses, total) for (_, losses), total in outputs])
-        return logits, losses
+        scored = [
+            (self._evaluate(batches, dtype, seed, embed=embed), total)
+            for total, batches, dtype, seed in parts
+        ]
+
+        def gathered(field: int) -> Tensor:
+            return torch.cat([gather_shares(trainer, scores[field], total) for scores, total in scored])  # type: ignore[arg-type]
+
+        return gathered(0), gathered(1), gathered(2) if embed else None
 
     def _fetch_share(self, indices: Tensor, seed: int | None = None) -> list[Any]:
         """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples, read
@@ -1135,25 +1159,64 @@ class CrestCallback(Callback):
         return [self._dm.fetch(chunk.tolist(), seed) for chunk in torch.split(mine, self._dm.eval_batch_size)]
 
     def _evaluate(
-        self, batches: list[Any], dtype: torch.dtype | None = None, seed: int | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given; ``seed``: the
-        batches are kept (the check sample) and their transfer hooks run seeded (see :meth:`_on_device`)."""
+        self,
+        batches: list[Any],
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+        *,
+        embed: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given, and with ``embed``
+        the inputs of the last linear layer; ``seed``: the batches are kept (the check sample) and their transfer
+        hooks run seeded (see :meth:`_on_device`)."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
-        all_logits, all_losses = [], []
+        layer = self._last_linear() if embed else None
+        all_logits, all_losses, all_embeddings = [], [], []
         for position, batch in enumerate(batches):
             # One batch on the device at a time (`eval_batch_size` is what fits); its hooks run as for a training
             # batch, in training mode and outside the pass's contexts.
             hook_seed = None if seed is None else self._hook_seed(seed, position)
             inputs, targets = self._on_device(batch, hook_seed)
             autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
-            with _eval_mode(module), torch.no_grad(), trainer.precision_plugin.forward_context(), autocast:
+            captured: list[Tensor] = []
+            with (
+                _eval_mode(module),
+                torch.no_grad(),
+                trainer.precision_plugin.forward_context(),
+                autocast,
+                _inputs_of(layer, captured) if layer is not None else nullcontext(),
+            ):
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
-                all_losses.append(self.per_example_loss(logits, targets).float())
-        return torch.cat(all_logits), torch.cat(all_losses)
+                all_losses.append(self._losses(logits, targets).float())
+            if layer is not None:
+                all_embeddings.append(self._embeddings(layer, captured, logits))
+        embeddings = torch.cat(all_embeddings) if layer is not None else None
+        return torch.cat(all_logits), torch.cat(all_losses), embeddings
+
+    def _last_linear(self) -> torch.nn.Linear:
+        """The module's last ``nn.Linear`` in registration order, whose inputs ``embedding_proxy`` sketches."""
+        assert self._module is not None
+        layers = [m for m in self._module.modules() if isinstance(m, torch.nn.Linear)]
+        if not layers:
+            raise ValueError(
+                f"`embedding_proxy`={self.embedding_proxy} sketches the gradient of the last nn.Linear layer, the one "
+                f"that gives the logits, but {type(self._module).__name__} has none. Pass embedding_proxy=0."
+            )
+        return layers[-1]
+
+    def _embeddings(self, layer: torch.nn.Linear, captured: list[Tensor], logits: Tensor) -> Tensor:
+        """The inputs of ``layer`` in the forward pass that gave ``logits``, once it is sure they gave them."""
+        if len(captured) != 1 or captured[0].ndim != 2 or layer.out_features != logits.shape[1]:
+            shapes = ", ".join(str(tuple(c.shape)) for c in captured) or "no call"
+            raise ValueError(
+                f"`embedding_proxy`={self.embedding_proxy} needs the logits ({tuple(logits.shape)}) to be the output of "
+                f"the module's last nn.Linear, called once per forward on (batch, features) inputs; its last one "
+                f"({layer}) got {shapes}. Register the output layer last, or pass embedding_proxy=0."
+            )
+        return captured[0].detach().float()
 
     def _hook_seed(self, seed: int, position: int) -> int:
         """Seed of the transfer hooks for batch ``position`` of this process's share of the check sample: apart
@@ -1215,6 +1278,17 @@ class CrestCallback(Callback):
             )
         return logits
 
+    def _losses(self, logits: Tensor, targets: Tensor) -> Tensor:
+        losses = self.per_example_loss(logits, targets)
+        if not isinstance(losses, Tensor) or losses.shape != targets.shape:
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(
+                f"`per_example_loss` must return one loss per example, shape ({len(targets)},) for a batch of "
+                f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
+                "(reduction='none')."
+            )
+        return losses
+
     # --- quadratic model -----------------------------------------------------------------------------------
 
     def _model_parameters(self, module: torch.nn.Module | None = None) -> list[Tensor]:
@@ -1274,12 +1348,17 @@ class CrestCallback(Callback):
             if len(part) == 0:
                 continue
             inputs, targets = self._on_device(self._dm.fetch(indices[part].tolist()))
-            with _eval_mode(module), torch.enable_grad(), trainer.precision_plugin.forward_context():
+            # Fused attention kernels have no second derivative; the math kernel computes the same attention.
+            attention = sdpa_kernel(SDPBackend.MATH) if graph else nullcontext()
+            with (
+                _eval_mode(module),
+                torch.enable_grad(),
+                trainer.precision_plugin.forward_context(),
+                attention,
+            ):
                 logits = self._logits(module, inputs, targets)
                 share = len(part) / len(rows)  # of the mean over all the examples
-                part_loss = (
-                    weights[part].to(module.device) * self.per_example_loss(logits, targets)
-                ).mean() * share
+                part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
                 grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
                 if all(g is None for g in grads):
                     raise ValueError(
@@ -1292,13 +1371,15 @@ class CrestCallback(Callback):
                     # The probe estimates the Hessian of the sample's own mean loss.
                     try:
                         hessian = hutchinson_diagonal(grads, params, self._generator)
-                    except RuntimeError as error:
-                        if "double backward" not in str(error):
-                            raise
+                    except torch.OutOfMemoryError:
+                        raise
+                    except (RuntimeError, NotImplementedError) as error:
                         raise RuntimeError(
-                            f"The Hutchinson probe of the quadratic model needs a double backward pass, which the "
-                            f"model does not support ({error}). Pass second_order=False for a first-order model, "
-                            "or compile only the training step's model, not CREST's passes."
+                            "The Hutchinson probe of the quadratic model takes a double backward pass through the "
+                            f"model, which failed: {error}. Some layers have no second derivative (EmbeddingBag, "
+                            "compiled models). Pass hessian_params='last_layer' to probe the last layer only, "
+                            "second_order=False for a first-order model, or compile only the training step's "
+                            "model, not CREST's passes."
                         ) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
@@ -1342,7 +1423,7 @@ class CrestCallback(Callback):
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
             with _swapped(self._running_stats(), self._anchor_stats):
-                _, losses = self._evaluate(self._check_batches, seed=self._check_seed)
+                _, losses, _ = self._evaluate(self._check_batches, seed=self._check_seed)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
             actual = float(losses.mean())
@@ -1460,6 +1541,16 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def _inputs_of(layer: torch.nn.Module, captured: list[Tensor]) -> Iterator[None]:
+    """Append the first input of every call of ``layer`` to ``captured`` for the duration."""
+    handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager

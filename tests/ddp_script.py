@@ -72,6 +72,8 @@ def setting(batch_size: int, **kwargs: Any) -> tuple[CrestDataModule, dict[str, 
         "drop_threshold": 0.3,
         # Selections with and without a curvature probe: every process must make the same collective calls.
         "hessian_every": 2,
+        # Proxies with the last layer's sketch: its embeddings are gathered beside the logits, in the same order.
+        "embedding_proxy": 8,
     }
     options.update(kwargs)
     return dm, options

@@ -152,7 +152,16 @@ def test_benchmark_hides_lightnings_info_lines_unless_asked_for_progress(
 
 def test_benchmark_options_and_seed_reach_the_callback() -> None:
     argv = ["--tau", "0.1", "--interval-mul", "2", "--coreset-mul", "1"]
-    argv += ["--hessian-every", "4", "--hessian-subsample", "2", "--proxy-dtype", "bfloat16"]
+    argv += [
+        "--hessian-every",
+        "4",
+        "--hessian-subsample",
+        "2",
+        "--proxy-dtype",
+        "bfloat16",
+        "--embedding-proxy",
+        "9",
+    ]
     args = bench.parse_args(
         [*argv, "--random-subset-size", "300", "--check-size", "none", "--check-sample", "subset"]
     )
@@ -164,6 +173,7 @@ def test_benchmark_options_and_seed_reach_the_callback() -> None:
         assert (callback.random_subset_size, callback.check_size, callback.fraction) == (300, None, 0.1)
         assert callback.check_sample == "subset"
         assert callback.proxy_dtype == torch.bfloat16
+        assert callback.embedding_proxy == 9
         assert (callback.drop_learned, callback.second_order) == (
             method != "crest-no-drop",
             method != "crest-first-order",
@@ -183,6 +193,7 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
     names = ("tau", "interval_mul", "coreset_mul", "hessian_every")
     assert [getattr(args, name) for name in names] == [getattr(callback, name) for name in names]
     assert bench.PROXY_DTYPES[args.proxy_dtype] is callback.proxy_dtype is None
+    assert args.embedding_proxy == callback.embedding_proxy == 0
 
 
 @pytest.mark.parametrize(
@@ -191,6 +202,10 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
         (["--hessian-every", "0"], "--hessian-every must be a positive int, got 0"),
         (["--hessian-subsample", "0"], "--hessian-subsample must be a positive int, got 0"),
         (["--coreset-mul", "0"], "--coreset-mul must be a positive int, got 0"),
+        (
+            ["--embedding-proxy", "-1"],
+            "--embedding-proxy must be a non-negative int (0: the logits' gradient only), got -1",
+        ),
         (["--tau", "-1"], "--tau must lie in [0.0, inf], got -1.0"),
         (["--random-subset-size", "2.5"], "a fraction in (0, 1] or a whole count such as 300, got 2.5"),
         (["--check-size", "0"], "argument --check-size: must be a positive integer, got 0"),

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import LabelledTensors, RecordedDraws, Recorder, TinyClassifier, blobs, fit, make_trainer
 from lightning.pytorch.loggers import CSVLogger
-from torch import Tensor
+from torch import Tensor, nn
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
@@ -494,8 +494,10 @@ def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch
     graph_passes: list[bool] = []  # autocast state of every forward pass with gradients (training, probes)
 
     class Watch(CrestCallback):
-        def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
-            logits, losses = super()._forward(indices, check_batches)
+        def _forward(
+            self, indices: Tensor, check_batches: list[Any] | None = None, **kwargs: Any
+        ) -> tuple[Tensor, Tensor, Tensor | None]:
+            logits, losses, embeddings = super()._forward(indices, check_batches, **kwargs)
             module = self._module
             assert module is not None
             inputs = self._dm.train_dataset[indices][0]
@@ -505,7 +507,7 @@ def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch
                     low = module(inputs).float()
             checked = torch.arange(len(indices)) < (len(self._check_indices) if check_batches else 0)
             scored.append((logits, exact, low, checked))
-            return logits, losses
+            return logits, losses, embeddings
 
     class Tracked(TinyClassifier):
         def forward(self, inputs: Tensor) -> Tensor:
@@ -547,6 +549,93 @@ def test_proxy_dtype_under_double_precision_is_refused() -> None:
     message = "`proxy_dtype`=torch.bfloat16 has no effect under precision='64-true'"
     with pytest.raises(ValueError, match=re.escape(message)):
         fit(CrestCallback(proxy_dtype=torch.bfloat16), model=TinyClassifier().double(), precision="64-true")
+
+
+def test_embedding_proxy_appends_a_sketch_of_the_last_layers_weight_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sketched: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    selected: list[Tensor] = []
+    sketch, select = crest_callback.last_layer_sketch, crest_callback.facility_location
+
+    def recorded_sketch(
+        logits: Tensor, targets: Tensor, embeddings: Tensor, dim: int, generator: Any
+    ) -> Tensor:
+        assert dim == 16
+        proxies = sketch(logits, targets, embeddings, dim, generator)
+        sketched.append((logits, targets, embeddings, proxies))
+        return proxies
+
+    def recorded_selection(proxies: Tensor, *args: Any, **kwargs: Any) -> Any:
+        selected.append(proxies)
+        return select(proxies, *args, **kwargs)
+
+    monkeypatch.setattr(crest_callback, "last_layer_sketch", recorded_sketch)
+    monkeypatch.setattr(crest_callback, "facility_location", recorded_selection)
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    initial = copy.deepcopy(model)
+    callback = RecordedDraws(random_subset_size=0.1, embedding_proxy=16)
+    data = blobs()
+    fit(callback, data=data, model=model, max_epochs=2)
+    # Every selection's proxies are the sketch (the check sample's pass computes none), 4 classes + 4 x 4 values.
+    assert len(sketched) == len(selected) > 1
+    for (_, _, _, proxies), given in zip(sketched, selected, strict=True):
+        assert given.shape[-1] == 4 + 16
+        assert torch.equal(given.reshape(-1, 20), proxies)
+    # The first, before any step: the embeddings are the inputs of the last nn.Linear, in eval mode, of the
+    # examples of the first random subset, whose logits and targets come with them.
+    logits, targets, embeddings, _ = sketched[0]
+    subset = callback.draws[0][1].flatten()
+    inputs = data.tensors[0][subset]
+    with torch.no_grad():
+        torch.testing.assert_close(embeddings, initial.net[:2](inputs))
+        torch.testing.assert_close(logits, initial(inputs))
+    assert torch.equal(targets, data.tensors[1][subset])
+
+
+class WithoutLinear(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Bilinear(16, 16, 4))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net[0](inputs, inputs)  # type: ignore[no-any-return]
+
+
+class UnusedLastLinear(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.auxiliary = nn.Linear(32, 4)  # registered after the output layer, never called
+
+
+@pytest.mark.parametrize(
+    ("model_class", "match"),
+    [
+        (WithoutLinear, "has none. Pass embedding_proxy=0"),
+        (UnusedLastLinear, r"its last one \(Linear\(in_features=32, out_features=4.*\) got no call"),
+    ],
+)
+def test_embedding_proxy_without_a_last_linear_giving_the_logits_is_refused_before_training(
+    model_class: type[TinyClassifier], match: str
+) -> None:
+    torch.manual_seed(0)
+    model = model_class()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="`embedding_proxy`=8 .*" + match):
+        fit(CrestCallback(random_subset_size=0.1, embedding_proxy=8), model=model)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True])
+def test_embedding_proxy_must_be_a_non_negative_int(value: Any) -> None:
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"`embedding_proxy` must be a non-negative int (0: the logits' gradient only), got {value!r}"
+        ),
+    ):
+        CrestCallback(embedding_proxy=value)
 
 
 @pytest.mark.parametrize(("limit", "steps"), [(3, 3), (4, 4), (10, 4), (0.5, 2), (1.0, 4)])
@@ -1377,10 +1466,56 @@ def test_a_model_without_double_backward_is_told_to_use_a_first_order_model(
         raise RuntimeError("torch.compile with aot_autograd does not currently support double backward")
 
     monkeypatch.setattr(crest_callback, "hutchinson_diagonal", unsupported)
-    with pytest.raises(RuntimeError, match="Pass second_order=False"):
+    with pytest.raises(
+        RuntimeError, match=r"hessian_params='last_layer' .*, second_order=False for a first-order"
+    ):
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
     trainer, _ = fit(CrestCallback(random_subset_size=0.1, second_order=False), max_epochs=1)
     assert trainer.global_step == 4
+
+
+class Tokens(TinyClassifier):
+    """Token sequences (class c draws its tokens from its own range) through an embedding and a head."""
+
+    def __init__(self, bag: bool = False) -> None:
+        super().__init__()
+        self.bag = bag
+        self.embed = nn.EmbeddingBag(200, 16) if bag else nn.Embedding(200, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, 4)
+        del self.net
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        if self.bag:
+            return self.head(self.embed(inputs))  # type: ignore[no-any-return]
+        return self.head(self.encoder(self.embed(inputs)).mean(1))  # type: ignore[no-any-return]
+
+
+def tokens(n: int = 640) -> LabelledTensors:
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (n,), generator=gen)
+    return LabelledTensors(torch.randint(0, 50, (n, 8), generator=gen) + 50 * targets[:, None], targets)
+
+
+def test_attention_is_probed_with_a_kernel_that_has_a_second_derivative() -> None:
+    # nn.TransformerEncoderLayer calls scaled_dot_product_attention, whose fused CPU kernel has no double backward.
+    callback = CrestCallback(random_subset_size=0.2)
+    trainer, _ = fit(callback, data=tokens(), model=Tokens(), max_epochs=2)
+    assert trainer.global_step == 2 * 2
+    assert callback.statistics["selections"] >= 1
+    assert callback._quadratic.curvature_steps >= 1
+
+
+def test_a_layer_without_double_backward_is_named_with_the_ways_around_it() -> None:
+    with pytest.raises(
+        RuntimeError,
+        match=r"the derivative for '_embedding_bag_backward' is not implemented.* Pass hessian_params='last_layer'",
+    ):
+        fit(CrestCallback(random_subset_size=0.2), data=tokens(), model=Tokens(bag=True), max_epochs=1)
+    callback = CrestCallback(random_subset_size=0.2, hessian_params="last_layer")
+    trainer, _ = fit(callback, data=tokens(), model=Tokens(bag=True), max_epochs=1)
+    assert trainer.global_step == 2
+    assert callback._quadratic.curvature_steps >= 1
 
 
 def test_manual_optimization_is_refused(data: Any) -> None:
@@ -1472,6 +1607,24 @@ def test_per_example_loss_extension_point() -> None:
     fit(plain, model=seeded_classifier(), max_epochs=1)
     assert plain._quadratic.anchor_loss is not None
     assert doubled._quadratic.anchor_loss == pytest.approx(2 * plain._quadratic.anchor_loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("drop_learned", [True, False])
+def test_a_per_example_loss_of_another_shape_is_refused_before_training(drop_learned: bool) -> None:
+    # A (B, 1) loss would broadcast against the (B,) weights into a (B, B) matrix: a wrong coreset gradient.
+    class Column(CrestCallback):
+        def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+            return super().per_example_loss(logits, targets)[:, None]
+
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    before = copy.deepcopy(model.state_dict())
+    message = (
+        r"`per_example_loss` must return one loss per example, shape \(32,\) for a batch of 32, got \(32, 1\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        fit(Column(random_subset_size=0.2, drop_learned=drop_learned), model=model, max_epochs=1)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
 def test_pool_never_shrinks_below_one_random_subset() -> None:

@@ -80,11 +80,13 @@ def test_check_losses_at_the_selection_enter_the_exclusion_window() -> None:
     anchors: list[Tensor] = []
 
     class AnchorLosses(CrestCallback):
-        def _forward(self, indices: Tensor, check_batches: list[Any] | None = None) -> tuple[Tensor, Tensor]:
-            logits, losses = super()._forward(indices, check_batches)
+        def _forward(
+            self, indices: Tensor, check_batches: list[Any] | None = None, **kwargs: Any
+        ) -> tuple[Tensor, Tensor, Tensor | None]:
+            logits, losses, embeddings = super()._forward(indices, check_batches, **kwargs)
             if check_batches is not None:
                 anchors.append(losses[: len(self._check_indices)].clone())
-            return logits, losses
+            return logits, losses, embeddings
 
     callback = AnchorLosses(random_subset_size=0.1, tau=1e9, interval_mul=1e-6, drop_interval=100)
     fit(callback, data=blobs(), model=TinyClassifier(lr=0.2), max_epochs=2)

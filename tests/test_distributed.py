@@ -78,9 +78,10 @@ def test_two_processes_match_one_process_with_the_global_batch(two_processes: An
     # computed on shares and combined: the same arithmetic up to float32 summation order (the gradient is the
     # all-reduced mean of two half-batch means, not one mean of 32). The first selection, made before any
     # training step, is therefore identical, plan for plan. After that, rounding differences of ~1e-7 in the
-    # weights flip near-ties in facility location (CREST.md: proxies are mostly tiny), so later plans differ in
-    # a few picks. Measured here: 14 selections in both runs at the same 14 steps, weights apart by at most 0.03,
-    # test accuracy 34.25% vs 33.75%. A flipped check (rho within rounding of tau) could add or remove one
+    # weights can flip near-ties in facility location (CREST.md: proxies are mostly tiny), so later plans may
+    # differ in a few picks. Measured here before the setting had `embedding_proxy`: 14 selections in both runs at
+    # the same 14 steps, weights apart by at most 0.03, test accuracy 34.25% vs 33.75%; with it, 14 selections
+    # with every plan identical and 35.50% in both. A flipped check (rho within rounding of tau) could add or remove one
     # selection, hence a count within one; accuracy within 3 points (12 of 400 examples), well above the
     # measured 0.5 but below what a broken split (e.g. ranks training on the same share) would cost.
     assert one_selections[0] == two_selections[0]

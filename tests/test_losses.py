@@ -1,4 +1,4 @@
-"""weighted_cross_entropy and gradient_proxy against autograd and the direct formulas."""
+"""weighted_cross_entropy, gradient_proxy and last_layer_sketch against autograd and the direct formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_crest import weighted_cross_entropy
-from lightning_crest.selection import gradient_proxy
+from lightning_crest.selection import gradient_proxy, last_layer_sketch
 
 
 def _batch(b: int = 8, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,3 +151,63 @@ def test_gradient_proxy_bad_input(
 ) -> None:
     with pytest.raises(error, match=match):
         gradient_proxy(logits, targets)  # type: ignore[arg-type]
+
+
+def _last_layer_gradients(classes: int, features: int = 7, rows: int = 6) -> tuple[torch.Tensor, ...]:
+    """Logits, targets and embeddings of a linear layer, and each row's exact weight and bias gradient."""
+    gen = torch.Generator().manual_seed(5)
+    layer = torch.nn.Linear(features, classes)
+    embeddings = torch.randn(rows, features, generator=gen)
+    targets = torch.randint(0, classes, (rows,), generator=gen)
+    grads = []
+    for row in range(rows):
+        loss = F.cross_entropy(layer(embeddings[row : row + 1]), targets[row : row + 1])
+        weight, bias = torch.autograd.grad(loss, [layer.weight, layer.bias])
+        grads.append((weight.flatten(), bias))
+    with torch.no_grad():
+        logits = layer(embeddings)
+    weights = torch.stack([w for w, _ in grads])
+    biases = torch.stack([b for _, b in grads])
+    return logits, targets, embeddings, weights, biases
+
+
+@pytest.mark.parametrize(
+    ("classes", "dim", "width"),
+    [(3, 12, 3 + 3 * 4), (5, 12, 5 + 3 * 4)],
+    ids=["classes kept exactly", "classes projected"],
+)
+def test_last_layer_sketch_estimates_the_last_layers_gradient_geometry(
+    classes: int, dim: int, width: int
+) -> None:
+    logits, targets, embeddings, weights, biases = _last_layer_gradients(classes)
+    # Unbiased: over many projections, the sketches' inner products average to the weight gradients'.
+    gen = torch.Generator().manual_seed(0)
+    draws = 1000
+    products = torch.zeros(len(logits), len(logits), dtype=torch.float64)
+    squares = torch.zeros_like(products)
+    for _ in range(draws):
+        sketch = last_layer_sketch(logits, targets, embeddings, dim, gen)
+        assert sketch.shape == (len(logits), width)
+        assert sketch.dtype == torch.float32
+        torch.testing.assert_close(sketch[:, :classes], biases)  # the bias's gradient, exactly
+        gram = (sketch[:, classes:] @ sketch[:, classes:].T).double()
+        products += gram
+        squares += gram**2
+    mean = products / draws
+    error = ((squares / draws - mean**2) / draws).sqrt()
+    exact = (weights @ weights.T).double()
+    assert bool(((mean - exact).abs() <= 4 * error + 1e-6).all()), (mean - exact) / error
+    # And a projection that keeps nothing apart would fail: the diagonal is far from zero.
+    assert bool((exact.diagonal() > 10 * error.diagonal()).all())
+
+
+def test_last_layer_sketch_bad_input() -> None:
+    logits, targets, embeddings, _, _ = _last_layer_gradients(3)
+    with pytest.raises(
+        ValueError, match=r"`embeddings` must have shape \(6, D\) .* got a tensor of .* \(5, 7\)"
+    ):
+        last_layer_sketch(logits, targets, embeddings[:5], 8)
+    with pytest.raises(ValueError, match="`dim` must be a positive int, got 0"):
+        last_layer_sketch(logits, targets, embeddings, 0)
+    with pytest.raises(ValueError, match=r"`targets` must lie in \[0, 3\)"):
+        last_layer_sketch(logits, targets + 3, embeddings, 8)

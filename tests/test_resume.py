@@ -736,12 +736,14 @@ def test_bf16_mixed_precision_keeps_crest_in_float32() -> None:
     in_bf16: list[bool] = []
 
     class Watch(Tracer):
-        def _forward(self, indices: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-            logits, losses = super()._forward(indices, *args)
+        def _forward(
+            self, indices: Tensor, *args: Any, **kwargs: Any
+        ) -> tuple[Tensor, Tensor, Tensor | None]:
+            logits, losses, embeddings = super()._forward(indices, *args, **kwargs)
             dtypes.update({logits.dtype, losses.dtype})
             # Computed under the trainer's bf16 autocast, returned in float32.
             in_bf16.append(torch.equal(logits, logits.bfloat16().float()))
-            return logits, losses
+            return logits, losses, embeddings
 
     callback = Watch(fraction=FRACTION, random_subset_size=0.1, tau=0.02)
     trainer, model = run(callback, precision="bf16-mixed", max_epochs=2)

@@ -60,6 +60,7 @@ def make_callback(method: str, budget: float, seed: int, args: argparse.Namespac
         "hessian_every": args.hessian_every,
         "hessian_subsample": args.hessian_subsample,
         "proxy_dtype": PROXY_DTYPES[args.proxy_dtype],
+        "embedding_proxy": args.embedding_proxy,
         "random_subset_size": args.random_subset_size,
         "check_size": args.check_size,
         "check_sample": args.check_sample,
@@ -364,6 +365,7 @@ _FLAGS = (
     "hessian_every",
     "hessian_subsample",
     "proxy_dtype",
+    "embedding_proxy",
     "random_subset_size",
     "check_size",
 )
@@ -445,6 +447,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="none",
         choices=tuple(PROXY_DTYPES),
         help="CREST: autocast dtype of the forward passes that score random subsets ('none': the --precision)",
+    )
+    parser.add_argument(
+        "--embedding-proxy",
+        type=int,
+        default=0,
+        help="CREST: append a sketch of about k values of the last layer's weight gradient to the proxies (0: none)",
     )
     parser.add_argument(
         "--random-subset-size",

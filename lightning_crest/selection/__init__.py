@@ -6,7 +6,7 @@ from lightning_crest.selection._facility_location import (
     facility_location,
     facility_location_objective,
 )
-from lightning_crest.selection._gradients import gradient_proxy
+from lightning_crest.selection._gradients import gradient_proxy, last_layer_sketch
 
 __all__ = [
     "Selection",
@@ -14,4 +14,5 @@ __all__ = [
     "facility_location",
     "facility_location_objective",
     "gradient_proxy",
+    "last_layer_sketch",
 ]

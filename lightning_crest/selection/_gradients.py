@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,51 @@ def gradient_proxy(logits: Tensor, targets: Tensor) -> Tensor:
         )
     proxy = torch.softmax(logits.float(), dim=1)
     return proxy - F.one_hot(targets.long(), num_classes).to(proxy.dtype)
+
+
+def last_layer_sketch(
+    logits: Tensor, targets: Tensor, embeddings: Tensor, dim: int, generator: torch.Generator | None = None
+) -> Tensor:
+    """Gradient proxies of the whole last linear layer: :func:`gradient_proxy` (the bias's gradient), followed by
+    a random sketch of each example's weight gradient ``(softmax(z_i) - onehot(y_i)) h_i^T``, ``h_i`` the layer's
+    input (the penultimate embedding), without forming that ``C x D`` matrix.
+
+    The sketch is ``((p_i - y_i) A) kron (h_i B)`` with Gaussian ``A`` (``C x k1``) and ``B`` (``D x k2``), entries of
+    variance ``1/k1`` and ``1/k2``: its inner products, and so its squared distances, are unbiased estimates of
+    those of the weight gradients. ``k1 = C`` with ``A`` the identity (exact on the class side) when ``C * C <=
+    dim``; otherwise ``k1 = floor(sqrt(dim))``. ``k2 = dim // k1``.
+
+    Args:
+        logits: ``(r, C)`` class scores.
+        targets: ``(r,)`` class indices in ``[0, C)``.
+        embeddings: ``(r, D)`` inputs of the last linear layer.
+        dim: Size of the sketch, ``k1 * k2 <= dim``.
+        generator: Source of the projections (a CPU generator); ``None`` uses torch's default one.
+
+    Returns:
+        ``(r, C + k1 * k2)`` float32 tensor on the logits' device.
+    """
+    proxy = gradient_proxy(logits, targets)
+    if not isinstance(embeddings, Tensor) or embeddings.ndim != 2 or len(embeddings) != len(proxy):
+        raise ValueError(
+            f"`embeddings` must have shape ({len(proxy)}, D) to match `logits` {tuple(logits.shape)}, got "
+            f"{_describe(embeddings)}."
+        )
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"`dim` must be a positive int, got {dim!r}.")
+    classes, features = proxy.shape[1], embeddings.shape[1]
+    left = classes if classes * classes <= dim else math.isqrt(dim)
+    right = dim // left
+    device = proxy.device
+    if left < classes:
+        projection = torch.randn(classes, left, generator=generator).div_(math.sqrt(left))
+        left_part = proxy @ projection.to(device)
+    else:
+        left_part = proxy
+    projection = torch.randn(features, right, generator=generator).div_(math.sqrt(right))
+    right_part = embeddings.float() @ projection.to(device)
+    sketch = (left_part[:, :, None] * right_part[:, None, :]).flatten(1)
+    return torch.cat([proxy, sketch], dim=1)
 
 
 def _describe(value: object) -> str:
