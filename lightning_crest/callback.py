@@ -415,7 +415,16 @@ class CrestCallback(Callback):
 
     def _check_loader(self, trainer: L.Trainer) -> None:
         """Refuse a training loader that does not read the plan: it would train on other batches, unbudgeted."""
-        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, CoresetSampler) and sampler.plan is None:
+            assert loader is not None
+            raise RuntimeError(
+                f"The training loader was built before CrestCallback's setup planned its epochs, so it serves full "
+                f"epochs of {len(loader)} batches: a callback listed before CrestCallback read "
+                "`trainer.estimated_stepping_batches` or `trainer.train_dataloader` in its `setup` (and any schedule "
+                "sized from it counted full epochs). List CrestCallback first in `Trainer(callbacks=[...])`."
+            )
         if not (isinstance(sampler, CoresetSampler) and sampler.plan is self._dm.plan):
             raise TypeError(
                 f"The training loader of {type(self._dm).__name__} does not read CREST's coresets (its sampler is "
@@ -788,34 +797,10 @@ class CrestCallback(Callback):
                 f"(batch_size={dm.batch_size} x {trainer.world_size} processes); lower the data module's "
                 "`batch_size`."
             )
-        subset = self._subset_size(n, global_batch)
-        if self.selection == "crest" and subset <= global_batch:
-            rank_zero_warn(
-                f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "
-                f"more than the global batch of {global_batch}: every coreset is its whole subset with weight 1, so "
-                "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
-                "(about twice the global batch or more), or pass selection='random'."
-            )
-        if (
-            self.check_sample == "subset"
-            and self.check_size is not None
-            and 0 < subset - self.check_size < trainer.world_size
-        ):
-            raise ValueError(
-                f"`check_size`={self.check_size} leaves {subset - self.check_size} of the random subset's r={subset} "
-                f"examples to score besides it, fewer than the {trainer.world_size} processes that share them; "
-                f"lower it to at most {subset - trainer.world_size}, or pass None to check on the whole subset."
-            )
-        if self.check_size is not None and self.check_size < trainer.world_size:
-            raise ValueError(
-                f"`check_size`={self.check_size} is smaller than the {trainer.world_size} processes that share each "
-                "check; raise it."
-            )
-        if self.selection == "crest" and not self._model_parameters(pl_module):
-            raise ValueError(
-                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
-                f"{type(pl_module).__name__}: the quadratic model needs some."
-            )
+        # Random mini-batches draw no subsets and make no checks: CREST's sizes and parameters do not apply to them.
+        subset = self._subset_size(n, global_batch) if self.selection == "crest" else global_batch
+        if self.selection == "crest":
+            self._check_crest_sizes(pl_module, subset, global_batch, trainer.world_size)
         # Lightning moves the module to its device after `setup`: the strategy knows where it will train.
         device_type = trainer.strategy.root_device.type
         if self.proxy_dtype is not None and not torch.amp.is_autocast_available(device_type):
@@ -894,6 +879,38 @@ class CrestCallback(Callback):
             dm.plan.replay.clear()
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
+
+    def _check_crest_sizes(
+        self, pl_module: L.LightningModule, subset: int, global_batch: int, world_size: int
+    ) -> None:
+        """Warn about, or refuse, random subsets, check samples and modelled parameters that CREST cannot use."""
+        if subset <= global_batch:
+            rank_zero_warn(
+                f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "
+                f"more than the global batch of {global_batch}: every coreset is its whole subset with weight 1, so "
+                "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
+                "(about twice the global batch or more), or pass selection='random'."
+            )
+        if (
+            self.check_sample == "subset"
+            and self.check_size is not None
+            and 0 < subset - self.check_size < world_size
+        ):
+            raise ValueError(
+                f"`check_size`={self.check_size} leaves {subset - self.check_size} of the random subset's r={subset} "
+                f"examples to score besides it, fewer than the {world_size} processes that share them; "
+                f"lower it to at most {subset - world_size}, or pass None to check on the whole subset."
+            )
+        if self.check_size is not None and self.check_size < world_size:
+            raise ValueError(
+                f"`check_size`={self.check_size} is smaller than the {world_size} processes that share each "
+                "check; raise it."
+            )
+        if not self._model_parameters(pl_module):
+            raise ValueError(
+                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
+                f"{type(pl_module).__name__}: the quadratic model needs some."
+            )
 
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:
         """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
@@ -1262,7 +1279,17 @@ class CrestCallback(Callback):
         return batch[0], batch[1]
 
     def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
-        logits = self.compute_logits(module, inputs)
+        try:
+            logits = self.compute_logits(module, inputs)
+        except TypeError as error:
+            if type(self).compute_logits is CrestCallback.compute_logits and hasattr(
+                error, "add_note"
+            ):  # 3.11+
+                error.add_note(
+                    "CREST scores examples with `pl_module(inputs)`; if `forward` takes other arguments or does not "
+                    "return class logits, override CrestCallback.compute_logits(pl_module, inputs)."
+                )
+            raise
         if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != len(targets):
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(

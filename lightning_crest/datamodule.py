@@ -389,7 +389,14 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
                 )
         targets = [int(target) for target in targets]
     # On the CPU whatever the data's device: selection indexes CPU tensors with it.
-    labels = torch.as_tensor(targets).cpu()
+    try:
+        labels = torch.as_tensor(targets).cpu()
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise TypeError(
+            f"`train_dataset.targets` must be a 1-d sequence of integer classes, got {type(targets).__name__} "
+            f"starting {list(targets[:3])!r}, which torch cannot read as one ({error}). Make it hold the class "
+            "indices the items return."
+        ) from error
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(
             f"`train_dataset.targets` must be a 1-d sequence of integer classes, got dtype {labels.dtype} and "

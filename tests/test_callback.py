@@ -1518,6 +1518,48 @@ def test_a_layer_without_double_backward_is_named_with_the_ways_around_it() -> N
     assert callback._quadratic.curvature_steps >= 1
 
 
+def test_a_loader_built_before_crest_planned_its_epochs_is_refused_with_the_order_to_fix() -> None:
+    # A warm-up callback sizing its schedule in `setup`, listed before CrestCallback, builds the loader first.
+    class Warmup(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            self.total = trainer.estimated_stepping_batches
+
+    message = "serves full epochs of 38 batches: a callback listed before CrestCallback read"
+    trainer = make_trainer([Warmup(), CrestCallback(random_subset_size=0.1)], max_epochs=2)
+    with pytest.raises(RuntimeError, match=message):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 0
+    warmup = Warmup()
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1), warmup], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert warmup.total == trainer.global_step == 2 * 4
+
+
+def test_random_selection_ignores_crests_own_sizes() -> None:
+    # No random subsets, checks or quadratic model: a subset size below the batch, a check sample larger than it
+    # and a module without trainable parameters in the last layer are not refused.
+    callback = CrestCallback(
+        selection="random", random_subset_size=16, check_size=600, hessian_params="last_layer"
+    )
+    model = TinyClassifier()
+    model.net[2].requires_grad_(False)
+    trainer, _ = fit(callback, model=model, max_epochs=1)
+    assert trainer.global_step == 4
+    with pytest.raises(ValueError, match=r"`random_subset_size`=16 must lie between the global batch \(32\)"):
+        fit(CrestCallback(random_subset_size=16), max_epochs=1)
+
+
+def test_a_forward_with_more_arguments_points_to_compute_logits() -> None:
+    class Masked(TinyClassifier):
+        def forward(self, inputs: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+            return self.net(inputs * mask)  # type: ignore[no-any-return]
+
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'mask'") as caught:
+        fit(CrestCallback(random_subset_size=0.1), model=Masked(), max_epochs=1)
+    if sys.version_info >= (3, 11):
+        assert "override CrestCallback.compute_logits(pl_module, inputs)" in "".join(caught.value.__notes__)
+
+
 def test_manual_optimization_is_refused(data: Any) -> None:
     class Manual(TinyClassifier):
         def __init__(self) -> None:

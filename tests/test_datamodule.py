@@ -329,8 +329,13 @@ def test_targets_attribute_longer_than_the_data_set() -> None:
         (lambda t: t.float(), TypeError, "got dtype torch.float32"),
         (lambda t: t > 1, TypeError, "got dtype torch.bool"),
         (lambda t: torch.where(t == 2, -1, t), ValueError, "non-negative class indices, got -1"),
+        (
+            lambda t: [("cat", "dog", "owl", "pig")[int(y)] for y in t],
+            TypeError,
+            r"`train_dataset.targets` must be a 1-d sequence of integer classes, got list starting \['[a-z]{3}', ",
+        ),
     ],
-    ids=["2-d", "float", "bool", "negative"],
+    ids=["2-d", "float", "bool", "negative", "names"],
 )
 def test_bad_targets_attributes_are_refused(targets: Any, error: type[Exception], match: str) -> None:
     data = blobs(n=40)
