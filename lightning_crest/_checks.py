@@ -1,9 +1,11 @@
-"""Argument checks shared by the callback and the data module: each error names the argument and the value."""
+"""Argument checks shared by the callback and the data module (each error names the argument and the value), and
+the default of their seeds."""
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 
 
 def check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
@@ -28,4 +30,12 @@ def check_flag(name: str, value: object) -> None:
 
 def check_seed(seed: object) -> None:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < 2**63:
-        raise ValueError(f"`seed` must be an int in [0, 2**63), got {seed!r}.")
+        raise ValueError(
+            f"`seed` must be an int in [0, 2**63), or None for Lightning's global seed; got {seed!r}."
+        )
+
+
+def global_seed() -> int:
+    """Lightning's global seed, as ``L.seed_everything`` left it (0 if it was not called), which Lightning's own
+    distributed sampler follows too."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
-from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed
+from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed, global_seed
 from lightning_crest.datamodule import CrestDataModule, item_seed, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
@@ -127,7 +127,9 @@ class CrestCallback(Callback):
             random subsets are) under the same budget and sampler (no quadratic model, no checks): the honest
             baseline.
         seed: Seed of CREST's own random draws, and of the views of each check sample (see
-            :meth:`CrestDataModule.fetch`).
+            :meth:`CrestDataModule.fetch`). ``None`` takes Lightning's global seed (``L.seed_everything``, 0 if it
+            was not called) when a fit starts afresh, as Lightning's distributed sampler does, and process 0's
+            under DDP; a resumed fit keeps its checkpoint's.
 
     Raises:
         ValueError: If an argument is out of range.
@@ -152,6 +154,7 @@ class CrestCallback(Callback):
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
+    _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -191,7 +194,7 @@ class CrestCallback(Callback):
         backend: Literal["auto", "torch", "faiss"] = "auto",
         similarity: Literal["distance", "exp"] = "distance",
         selection: Literal["crest", "random"] = "crest",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
@@ -247,7 +250,8 @@ class CrestCallback(Callback):
             raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
         check_flag("drop_learned", drop_learned)
         check_flag("second_order", second_order)
-        check_seed(seed)
+        if seed is not None:
+            check_seed(seed)
         # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
         self.fraction = float(fraction)
         self.random_subset_size = (
@@ -274,7 +278,7 @@ class CrestCallback(Callback):
         self.backend = backend
         self.similarity = similarity
         self.selection = selection
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
         self._reset_state()
 
     # --- extension points ----------------------------------------------------------------------------------
@@ -368,6 +372,9 @@ class CrestCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._ignore_next_state = False
+        self._in_step = (
+            False  # a checkpoint saved on the way out is an interrupted step's, as Lightning saves it
+        )
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
@@ -514,6 +521,7 @@ class CrestCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
+        self._in_step = True
         if not self._weights_checked and _is_weighted_batch(batch):
             # Whether the loss reaches the weights shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
@@ -552,6 +560,7 @@ class CrestCallback(Callback):
                     self._select(steps_left)
                 else:  # the next epoch starts with a selection; until then `coresets` shows this one's
                     self._select_next_epoch = True
+        self._in_step = False
         self._log(trainer, pl_module)
 
     @override
@@ -565,6 +574,13 @@ class CrestCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pool is None:
             return {}
+        if self._in_step:
+            rank_zero_warn(
+                "A checkpoint is saved inside a training step, before CrestCallback's `on_train_batch_end` ran for it "
+                "(a callback listed before CrestCallback saves in its own `on_train_batch_end`, say): the step's "
+                "check is not in it, so a fit resumed from it will not repeat this one. List the saving callback "
+                "after CrestCallback (Lightning runs ModelCheckpoint and OnExceptionCheckpoint last already)."
+            )
         plan = self._dm.plan
         # Batches loader workers read ahead but training has not reached, then those a restore has still to serve:
         # served first after a restore.
@@ -610,7 +626,7 @@ class CrestCallback(Callback):
             "steps_per_epoch": self._steps_per_epoch,
             "fraction": self.fraction,
             "selection": self.selection,
-            "seed": self.seed,
+            "seed": self._seed,
             "epoch_step": self._steps_per_epoch if epoch_done else epoch_step,
             # The current epoch, whether its start-of-epoch work was done (a checkpoint saved before its first step, by
             # an interrupt say, may come before or after it) and whether all its steps were trained.
@@ -682,6 +698,8 @@ class CrestCallback(Callback):
         )
         self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
         self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
+        if self.seed is None:  # the run's seed is the checkpoint's
+            self._seed = int(state_dict["seed"])
         # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
         # hand, outside a fit, the state waits for the next fit's `setup` (even on a callback used in an earlier fit).
         if self._dm is not None and _fitting(self._trainer):
@@ -709,7 +727,10 @@ class CrestCallback(Callback):
         self._dm = None  # type: ignore[assignment]
         self._pool = None
         self._window_max_loss = torch.empty(0)
-        self._generator = torch.Generator().manual_seed(self.seed)
+        self._seed = (
+            global_seed() if self.seed is None else self.seed
+        )  # resolved again when a fit starts afresh
+        self._generator = torch.Generator().manual_seed(self._seed)
         self._quadratic = QuadraticModel()
         self._interval = 1
         self._num_coresets = self.coreset_mul
@@ -734,6 +755,7 @@ class CrestCallback(Callback):
         self._last_drop_epoch = -1
         self._weights_checked = False
         self._weights_probe = None
+        self._in_step = False
         self._ignore_next_state = False
         self._epoch_step = 0
         self._trained = 0
@@ -850,6 +872,11 @@ class CrestCallback(Callback):
         if self._restored_plan is None and trainer is not self._trainer:
             # A fresh Trainer counts its epochs from 0: the last fit's exclusion epoch is not one of them.
             self._last_drop_epoch = -1
+        if self.seed is None and self._module is None and self._restored_plan is None:
+            # A fresh start follows the global seed as of this fit, process 0's: every process draws the same.
+            seed = global_seed()
+            self._seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer.world_size > 1 else seed
+            self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         self._labels = labels
         self._num_classes = num_classes
@@ -942,7 +969,7 @@ class CrestCallback(Callback):
         trainer = self._trainer
         assert trainer is not None
         for name, saved in self._restored_settings.items():
-            if saved != getattr(self, name):
+            if getattr(self, name) is not None and saved != getattr(self, name):
                 raise ValueError(
                     f"The checkpoint was trained with CrestCallback({name}={saved!r}); this run's has "
                     f"{name}={getattr(self, name)!r}. Resume with {name}={saved!r}, or start afresh without "
@@ -1027,7 +1054,7 @@ class CrestCallback(Callback):
         # the same inputs, random augmentations included; its items are read under a seed of their own, so that a
         # restored run loads the same views again.
         checked = self.check_size or self._subset
-        self._check_seed = (self.seed << 32) + self._selections
+        self._check_seed = (self._seed << 32) + self._selections
         if self.check_sample == "independent":
             self._check_indices = self._draw(1, checked)[0]
             self._check_batches = self._fetch_share(self._check_indices, self._check_seed)

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
 
-from lightning_crest._checks import check_flag, check_positive_int
+from lightning_crest._checks import check_flag, check_positive_int, global_seed
 from lightning_crest.distributed import release_process_group
 from lightning_crest.sampler import (
     CoresetPlan,
@@ -52,7 +52,8 @@ class CrestDataModule(L.LightningDataModule):
             ``batch_size``, a size known to fit and to run efficiently (on a 2-core CPU, a small CNN's forward
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
-        seed: Seed of the shuffle in plain epochs.
+        seed: Seed of the shuffle in plain epochs; ``None`` takes Lightning's global seed (``L.seed_everything``)
+            when the loader is built, as Lightning's distributed sampler does.
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
@@ -82,7 +83,7 @@ class CrestDataModule(L.LightningDataModule):
         num_workers: int = 0,
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         predict_dataset: Dataset[Any] | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
@@ -92,8 +93,10 @@ class CrestDataModule(L.LightningDataModule):
         check_positive_int("eval_batch_size", eval_batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int (it seeds the shuffled full-data epochs), got {seed!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(
+                f"`seed` must be an int or None (it seeds the shuffled full-data epochs), got {seed!r}."
+            )
         check_flag("pin_memory", pin_memory)
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
@@ -163,7 +166,7 @@ class CrestDataModule(L.LightningDataModule):
             rank=rank,
             plan=self.plan if planned else None,
             steps_per_epoch=self.steps_per_epoch,
-            seed=self.seed,
+            seed=global_seed() if self.seed is None else self.seed,
         )
         if trainer is not None:  # Lightning sets it later, and workers may start reading before
             sampler.set_epoch(trainer.current_epoch)

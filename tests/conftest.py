@@ -124,6 +124,13 @@ class RecordedDraws(CrestCallback):
         return drawn
 
 
+@pytest.fixture(autouse=True)
+def no_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `L.seed_everything` leaves its seed in the environment, where CREST's default seeds read it: every test
+    # starts without one, whatever an earlier test seeded.
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 def make_trainer(callbacks: list[Any] | None = None, **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = {
         "max_epochs": 2,

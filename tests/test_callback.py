@@ -879,6 +879,22 @@ def test_the_seed_sets_crests_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not set(seeds[0]) & set(seeds[1])
 
 
+def test_the_default_seed_follows_lightnings_global_seed() -> None:
+    def first_draw(seed: int | None = None, global_seed: int | None = None) -> Tensor:
+        callback = RecordedDraws(random_subset_size=0.1, seed=seed)
+        if global_seed is not None:  # after the callback is made: the seed is read when the fit starts
+            L.seed_everything(global_seed, verbose=False)
+        fit(callback, max_epochs=1)
+        return callback.draws[0][1]
+
+    unseeded = first_draw()
+    assert torch.equal(unseeded, first_draw(seed=0))  # Lightning's default global seed is 0
+    one, two = first_draw(global_seed=1), first_draw(global_seed=2)
+    assert not torch.equal(one, two)
+    assert torch.equal(one, first_draw(global_seed=1))
+    assert torch.equal(one, first_draw(seed=1, global_seed=2))  # an explicit seed wins
+
+
 @pytest.mark.parametrize("drop_learned", [True, False])
 def test_drop_learned_switch(drop_learned: bool) -> None:
     callback = CrestCallback(random_subset_size=0.2, drop_interval=1, drop_learned=drop_learned)
@@ -1164,10 +1180,22 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ),
         ({"drop_learned": "no"}, "`drop_learned` must be True or False, got 'no'"),
         ({"second_order": None}, "`second_order` must be True or False, got None"),
-        ({"seed": "a"}, r"`seed` must be an int in \[0, 2\*\*63\), got 'a'"),
-        ({"seed": 2**70}, r"`seed` must be an int in \[0, 2\*\*63\), got 1180591620717411303424"),
-        ({"seed": -1}, r"`seed` must be an int in \[0, 2\*\*63\), got -1"),
-        ({"seed": True}, r"`seed` must be an int in \[0, 2\*\*63\), got True"),
+        (
+            {"seed": "a"},
+            r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got 'a'",
+        ),
+        (
+            {"seed": 2**70},
+            r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got 1180591620717411303424",
+        ),
+        (
+            {"seed": -1},
+            r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got -1",
+        ),
+        (
+            {"seed": True},
+            r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got True",
+        ),
         ({"backend": "annoy"}, "`backend` must be 'auto', 'torch' or 'faiss', got 'annoy'"),
         ({"similarity": "cosine"}, "`similarity` must be 'distance' or 'exp', got 'cosine'"),
         ({"coreset_mul": 0}, "`coreset_mul` must be a positive int, got 0"),

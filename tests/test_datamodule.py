@@ -8,6 +8,7 @@ import random
 from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -26,9 +27,9 @@ def test_eval_batch_size_must_be_positive(eval_batch_size: Any) -> None:
         CrestDataModule(blobs(n=40), eval_batch_size=eval_batch_size)
 
 
-def test_seed_must_be_an_int() -> None:
-    with pytest.raises(ValueError, match=r"`seed` must be an int .* got None"):
-        CrestDataModule(blobs(n=40), seed=None)  # type: ignore[arg-type]
+def test_seed_must_be_an_int_or_none() -> None:
+    with pytest.raises(ValueError, match=r"`seed` must be an int or None .* got 1.5"):
+        CrestDataModule(blobs(n=40), seed=1.5)  # type: ignore[arg-type]
 
 
 def test_an_iterable_dataset_with_a_length_is_refused() -> None:
@@ -375,7 +376,7 @@ def test_num_workers_must_be_a_non_negative_int(num_workers: Any) -> None:
 def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     data = blobs(n=40)
 
-    def order(seed: int, epoch: int) -> list[int]:
+    def order(seed: int | None, epoch: int) -> list[int]:
         sampler = CrestDataModule(data, batch_size=8, seed=seed).train_dataloader().sampler
         sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         keys = list(sampler)
@@ -387,6 +388,11 @@ def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     assert order(7, 1) == list(reference)
     assert order(7, 1) != order(8, 1)
     assert sorted(order(8, 1)) == list(range(40))
+    # By default, Lightning's global seed, as its own distributed sampler takes it (0 without one).
+    assert order(None, 1) == order(0, 1)
+    L.seed_everything(7, verbose=False)
+    assert order(None, 1) == order(7, 1)
+    assert order(8, 1) != order(7, 1)  # an explicit seed wins
 
 
 def test_a_later_item_with_a_float_target_is_refused_when_labels_come_from_the_items() -> None:

@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,7 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
         )
     # Another budget, baseline or seed is refused too, before any step: the restored state would not be theirs.
     for name, value in (("fraction", 0.5), ("selection", "random"), ("seed", 1)):
-        saved = repr(getattr(crest(), name))
+        saved = repr(torch.load(ckpt, weights_only=True)["callbacks"]["Tracer"][name])
         with pytest.raises(
             ValueError,
             match=rf"trained with CrestCallback\({name}={saved}\); this run's has {name}={value!r}\. Resume with",
@@ -278,6 +279,63 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
     resume(resumed)
     assert resumed._trainer is not None
     assert resumed._trainer.global_step == EPOCHS * STEPS
+
+
+class StepSaver(L.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == 5:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("saver_first", [True, False])
+def test_a_checkpoint_saved_inside_a_step_before_crests_end_warns(tmp_path: Path, saver_first: bool) -> None:
+    saver = StepSaver(tmp_path / "step5.ckpt")
+    callback = crest()
+    callbacks = [saver, callback] if saver_first else [callback, saver]
+    torch.manual_seed(0)
+    trainer = make_trainer(callbacks, max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(n=N), batch_size=BATCH))
+    warned = [w for w in caught if "saved inside a training step" in str(w.message)]
+    assert len(warned) == saver_first
+    assert (tmp_path / "step5.ckpt").exists()
+
+
+class SeedTracer(Tracer):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check_seeds: list[tuple[int, int | None]] = []
+
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
+        self.check_seeds.append((self._trainer.global_step if self._trainer else -1, self._check_seed))
+
+
+def test_a_resume_without_a_seed_keeps_the_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The run was seeded by `L.seed_everything(5)`; the resumed process was not: it goes on with seed 5.
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    full = crest(SeedTracer)
+    _, reference = run(full, extra=[steps], enable_checkpointing=True)
+    ckpt = str(tmp_path / "step=15.ckpt")
+    assert torch.load(ckpt, weights_only=True)["callbacks"]["SeedTracer"]["seed"] == 5
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    resumed = crest(SeedTracer)
+    _, model = run(resumed, ckpt_path=ckpt)
+    later = [s for s in full.check_seeds if s[0] > 15]
+    assert later
+    assert resumed.check_seeds == later
+    assert resumed.selections == [s for s in full.selections if s[0] > 15]
+    assert same_parameters(model, reference)
+    # A seed given explicitly must be the checkpoint's.
+    with pytest.raises(ValueError, match=r"trained with CrestCallback\(seed=5\); this run's has seed=0\."):
+        run(crest(SeedTracer, seed=0), ckpt_path=ckpt)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
