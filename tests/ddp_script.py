@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import multiprocessing.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class Audit(CrestCallback):
       (Lightning kept it instead of wrapping it in a ``DistributedSampler``).
     - Every step, the processes' batches put together are exactly the planned global batch, with its weights:
       the shares are disjoint and cover the coreset.
+    - Seeded differently (``PL_GLOBAL_SEED``), the processes still draw the same: process 0's seed.
     - Every process takes the gradient and curvature of its own share of each coreset, and the shares make up the
       coreset.
     - After every step, every process holds the identical plan (indices, weights, order, cursor) and made the same
@@ -106,6 +108,11 @@ class Audit(CrestCallback):
         plan = self._dm.plan.batches
         step = self._trainer.global_step if self._trainer is not None else -1
         self.selections.append((step, digest(*(i for i, _ in plan), *(w for _, w in plan))))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Processes seeded differently (as `seed_everything(seed + rank)` would): CREST takes process 0's seed.
+        os.environ["PL_GLOBAL_SEED"] = str(7 * trainer.global_rank)
+        super().setup(trainer, pl_module, stage)
 
     def _coreset_derivatives(
         self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
