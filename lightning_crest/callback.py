@@ -372,9 +372,8 @@ class CrestCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         self._ignore_next_state = False
-        self._in_step = (
-            False  # a checkpoint saved on the way out is an interrupted step's, as Lightning saves it
-        )
+        # A checkpoint saved on the way out is an interrupted step's, as Lightning saves it: no warning.
+        self._in_step = False
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
@@ -727,9 +726,8 @@ class CrestCallback(Callback):
         self._dm = None  # type: ignore[assignment]
         self._pool = None
         self._window_max_loss = torch.empty(0)
-        self._seed = (
-            global_seed() if self.seed is None else self.seed
-        )  # resolved again when a fit starts afresh
+        # With seed=None, resolved again when a fit starts afresh (see _setup_fit).
+        self._seed = global_seed() if self.seed is None else self.seed
         self._generator = torch.Generator().manual_seed(self._seed)
         self._quadratic = QuadraticModel()
         self._interval = 1
@@ -1309,9 +1307,8 @@ class CrestCallback(Callback):
         try:
             logits = self.compute_logits(module, inputs)
         except TypeError as error:
-            if type(self).compute_logits is CrestCallback.compute_logits and hasattr(
-                error, "add_note"
-            ):  # 3.11+
+            overridden = type(self).compute_logits is not CrestCallback.compute_logits
+            if not overridden and hasattr(error, "add_note"):  # Python 3.11+
                 error.add_note(
                     "CREST scores examples with `pl_module(inputs)`; if `forward` takes other arguments or does not "
                     "return class logits, override CrestCallback.compute_logits(pl_module, inputs)."

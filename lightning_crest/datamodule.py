@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import random
+import reprlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -396,9 +397,8 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
         labels = torch.as_tensor(targets).cpu()
     except (TypeError, ValueError, RuntimeError) as error:
         raise TypeError(
-            f"`train_dataset.targets` must be a 1-d sequence of integer classes, got {type(targets).__name__} "
-            f"starting {list(targets[:3])!r}, which torch cannot read as one ({error}). Make it hold the class "
-            "indices the items return."
+            f"`train_dataset.targets` must be a 1-d sequence of integer classes; torch cannot read "
+            f"{reprlib.repr(targets)} as one ({error}). Make it hold the class indices the items return."
         ) from error
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(

@@ -333,7 +333,7 @@ def test_targets_attribute_longer_than_the_data_set() -> None:
         (
             lambda t: [("cat", "dog", "owl", "pig")[int(y)] for y in t],
             TypeError,
-            r"`train_dataset.targets` must be a 1-d sequence of integer classes, got list starting \['[a-z]{3}', ",
+            r"`train_dataset.targets` must be a 1-d sequence of integer classes; torch cannot read \['[a-z]{3}', ",
         ),
     ],
     ids=["2-d", "float", "bool", "negative", "names"],
