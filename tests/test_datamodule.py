@@ -292,6 +292,36 @@ def test_fetch_with_a_seed_repeats_each_items_views_and_restores_the_generators(
     assert len(set(offset[:, 0].tolist())) == 3  # each item its own draw
 
 
+class NumpyJitter(LabelledTensors):
+    """Every read adds a draw from NumPy's global generator only."""
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        return inputs + float(np.random.rand()), target  # noqa: NPY002
+
+
+def test_a_seeded_fetch_seeds_numpy_per_item_and_per_seed() -> None:
+    data = NumpyJitter(*blobs(n=40).tensors)
+    dm = CrestDataModule(data)
+
+    def noise(seed: int) -> list[float]:
+        return (dm.fetch([0, 1, 2], seed=seed)[0] - data.tensors[0][:3])[:, 0].tolist()
+
+    assert noise(5) == noise(5)
+    assert len(set(noise(5))) == 3
+    assert not set(noise(5)) & set(noise(6))
+
+
+def test_a_subset_with_int32_targets_is_fetched_with_int64_targets() -> None:
+    # `random_split` gives a Subset, which reads its items through `__getitems__`.
+    data = blobs(n=40)
+    subset = torch.utils.data.Subset(LabelledTensors(data.tensors[0], data.targets.int()), range(40))
+    inputs, targets = CrestDataModule(subset).fetch([5, 3, 7])
+    assert targets.dtype == torch.int64
+    assert torch.equal(targets, data.targets[[5, 3, 7]])
+    assert torch.equal(inputs, data.tensors[0][[5, 3, 7]])
+
+
 class OneRelabelled(LabelledTensors):
     """Items whose target differs from the ``targets`` attribute at one index only."""
 

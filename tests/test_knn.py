@@ -313,6 +313,7 @@ def _by_cells(monkeypatch: pytest.MonkeyPatch, points_per_cell: int) -> None:
         (8, 40, 1000.0, 6),  # far from the origin
         (1, 40, 0.0, 6),
         (8, 40, 0.0, 2),  # a uniform square: the cells tile it, and many neighbours lie across a border
+        (2, 20, 0.0, 2),  # the reach of each cell's search is its points' k-th distance, the second here
     ],
 )
 def test_cell_search_matches_one_search(
@@ -390,3 +391,34 @@ def test_every_backend_gives_a_point_distance_zero_to_itself(backend: str) -> No
     assert bool((distances[:, 1:] >= distances[:, :-1]).all())
     exact = (points[indices].double() - points.unsqueeze(1).double()).norm(dim=2)
     torch.testing.assert_close(distances.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_cell_search_when_the_last_clustering_step_empties_a_cell(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Points piled near the origin: the last k-means step leaves one of the 42 cells (the 32nd) without points.
+    _by_cells(monkeypatch, 3)
+    g = torch.Generator().manual_seed(114)
+    n, d = int(torch.randint(20, 300, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+    features = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) ** 2
+    assert (n, d) == (126, 2)
+    _assert_same_neighbours(
+        knn_graph(features, 4, TorchKnn()), _brute_force(features, features, 4), features, features
+    )
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [64 * 2**20, 64])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_torch_ranks_near_duplicates_exactly(k: int, max_chunk_bytes: int) -> None:
+    # 20 copies of a point moved by 1e-5: the expanded form's rounding (about 1e-6 of the squared norms) is larger
+    # than their squared distances, so only an exact ranking gives each its own row first.
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(200, 3, generator=g)
+    points = torch.cat([base, base[0] + 1e-5 * torch.randn(20, 3, generator=g)])
+    distances, indices = TorchKnn(max_chunk_bytes).search(points, points, k)
+    assert torch.equal(indices[:, 0], torch.arange(len(points)))
+    assert torch.equal(distances[:, 0], torch.zeros(len(points)))
+    exact = (points[indices] - points.unsqueeze(1)).norm(dim=2)
+    torch.testing.assert_close(distances, exact, rtol=1e-6, atol=1e-7)
+    brute, _ = _brute_force(points.double(), points.double(), k)
+    torch.testing.assert_close(distances, brute, rtol=0, atol=1e-6)
+    if knn.faiss_available():
+        assert torch.equal(indices, knn.FaissKnn().search(points, points, k)[1])

@@ -310,6 +310,18 @@ def test_check_interval_follows_curvature_ratio() -> None:
             model.check_interval(h)
 
 
+def test_check_interval_of_a_ratio_that_float32_rounding_puts_above_an_integer() -> None:
+    # The curvature falls to a third of its reference (diagonal a, then a / 3, eps included); its float32 norms give
+    # a ratio of 3.000000114, which is 3.
+    a = torch.rand(5, generator=torch.Generator().manual_seed(3)) + 0.5
+    model = QuadraticModel(beta1=0.0, beta2=0.0)
+    model.update([torch.zeros(5)], [a])
+    model.anchor([torch.zeros(5)], 1.0)
+    model.update([torch.zeros(5)], [(a + model.eps) / 3 - model.eps])
+    assert 3 < model.reference_norm / model.curvature_norm() < 3 + 1e-6
+    assert model.check_interval(1.0) == 3
+
+
 def test_check_interval_before_reference_raises() -> None:
     model = QuadraticModel()
     model.anchor([torch.zeros(2)], 1.0)  # anchor before any update records no reference

@@ -117,6 +117,17 @@ def test_replayed_batches_come_first_and_count_as_served() -> None:
     assert [b[0].tolist() for b in plan.served_since(3)] == served
 
 
+def test_replayed_batches_read_ahead_and_given_back_come_first_again_in_their_order() -> None:
+    # After a restore an iterator reads two of the three replayed batches ahead; its epoch's iterator is made again
+    # (the loader rebuilt within the epoch): the replay is served again from its start.
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(100, 104), torch.ones(4))])
+    plan.replay = [(torch.full((4,), i), torch.ones(4)) for i in range(3)]
+    assert [int(plan.next(5)[0][0]) for _ in range(2)] == [0, 1]
+    plan.unserve(2)
+    assert [int(plan.next(5)[0][0]) for _ in range(4)] == [0, 1, 2, 100]
+
+
 @pytest.mark.parametrize("steps", [0, -1, None])
 def test_a_plan_needs_a_positive_epoch_length(steps: int | None) -> None:
     with pytest.raises(ValueError, match="steps_per_epoch"):

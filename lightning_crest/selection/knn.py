@@ -175,22 +175,29 @@ class TorchKnn:
         row_bytes = 4 * max(n, k * d)
         chunk = max(1, self.max_chunk_bytes // row_bytes)
         db_sq = database.square().sum(dim=1)
+        db_sq_max = db_sq.max() if n else db_sq.new_zeros(())
         dist_parts: list[Tensor] = []
         idx_parts: list[Tensor] = []
         with torch.no_grad():
             for start in range(0, queries.shape[0], chunk):
                 block = queries[start : start + chunk]
-                sq = torch.addmm(db_sq.unsqueeze(0), block, database.T, alpha=-2.0)
-                sq.add_(block.square().sum(dim=1, keepdim=True))
-                if k == 1:  # the first of equally near rows, as faiss and the dense path take (topk: any)
-                    idx = sq.argmin(dim=1, keepdim=True)
-                else:
-                    _, idx = torch.topk(sq, k, dim=1, largest=False, sorted=False)
-                # Even centred, the expanded form leaves ~1e-3 of cancellation noise (a point's distance to
-                # itself is not 0), so the k winners' distances are recomputed from the differences.
-                distances, idx = _exact_sorted(database, block, idx)
-                dist_parts.append(distances)
-                idx_parts.append(idx)
+                block_sq = block.square().sum(dim=1, keepdim=True)
+                sq = torch.addmm(db_sq.unsqueeze(0), block, database.T, alpha=-2.0).add_(block_sq)
+                # Even centred, the expanded form errs by up to about 2 (d + 2) float32 epsilons of the squared
+                # norms (a point's distance to itself is not 0), enough to misorder near duplicates. Any row within
+                # twice that of the k-th expanded distance may be among the k nearest: those candidates' distances
+                # are recomputed from the differences and ranked exactly.
+                noise = 4 * (d + 2) * torch.finfo(torch.float32).eps * (block_sq + db_sq_max)
+                kth = sq.kthvalue(k, dim=1, keepdim=True).values
+                width = min(n, max(k, int((sq <= kth + noise).sum(dim=1).max())))
+                _, candidates = torch.topk(sq, width, dim=1, largest=False, sorted=False)
+                # The exact ranking gathers (rows, width, d) differences: as many rows at a time as the budget allows.
+                rows = max(1, self.max_chunk_bytes // (4 * width * max(d, 1)))
+                for first in range(0, len(block), rows):
+                    part = slice(first, first + rows)
+                    distances, idx = _exact_sorted(database, block[part], candidates[part])
+                    dist_parts.append(distances[:, :k])
+                    idx_parts.append(idx[:, :k])
         if not dist_parts:
             empty = queries.new_empty((0, k))
             return empty, empty.to(torch.int64)
@@ -240,8 +247,11 @@ class FaissKnn:
 
 
 def _exact_sorted(database: Tensor, queries: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
-    """Distances of ``queries`` to their ``neighbours`` rows of ``database`` from the differences, ascending."""
-    squared, order = torch.sort((database[neighbours] - queries.unsqueeze(1)).square().sum(dim=2), dim=1)
+    """Distances of ``queries`` to their ``neighbours`` rows of ``database`` from the differences, ascending; equally
+    near rows in the order of their indices (the first of them first, as faiss and the dense path take)."""
+    neighbours = neighbours.sort(dim=1).values
+    squared = (database[neighbours] - queries.unsqueeze(1)).square().sum(dim=2)
+    squared, order = torch.sort(squared, dim=1, stable=True)
     return squared.sqrt_(), torch.gather(neighbours, 1, order)
 
 
