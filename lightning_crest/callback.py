@@ -564,6 +564,7 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._in_step = False  # a step skipped by `on_train_batch_start` returning -1 has no batch end
         self._epoch_ended = True
         # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
         if self._pool is not None and not trainer.barebones:  # barebones Trainers refuse `log`
@@ -1222,7 +1223,7 @@ class CrestCallback(Callback):
             hook_seed = None if seed is None else self._hook_seed(seed, position)
             inputs, targets = self._on_device(batch, hook_seed)
             autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
-            captured: list[Tensor] = []
+            captured: list[tuple[Tensor, Tensor]] = []
             with (
                 _eval_mode(module),
                 torch.no_grad(),
@@ -1249,16 +1250,19 @@ class CrestCallback(Callback):
             )
         return layers[-1]
 
-    def _embeddings(self, layer: torch.nn.Linear, captured: list[Tensor], logits: Tensor) -> Tensor:
-        """The inputs of ``layer`` in the forward pass that gave ``logits``, once it is sure they gave them."""
-        if len(captured) != 1 or captured[0].ndim != 2 or layer.out_features != logits.shape[1]:
-            shapes = ", ".join(str(tuple(c.shape)) for c in captured) or "no call"
+    def _embeddings(
+        self, layer: torch.nn.Linear, captured: list[tuple[Tensor, Tensor]], logits: Tensor
+    ) -> Tensor:
+        """The inputs of ``layer`` in the forward pass that gave ``logits``, once it is sure its output is them."""
+        if len(captured) != 1 or captured[0][0].ndim != 2 or not torch.equal(captured[0][1].float(), logits):
+            calls = ", ".join(f"{tuple(x.shape)} -> {tuple(y.shape)}" for x, y in captured) or "no call"
             raise ValueError(
                 f"`embedding_proxy`={self.embedding_proxy} needs the logits ({tuple(logits.shape)}) to be the output of "
-                f"the module's last nn.Linear, called once per forward on (batch, features) inputs; its last one "
-                f"({layer}) got {shapes}. Register the output layer last, or pass embedding_proxy=0."
+                f"the module's last nn.Linear, as they are, called once per forward on (batch, features) inputs; its "
+                f"last one ({layer}) had {calls}. Register the output layer last (with nothing added to its "
+                "output), or pass embedding_proxy=0."
             )
-        return captured[0].detach().float()
+        return captured[0][0].detach().float()
 
     def _hook_seed(self, seed: int, position: int) -> int:
         """Seed of the transfer hooks for batch ``position`` of this process's share of the check sample: apart
@@ -1422,12 +1426,12 @@ class CrestCallback(Callback):
                     # The probe estimates the Hessian of the sample's own mean loss.
                     try:
                         hessian = hutchinson_diagonal(grads, params, self._generator)
-                    except torch.OutOfMemoryError:
+                    except torch.cuda.OutOfMemoryError:
                         raise
                     except (RuntimeError, NotImplementedError) as error:
                         raise RuntimeError(
                             "The Hutchinson probe of the quadratic model takes a double backward pass through the "
-                            f"model, which failed: {error}. Some layers have no second derivative (EmbeddingBag, "
+                            f"model, which failed: {str(error).rstrip('.')}. Some layers have no second derivative (EmbeddingBag, "
                             "compiled models). Pass hessian_params='last_layer' to probe the last layer only, "
                             "second_order=False for a first-order model, or compile only the training step's "
                             "model, not CREST's passes."
@@ -1595,9 +1599,13 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _inputs_of(layer: torch.nn.Module, captured: list[Tensor]) -> Iterator[None]:
-    """Append the first input of every call of ``layer`` to ``captured`` for the duration."""
-    handle = layer.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+def _inputs_of(layer: torch.nn.Linear, captured: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Append the input and output of every call of ``layer`` to ``captured`` for the duration."""
+
+    def record(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
+        captured.append((args[0] if args else kwargs["input"], output))
+
+    handle = layer.register_forward_hook(record, with_kwargs=True)
     try:
         yield
     finally:

@@ -54,7 +54,7 @@ class CrestDataModule(L.LightningDataModule):
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
         seed: Seed of the shuffle in plain epochs; ``None`` takes Lightning's global seed (``L.seed_everything``)
-            when the loader is built, as Lightning's distributed sampler does.
+            when the loader is built, as Lightning's distributed sampler does, process 0's under DDP.
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
@@ -160,6 +160,11 @@ class CrestDataModule(L.LightningDataModule):
         trainer = self.trainer
         num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         planned = self.steps_per_epoch is not None
+        seed = self.seed
+        if seed is None:
+            seed = global_seed()
+            if num_replicas > 1:  # every process shuffles alike: process 0's seed
+                seed = int(trainer.strategy.broadcast(seed, src=0))  # type: ignore[union-attr]
         sampler = CoresetSampler(
             self.train_dataset,
             self.batch_size,
@@ -167,7 +172,7 @@ class CrestDataModule(L.LightningDataModule):
             rank=rank,
             plan=self.plan if planned else None,
             steps_per_epoch=self.steps_per_epoch,
-            seed=global_seed() if self.seed is None else self.seed,
+            seed=seed,
         )
         if trainer is not None:  # Lightning sets it later, and workers may start reading before
             sampler.set_epoch(trainer.current_epoch)

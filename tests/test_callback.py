@@ -603,6 +603,29 @@ class WithoutLinear(TinyClassifier):
         return self.net[0](inputs, inputs)  # type: ignore[no-any-return]
 
 
+class LowRankUpdate(TinyClassifier):
+    """A low-rank branch registered after the output layer and added to its output: the logits are not its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(32, 2), nn.Linear(2, 4)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = self.net[1](self.net[0](inputs))
+        return self.net[2](hidden) + self.up(self.down(hidden))  # type: ignore[no-any-return]
+
+
+class KeywordHead(TinyClassifier):
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net[2](input=self.net[1](self.net[0](inputs)))  # type: ignore[no-any-return]
+
+
+def test_embedding_proxy_reads_a_head_called_with_a_keyword() -> None:
+    callback = CrestCallback(random_subset_size=0.1, embedding_proxy=8)
+    trainer, _ = fit(callback, model=KeywordHead(), max_epochs=1)
+    assert trainer.global_step == 4
+
+
 class UnusedLastLinear(TinyClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -613,7 +636,11 @@ class UnusedLastLinear(TinyClassifier):
     ("model_class", "match"),
     [
         (WithoutLinear, "has none. Pass embedding_proxy=0"),
-        (UnusedLastLinear, r"its last one \(Linear\(in_features=32, out_features=4.*\) got no call"),
+        (UnusedLastLinear, r"its last one \(Linear\(in_features=32, out_features=4.*\) had no call"),
+        (
+            LowRankUpdate,
+            r"its last one \(Linear\(in_features=2, out_features=4.*\) had \(32, 2\) -> \(32, 4\)\.",
+        ),
     ],
 )
 def test_embedding_proxy_without_a_last_linear_giving_the_logits_is_refused_before_training(

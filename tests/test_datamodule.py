@@ -423,6 +423,15 @@ def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     L.seed_everything(7, verbose=False)
     assert order(None, 1) == order(7, 1)
     assert order(8, 1) != order(7, 1)  # an explicit seed wins
+    # Under DDP the processes shuffle with process 0's global seed, whatever theirs.
+    dm = CrestDataModule(data, batch_size=8)
+    dm.trainer = SimpleNamespace(  # type: ignore[assignment]
+        world_size=2, global_rank=1, current_epoch=1, strategy=SimpleNamespace(broadcast=lambda seed, src: 3)
+    )
+    served = [index for index, _ in dm.train_dataloader().sampler]  # type: ignore[attr-defined]
+    reference = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+    reference.set_epoch(1)
+    assert served == list(reference)
 
 
 def test_a_later_item_with_a_float_target_is_refused_when_labels_come_from_the_items() -> None:

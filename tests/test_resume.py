@@ -305,6 +305,21 @@ def test_a_checkpoint_saved_inside_a_step_before_crests_end_warns(tmp_path: Path
     assert (tmp_path / "step5.ckpt").exists()
 
 
+def test_a_step_skipped_by_the_module_leaves_no_step_open_for_later_checkpoints(tmp_path: Path) -> None:
+    # `on_train_batch_start` returning -1 skips the rest of the epoch, without `on_train_batch_end`.
+    class Skipping(TinyClassifier):
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+            return -1 if self.current_epoch == 0 and batch_idx == 3 else None
+
+    epochs = ModelCheckpoint(tmp_path, filename="{epoch}", every_n_epochs=1, save_top_k=-1)
+    torch.manual_seed(0)
+    trainer = make_trainer([crest(), epochs], max_epochs=2, enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "A checkpoint is saved inside a training step")
+        trainer.fit(Skipping(), datamodule=CrestDataModule(blobs(n=N), batch_size=BATCH))
+    assert trainer.global_step == 3 + STEPS
+
+
 class SeedTracer(Tracer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

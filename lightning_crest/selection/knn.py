@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -152,6 +153,10 @@ def _prepare(database: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]
     return (database - center).contiguous(), (queries.detach().to(torch.float32) - center).contiguous()
 
 
+# Candidates per query that TorchKnn ranks exactly at most, beyond its 2k nearest by the expanded form.
+_MAX_CANDIDATES = 1024
+
+
 class TorchKnn:
     """Exact kNN in pure torch, chunked over the queries so memory stays bounded.
 
@@ -175,7 +180,8 @@ class TorchKnn:
         row_bytes = 4 * max(n, k * d)
         chunk = max(1, self.max_chunk_bytes // row_bytes)
         db_sq = database.square().sum(dim=1)
-        db_sq_max = db_sq.max() if n else db_sq.new_zeros(())
+        # Rounding error of the expanded form per unit of squared norm, a float32 epsilon for each of its terms.
+        slack = 2 * (d + 2) * torch.finfo(torch.float32).eps
         dist_parts: list[Tensor] = []
         idx_parts: list[Tensor] = []
         with torch.no_grad():
@@ -183,21 +189,35 @@ class TorchKnn:
                 block = queries[start : start + chunk]
                 block_sq = block.square().sum(dim=1, keepdim=True)
                 sq = torch.addmm(db_sq.unsqueeze(0), block, database.T, alpha=-2.0).add_(block_sq)
-                # Even centred, the expanded form errs by up to about 2 (d + 2) float32 epsilons of the squared
-                # norms (a point's distance to itself is not 0), enough to misorder near duplicates. Any row within
-                # twice that of the k-th expanded distance may be among the k nearest: those candidates' distances
-                # are recomputed from the differences and ranked exactly.
-                noise = 4 * (d + 2) * torch.finfo(torch.float32).eps * (block_sq + db_sq_max)
-                kth = sq.kthvalue(k, dim=1, keepdim=True).values
-                width = min(n, max(k, int((sq <= kth + noise).sum(dim=1).max())))
-                _, candidates = torch.topk(sq, width, dim=1, largest=False, sorted=False)
+                # Even centred, the expanded form errs by up to `slack` times the two squared norms (a point's
+                # distance to itself is not 0), enough to misorder near duplicates. The candidates, ranked exactly
+                # from the differences, are the 2k nearest by the expanded form, and any other row whose expanded
+                # distance, less its own error, could still be under the k-th smallest upper bound.
+                width = min(n, 2 * k)
+                near, candidates = torch.topk(sq, width, dim=1, largest=False, sorted=True)
+                limit = (
+                    (near + slack * (block_sq + db_sq[candidates])).kthvalue(k, dim=1, keepdim=True).values
+                )
+                # A row outside them has an expanded distance of at least the last candidate's: it can be under
+                # the limit only if its squared norm reaches `reach`. A few such rows (points far out) join every
+                # query's candidates; many call for the full comparison, which keeps at most `_MAX_CANDIDATES`
+                # (more are a pile of points within rounding of each other, any of which is as near).
+                reach = (near[:, -1:] - limit) / slack - block_sq
+                suspects = torch.nonzero(db_sq >= reach.min()).flatten() if width < n else db_sq[:0].long()
+                if 0 < len(suspects) <= width:
+                    candidates = torch.cat([candidates, suspects.expand(len(block), -1)], dim=1)
+                    width = candidates.shape[1]
+                elif len(suspects) > width:
+                    lower = sq.sub_(slack * (block_sq + db_sq.unsqueeze(0)))
+                    width = max(k, min(_MAX_CANDIDATES, int((lower <= limit).sum(dim=1).max())))
+                    _, candidates = torch.topk(lower, width, dim=1, largest=False, sorted=False)
                 # The exact ranking gathers (rows, width, d) differences: as many rows at a time as the budget allows.
                 rows = max(1, self.max_chunk_bytes // (4 * width * max(d, 1)))
                 for first in range(0, len(block), rows):
                     part = slice(first, first + rows)
                     distances, idx = _exact_sorted(database, block[part], candidates[part])
-                    dist_parts.append(distances[:, :k])
-                    idx_parts.append(idx[:, :k])
+                    dist_parts.append(distances[:, :k].contiguous())  # not the (rows, width) storage
+                    idx_parts.append(idx[:, :k].contiguous())
         if not dist_parts:
             empty = queries.new_empty((0, k))
             return empty, empty.to(torch.int64)
@@ -248,9 +268,11 @@ class FaissKnn:
 
 def _exact_sorted(database: Tensor, queries: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
     """Distances of ``queries`` to their ``neighbours`` rows of ``database`` from the differences, ascending; equally
-    near rows in the order of their indices (the first of them first, as faiss and the dense path take)."""
+    near rows in the order of their indices (the first of them first, as faiss and the dense path take), and a row
+    given twice last the second time."""
     neighbours = neighbours.sort(dim=1).values
     squared = (database[neighbours] - queries.unsqueeze(1)).square().sum(dim=2)
+    squared[:, 1:].masked_fill_(neighbours[:, 1:] == neighbours[:, :-1], math.inf)
     squared, order = torch.sort(squared, dim=1, stable=True)
     return squared.sqrt_(), torch.gather(neighbours, 1, order)
 
