@@ -422,3 +422,21 @@ def test_torch_ranks_near_duplicates_exactly(k: int, max_chunk_bytes: int) -> No
     torch.testing.assert_close(distances, brute, rtol=0, atol=1e-6)
     if knn.faiss_available():
         assert torch.equal(indices, knn.FaissKnn().search(points, points, k)[1])
+
+
+def test_torch_search_with_a_far_point_and_a_pile_of_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A far point widens every query's rounding bound: it joins the candidates, and the search stays exact. A
+    # pile of 1,500 copies leaves more rows in doubt than are ranked exactly: any of them is as near.
+    g = torch.Generator().manual_seed(1)
+    points = torch.cat([torch.randn(300, 4, generator=g), torch.full((1, 4), 1e3)])
+    distances, indices = TorchKnn().search(points, points, 3)
+    brute, _ = _brute_force(points, points, 3)
+    torch.testing.assert_close(distances, brute, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices[:, 0], torch.arange(len(points)))
+    assert all(len(set(row)) == 3 for row in indices.tolist())  # the far point is not listed twice
+    pile = torch.cat([torch.ones(1500, 4), torch.randn(100, 4, generator=g)])
+    distances, indices = TorchKnn().search(pile, pile, 4)
+    assert torch.equal(distances[:1500], torch.zeros(1500, 4))
+    assert bool((indices[:1500] < 1500).all())
+    assert all(len(set(row)) == 4 for row in indices.tolist())
+    torch.testing.assert_close(distances[1500:], _brute_force(pile, pile, 4)[0][1500:], rtol=1e-5, atol=1e-5)
