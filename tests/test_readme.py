@@ -41,11 +41,13 @@ def test_selection_sketch_runs() -> None:
     namespace: dict[str, object] = {
         "logits": torch.randn(300, 10),
         "targets": torch.arange(300) % 10,
+        "embeddings": torch.randn(300, 32),
         "g_batch": torch.randn(3, 300, 10),
         "labels_batch": (torch.arange(300) % 10).expand(3, 300),
         "big": torch.randn(5000, 10),
     }
     exec(compile(python_block("### Selection on its own"), "README.md (Selection)", "exec"), namespace)
+    assert namespace["g"].shape == (300, 10 + 64)  # type: ignore[attr-defined]
     picked = namespace["sel"]
     assert len(picked.indices) == 128  # type: ignore[attr-defined]
     assert float(picked.weights.sum()) == 300  # type: ignore[attr-defined]  # cluster sizes cover the subset
