@@ -244,7 +244,13 @@ def test_loaders_use_their_batch_sizes_and_the_global_rank() -> None:
     assert dm.train_dataloader().batch_size == 8
     assert [dm.val_dataloader().batch_size, dm.test_dataloader().batch_size] == [16, 16]
     assert dm.predict_dataloader().batch_size == 16
-    dm.trainer = SimpleNamespace(world_size=4, global_rank=2, local_rank=0, current_epoch=0)  # type: ignore[assignment]
+    dm.trainer = SimpleNamespace(  # type: ignore[assignment]
+        world_size=4,
+        global_rank=2,
+        local_rank=0,
+        current_epoch=0,
+        strategy=SimpleNamespace(broadcast=lambda seed, src: seed),
+    )
     sampler = dm.train_dataloader().sampler
     assert (sampler.rank, sampler.num_replicas) == (2, 4)  # type: ignore[attr-defined]
 
