@@ -160,6 +160,11 @@ _MAX_CANDIDATES = 1024
 class TorchKnn:
     """Exact kNN in pure torch, chunked over the queries so memory stays bounded.
 
+    Distances come from the expanded form ``||a||^2 - 2ab + ||b||^2``, and every row that its rounding leaves in
+    doubt is ranked again from the differences, up to ``_MAX_CANDIDATES`` per query: beyond that (a pile of points
+    within float32 rounding of one another) the neighbours returned are some of the pile, each as near as the others
+    to that precision. Equally near rows come in the order of their indices.
+
     Args:
         max_chunk_bytes: Budget for the per-chunk ``(chunk, n)`` float32 distance block; at least one
             query row is processed per chunk whatever the budget.
