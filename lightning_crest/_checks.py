@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from typing import Any
 
 
 def check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
@@ -35,7 +36,10 @@ def check_seed(seed: object) -> None:
         )
 
 
-def global_seed() -> int:
+def global_seed(trainer: Any = None) -> int:
     """Lightning's global seed, as ``L.seed_everything`` left it (0 if it was not called), which Lightning's own
-    distributed sampler follows too."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    distributed sampler follows too; with a ``trainer`` of several processes, process 0's, so that all draw alike."""
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    if trainer is not None and trainer.world_size > 1:
+        seed = int(trainer.strategy.broadcast(seed, src=0))
+    return seed

@@ -873,8 +873,7 @@ class CrestCallback(Callback):
             self._last_drop_epoch = -1
         if self.seed is None and self._module is None and self._restored_plan is None:
             # A fresh start follows the global seed as of this fit, process 0's: every process draws the same.
-            seed = global_seed()
-            self._seed = int(trainer.strategy.broadcast(seed, src=0)) if trainer.world_size > 1 else seed
+            self._seed = global_seed(trainer)
             self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         self._labels = labels

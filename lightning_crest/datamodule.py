@@ -160,11 +160,7 @@ class CrestDataModule(L.LightningDataModule):
         trainer = self.trainer
         num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         planned = self.steps_per_epoch is not None
-        seed = self.seed
-        if seed is None:
-            seed = global_seed()
-            if num_replicas > 1:  # every process shuffles alike: process 0's seed
-                seed = int(trainer.strategy.broadcast(seed, src=0))  # type: ignore[union-attr]
+        seed = global_seed(trainer) if self.seed is None else self.seed  # every process shuffles alike
         sampler = CoresetSampler(
             self.train_dataset,
             self.batch_size,
