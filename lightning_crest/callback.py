@@ -1324,6 +1324,12 @@ class CrestCallback(Callback):
                 f"of {len(targets)} examples, got {shape}. Override CrestCallback.compute_logits if the "
                 "module's forward returns something else."
             )
+        if logits.shape[1] == 1:
+            raise ValueError(
+                "`compute_logits` returned 1 logit per example: CREST's gradient proxies are those of softmax "
+                "cross-entropy, which is constant over a single logit. Give a binary classifier two logits (one per "
+                "class) and a cross-entropy loss."
+            )
         if logits.shape[1] < self._num_classes:
             raise ValueError(
                 f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "

@@ -163,7 +163,10 @@ class TorchKnn:
     Distances come from the expanded form ``||a||^2 - 2ab + ||b||^2``, and every row that its rounding leaves in
     doubt is ranked again from the differences, up to ``_MAX_CANDIDATES`` per query: beyond that (a pile of points
     within float32 rounding of one another) the neighbours returned are some of the pile, each as near as the others
-    to that precision. Equally near rows come in the order of their indices.
+    to that precision. Equally near rows come in the order of their indices. The rounding bound is that of full
+    float32 products: where ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` lets them run in TF32 or
+    bfloat16 (CUDA, CPUs with AMX or AVX-512 BF16), rows nearer to one another than that precision can come out of
+    order.
 
     Args:
         max_chunk_bytes: Budget for the per-chunk ``(chunk, n)`` float32 distance block; at least one
