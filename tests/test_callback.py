@@ -1666,8 +1666,15 @@ def test_a_single_logit_is_refused() -> None:
     # One logit and labels all 0 pass the class count, but softmax over one logit is constant: every proxy and
     # every loss would be 0, and the check's relative error 0 / 0.
     ones = blobs(num_classes=1)
-    with pytest.raises(ValueError, match=r"returned 1 logit per example: .* Give a binary classifier two logits"):
-        fit(CrestCallback(random_subset_size=0.1), data=ones, model=TinyClassifier(num_classes=1), max_epochs=1)
+    with pytest.raises(
+        ValueError, match=r"returned 1 logit per example: .* Give a binary classifier two logits"
+    ):
+        fit(
+            CrestCallback(random_subset_size=0.1),
+            data=ones,
+            model=TinyClassifier(num_classes=1),
+            max_epochs=1,
+        )
 
 
 def test_compute_logits_extension_point() -> None:
