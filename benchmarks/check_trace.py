@@ -48,7 +48,12 @@ class TracedCallback(CrestCallback):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.rows: list[dict[str, Any]] = []
+        self.subsets_scored = 0  # one per coreset picked: coresets are picked when a step first needs them
         TRACED.append(self)
+
+    def _pick(self, subsets: Tensor, *args: Any) -> tuple[Tensor, Tensor, Tensor]:
+        self.subsets_scored += len(subsets)
+        return super()._pick(subsets, *args)
 
     def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
         update = self._quadratic.update
@@ -189,8 +194,13 @@ def main(argv: list[str]) -> None:
     runs = result["runs"]
     if len(runs) != 1:
         sys.exit("check_trace.py traces one run: pass one --budget and --seeds 1")
+    traced = TRACED[-1]
+    print(
+        f"\n{traced.subsets_scored} random subsets scored for the coresets of {runs[0]['steps']} steps, over "
+        f"{runs[0]['selections']} selections."
+    )
     print("\nThe check over training (rho: the quadratic model's relative error):\n")
-    rows = TRACED[-1].rows
+    rows = traced.rows
     print(summarize(rows, runs[0]["steps"]))
     if args.wide:
         print(f"\nThe check sample against a fixed sample of {args.wide} training examples:\n")

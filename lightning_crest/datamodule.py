@@ -65,8 +65,10 @@ class CrestDataModule(L.LightningDataModule):
             and processes are spawned, so that it pickles.
 
     Raises:
-        TypeError: If an item of ``train_dataset`` is not an ``(input, target)`` pair with an integer target.
-        ValueError: If a batch size is not a positive int, or ``num_workers`` not a non-negative one.
+        TypeError: If ``train_dataset`` is not a map-style dataset of ``(input, target)`` pairs with integer
+            targets, another dataset is not a dataset (a ``DataLoader``, say), or ``collate_fn`` is not callable.
+        ValueError: If a batch size is not a positive int, ``num_workers`` not a non-negative one, ``seed`` not an
+            int or None, or ``pin_memory`` not a bool.
 
     Example::
 

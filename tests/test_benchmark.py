@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import math
 import weakref
@@ -506,7 +507,15 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
         assert abs(predicted - row["actual"]) / row["actual"] == pytest.approx(row["rho"], rel=1e-4, abs=1e-6)
         assert row["failed"] == (row["rho"] > 0.05)
         assert row["second_order"] >= 0
-    table = capsys.readouterr().out.split("| phase (steps) | checks | failed |")[1].splitlines()[2:]
+    out = capsys.readouterr().out
+    scored, steps, selections = map(
+        int, re.findall(r"\n(\d+) random subsets scored .* of (\d+) steps, over (\d+) sel", out)[0]
+    )
+    # One subset per coreset, picked when a step first needs it: at least one per selection, at most one per step
+    # (and one more for a selection after the last step).
+    assert scored == trace.TRACED[-1].subsets_scored
+    assert selections < scored <= steps + 1
+    table = out.split("| phase (steps) | checks | failed |")[1].splitlines()[2:]
     phases = [line.split(" | ") for line in table if line.startswith("| ")]
     # Every check falls in one phase of the schedule.
     assert sum(int(cells[1]) for cells in phases) == len(rows)
