@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 import logging
 import math
+import re
 import weakref
 from pathlib import Path
 from typing import Any
