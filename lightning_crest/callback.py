@@ -1052,7 +1052,7 @@ class CrestCallback(Callback):
         # the same inputs, random augmentations included; its items are read under a seed of their own, so that a
         # restored run loads the same views again.
         checked = self.check_size or self._subset
-        self._check_seed = (self._seed << 32) + self._selections
+        self._check_seed = item_seed(self._seed, self._selections)  # every bit of the seed counts
         if self.check_sample == "independent":
             self._check_indices = self._draw(1, checked)[0]
             self._check_batches = self._fetch_share(self._check_indices, self._check_seed)

@@ -103,6 +103,16 @@ class Audit(CrestCallback):
         self.selections: list[tuple[int, str]] = []
         self.audited_steps = 0
 
+    def _select_coresets(self) -> None:
+        super()._select_coresets()
+        # Every process scores and anchors with process 0's normalisation statistics.
+        assert self._trainer is not None
+        for stat in self._anchor_stats:
+            gathered = self._trainer.strategy.all_gather(stat)
+            assert all(torch.equal(g, gathered[0]) for g in gathered), (
+                "anchor statistics differ across processes"
+            )
+
     def _select(self, steps_left: int) -> None:
         super()._select(steps_left)
         plan = self._dm.plan.batches

@@ -14,6 +14,7 @@ from torch import Tensor
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.datamodule import item_seed
 
 
 def test_a_relative_error_equal_to_tau_does_not_reselect(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -373,3 +374,108 @@ def test_unfreezing_parameters_mid_run_models_the_new_set_afresh(
     assert {size for _, size in sizes[:switch]} == {head}
     assert {size for _, size in sizes[switch:]} == {after}
     assert sizes[switch][0] == 1
+
+
+def test_a_shrinking_interval_plans_only_the_new_p_coresets() -> None:
+    # With hessian_probes=None a selection picks the previous P coresets at once; when T1 shrinks, only the new
+    # P = b * T1 of them are planned.
+    class Shrinking(Recorder):
+        intervals = iter([3, 1, 1, 1, 1, 1, 1, 1])
+
+        def _adapted_interval(self) -> int:
+            return next(self.intervals)
+
+    callback = Shrinking(random_subset_size=0.1, tau=0.0, coreset_mul=2, hessian_probes=None)
+    fit(callback, max_epochs=2)
+    assert [p for _, p, *_ in callback.adaptations][:3] == [2, 6, 2]
+    assert [len(plan) for plan in callback.plans][:3] == [2, 6, 2]
+
+
+def test_each_selection_reads_its_check_sample_under_its_own_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An example drawn into the check samples of two selections gets fresh random views at each.
+    fetch = CrestDataModule.fetch
+    seeds: set[int] = set()
+
+    def recorded_fetch(self: CrestDataModule, indices: list[int], seed: int | None = None) -> Any:
+        if seed is not None:
+            seeds.add(seed)
+        return fetch(self, indices, seed)
+
+    monkeypatch.setattr(CrestDataModule, "fetch", recorded_fetch)
+    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=1e-6)
+    fit(callback, max_epochs=1)
+    assert len(callback.steps("select")) > 1
+    assert len(seeds) == len(callback.steps("select"))
+
+
+def test_seeds_apart_only_above_32_bits_read_other_views_of_the_check_sample() -> None:
+    # The items' views come from item_seed(check seed, index), which keeps 64 bits of the check seed: a check seed
+    # made as seed << 32 lost the seed's upper bits there, and seeds 1 and 1 + 2**32 read the same views.
+    class FirstCheckSeed(CrestCallback):
+        first: int | None = None
+
+        def _select_coresets(self) -> None:
+            super()._select_coresets()
+            self.first = self._check_seed if self.first is None else self.first
+
+    views = []
+    for seed in (1, 1 + 2**32):
+        callback = FirstCheckSeed(random_subset_size=0.1, seed=seed)
+        fit(callback, max_epochs=1)
+        assert callback.first is not None
+        views.append({item_seed(callback.first, index) for index in range(1200)})
+    assert views[0].isdisjoint(views[1])
+
+
+def test_a_state_loaded_by_hand_keeps_its_seed_and_generator_without_a_seed_given() -> None:
+    # Loaded before the fit into a fresh callback with seed=None, the state's seed and generator go on: the fit
+    # draws as a callback given the checkpoint's seed explicitly does.
+    saved = CrestCallback(random_subset_size=0.1, seed=7)
+    fit(saved, max_epochs=1)
+    state = saved.state_dict()
+    draws = []
+    for seed in (7, None):
+        callback = RecordedDraws(random_subset_size=0.1, seed=seed)
+        callback.load_state_dict(state)
+        fit(callback, max_epochs=2)
+        assert callback._seed == 7
+        draws.append([drawn for _, drawn in callback.draws])
+    assert len(draws[0]) == len(draws[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*draws))
+
+
+def test_a_check_sample_of_one_example_per_process_is_accepted() -> None:
+    callback = CrestCallback(random_subset_size=0.1, check_size=1)
+    fit(callback, max_epochs=1)
+    assert len(callback._check_indices) == 1
+
+
+def test_a_check_sample_that_is_the_whole_first_subset_is_accepted() -> None:
+    callback = CrestCallback(random_subset_size=120, check_size=120, check_sample="subset", tau=1e9)
+    trainer, _ = fit(callback, max_epochs=1)
+    assert trainer.global_step == 4
+    assert len(callback._check_indices.unique()) == 120
+
+
+def test_a_training_set_of_exactly_one_global_batch_is_accepted() -> None:
+    trainer, _ = fit(CrestCallback(tau=1e9), data=blobs(n=32), batch_size=32, max_epochs=2)
+    assert trainer.global_step == 2
+
+
+def test_random_batches_as_large_as_the_class_count_hold_one_example_per_class() -> None:
+    data = blobs()
+    callback = RecordedDraws(selection="random")
+    fit(callback, data=data, batch_size=4, max_epochs=1)
+    assert callback.draws
+    for _, drawn in callback.draws:
+        for batch in drawn:
+            assert torch.bincount(data.targets[batch], minlength=4).tolist() == [1, 1, 1, 1]
+
+
+def test_the_random_baseline_draws_fresh_batches_every_epoch_and_excludes_nothing() -> None:
+    callback = RecordedDraws(selection="random", drop_interval=1)
+    fit(callback, max_epochs=3)
+    assert len(callback.draws) == 3  # one draw of the epoch's batches per epoch
+    assert not torch.equal(callback.draws[0][1], callback.draws[1][1])
+    assert bool(callback.pool.all())
+    assert callback.timings["exclusion"] == 0.0
