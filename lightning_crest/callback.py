@@ -291,7 +291,8 @@ class CrestCallback(Callback):
         """Per-example training loss ``(B,)``; override for a loss other than cross-entropy.
 
         The gradient proxies stay ``softmax(logits) - onehot(targets)``, the gradient of cross-entropy with respect
-        to the logits, whatever this returns.
+        to the logits, whatever this returns. Its values are compared with ``drop_threshold`` to exclude learned
+        examples: a loss that cannot fall that low (label smoothing) needs a higher threshold.
         """
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
@@ -1520,8 +1521,18 @@ class CrestCallback(Callback):
                 min_class_fraction=self.min_class_fraction,
                 min_pool=self._subset,  # random subsets are drawn from the pool
             )
+            recorded = self._window_max_loss[self._pool].nan_to_num(math.inf)
             self._pool[dropped] = False
             self._window_max_loss.fill_(math.nan)
+        lowest = float(recorded.min()) if len(recorded) else math.inf
+        if len(dropped) == 0 and self.drop_threshold < lowest < math.inf:
+            rank_zero_warn(
+                f"No example was excluded as learned: the lowest loss recorded in the last window of "
+                f"`drop_interval`={self.drop_interval} epochs was {lowest:.3g}, above `drop_threshold`="
+                f"{self.drop_threshold}. A `per_example_loss` that cannot fall that low never excludes any (with label "
+                "smoothing, cross-entropy stays above the entropy of the smoothed targets: 0.50 for 0.1 over 10 "
+                "classes); raise `drop_threshold` above its floor, or pass drop_learned=False."
+            )
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
 

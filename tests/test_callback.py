@@ -821,6 +821,35 @@ class ExclusionRecorder(CrestCallback):
         return subsets
 
 
+def test_a_loss_that_never_reaches_the_threshold_warns_that_nothing_is_excluded() -> None:
+    class Smoothed(CrestCallback):
+        def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+            return nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=0.1)
+
+    data = blobs(n=1200, noise=0.3)  # separable: the plain loss falls under 0.1 for most examples
+    with pytest.warns(
+        UserWarning,
+        match=r"No example was excluded as learned: the lowest loss recorded in the last "
+        r"window of `drop_interval`=2 epochs was 0\.3\d+, above `drop_threshold`=0\.1\.",
+    ):
+        fit(
+            smoothed := Smoothed(random_subset_size=0.2, drop_interval=2),
+            data=data,
+            max_epochs=3,
+            model=seeded_classifier(lr=0.2),
+        )
+    assert bool(smoothed.pool.all())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "No example was excluded")
+        fit(
+            plain := CrestCallback(random_subset_size=0.2, drop_interval=2),
+            data=data,
+            max_epochs=3,
+            model=seeded_classifier(lr=0.2),
+        )
+    assert not bool(plain.pool.all())
+
+
 @pytest.mark.parametrize(
     ("min_pool_fraction", "min_class_fraction"), [(0.9, 0.2), (0.5, 0.95)], ids=["pool floor", "class floors"]
 )
