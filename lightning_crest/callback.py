@@ -155,6 +155,7 @@ class CrestCallback(Callback):
     _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
+    _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -1348,7 +1349,30 @@ class CrestCallback(Callback):
                 f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
                 "(reduction='none')."
             )
+        if self._dropping and not self._floor_probed:
+            self._floor_probed = True
+            self._warn_on_a_loss_floor(logits)
         return losses
+
+    def _warn_on_a_loss_floor(self, logits: Tensor) -> None:
+        """Warn when ``per_example_loss`` stays above ``drop_threshold`` on confident correct predictions of every
+        margin: then no example can ever be excluded as learned."""
+        classes = logits.shape[1]
+        margins = torch.logspace(-1, 6, 15, base=2.0, device=logits.device)  # 0.5 to 64
+        targets = torch.arange(classes, device=logits.device).repeat(len(margins))
+        confident = F.one_hot(targets, classes).float() * margins.repeat_interleave(classes).unsqueeze(1)
+        try:
+            with torch.no_grad():
+                lowest = float(self.per_example_loss(confident, targets).min())
+        except Exception:  # advisory only: a loss that needs more than (logits, targets) is not probed
+            return
+        if lowest > self.drop_threshold:
+            rank_zero_warn(
+                f"`per_example_loss` stays above `drop_threshold`={self.drop_threshold} even on confident correct "
+                f"predictions (its lowest value on them was {lowest:.3g}), so no example can be excluded as learned. "
+                "With label smoothing, cross-entropy stays above the entropy of the smoothed targets (0.50 for 0.1 "
+                "over 10 classes): raise `drop_threshold` above that, or pass drop_learned=False."
+            )
 
     # --- quadratic model -----------------------------------------------------------------------------------
 
@@ -1521,18 +1545,8 @@ class CrestCallback(Callback):
                 min_class_fraction=self.min_class_fraction,
                 min_pool=self._subset,  # random subsets are drawn from the pool
             )
-            recorded = self._window_max_loss[self._pool].nan_to_num(math.inf)
             self._pool[dropped] = False
             self._window_max_loss.fill_(math.nan)
-        lowest = float(recorded.min()) if len(recorded) else math.inf
-        if len(dropped) == 0 and self.drop_threshold < lowest < math.inf:
-            rank_zero_warn(
-                f"No example was excluded as learned: the lowest loss recorded in the last window of "
-                f"`drop_interval`={self.drop_interval} epochs was {lowest:.3g}, above `drop_threshold`="
-                f"{self.drop_threshold}. A `per_example_loss` that cannot fall that low never excludes any (with label "
-                "smoothing, cross-entropy stays above the entropy of the smoothed targets: 0.50 for 0.1 over 10 "
-                "classes); raise `drop_threshold` above its floor, or pass drop_learned=False."
-            )
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
 

@@ -821,33 +821,41 @@ class ExclusionRecorder(CrestCallback):
         return subsets
 
 
-def test_a_loss_that_never_reaches_the_threshold_warns_that_nothing_is_excluded() -> None:
+def test_a_loss_with_a_floor_above_the_threshold_warns_before_the_first_step() -> None:
+    # Label-smoothed cross-entropy never falls under the entropy of the smoothed targets (0.35 for 0.1 over 4
+    # classes): with drop_threshold=0.1 nothing could ever be excluded, which the first selection says.
     class Smoothed(CrestCallback):
         def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
             return nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=0.1)
 
-    data = blobs(n=1200, noise=0.3)  # separable: the plain loss falls under 0.1 for most examples
-    with pytest.warns(
-        UserWarning,
-        match=r"No example was excluded as learned: the lowest loss recorded in the last "
-        r"window of `drop_interval`=2 epochs was 0\.3\d+, above `drop_threshold`=0\.1\.",
+    class Stopped(Exception):
+        pass
+
+    class StopAtTheFirstStep(L.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            raise Stopped
+
+    floor = "stays above `drop_threshold`"
+    trainer = make_trainer([Smoothed(random_subset_size=0.2), StopAtTheFirstStep()], max_epochs=1)
+    dm = CrestDataModule(blobs(), batch_size=32)
+    with (
+        pytest.warns(
+            UserWarning,
+            match=r"stays above `drop_threshold`=0\.1 even on confident correct predictions "
+            r"\(its lowest value on them was 0\.35\d\), so no example can be excluded as learned\.",
+        ),
+        pytest.raises(Stopped),
     ):
-        fit(
-            smoothed := Smoothed(random_subset_size=0.2, drop_interval=2),
-            data=data,
-            max_epochs=3,
-            model=seeded_classifier(lr=0.2),
-        )
-    assert bool(smoothed.pool.all())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", "No example was excluded")
-        fit(
-            plain := CrestCallback(random_subset_size=0.2, drop_interval=2),
-            data=data,
-            max_epochs=3,
-            model=seeded_classifier(lr=0.2),
-        )
-    assert not bool(plain.pool.all())
+        trainer.fit(TinyClassifier(), datamodule=dm)
+    # A threshold above the floor, the plain loss, or no exclusion: no warning.
+    for quiet in (
+        Smoothed(random_subset_size=0.2, drop_threshold=0.4),
+        CrestCallback(random_subset_size=0.2),
+        Smoothed(random_subset_size=0.2, drop_learned=False),
+    ):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", floor)
+            fit(quiet, max_epochs=1)
 
 
 @pytest.mark.parametrize(
