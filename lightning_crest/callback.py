@@ -1351,27 +1351,28 @@ class CrestCallback(Callback):
             )
         if self._dropping and not self._floor_probed:
             self._floor_probed = True
-            self._warn_on_a_loss_floor(logits)
+            self._warn_on_a_loss_floor(logits, targets)
         return losses
 
-    def _warn_on_a_loss_floor(self, logits: Tensor) -> None:
-        """Warn when ``per_example_loss`` stays above ``drop_threshold`` on confident correct predictions of every
-        margin: then no example can ever be excluded as learned."""
-        classes = logits.shape[1]
-        margins = torch.logspace(-1, 6, 15, base=2.0, device=logits.device)  # 0.5 to 64
-        targets = torch.arange(classes, device=logits.device).repeat(len(margins))
-        confident = F.one_hot(targets, classes).float() * margins.repeat_interleave(classes).unsqueeze(1)
+    def _warn_on_a_loss_floor(self, logits: Tensor, targets: Tensor) -> None:
+        """Warn when ``per_example_loss`` stays above ``drop_threshold`` on confident correct predictions of the
+        batch's targets (``+m/2`` for the target, ``-m/2`` elsewhere, margins ``m`` from 0.5 to 1024 in steps of
+        ``2^(1/8)``): then no example can ever be excluded as learned. Draws no random numbers."""
         try:
             with torch.no_grad():
-                lowest = float(self.per_example_loss(confident, targets).min())
+                signs = F.one_hot(targets, logits.shape[1]).float().mul_(2).sub_(1).div_(2)
+                lowest = min(
+                    float(self.per_example_loss(signs * 2.0 ** (step / 8), targets).min())
+                    for step in range(-8, 81)
+                )
         except Exception:  # advisory only: a loss that needs more than (logits, targets) is not probed
             return
         if lowest > self.drop_threshold:
             rank_zero_warn(
                 f"`per_example_loss` stays above `drop_threshold`={self.drop_threshold} even on confident correct "
-                f"predictions (its lowest value on them was {lowest:.3g}), so no example can be excluded as learned. "
-                "With label smoothing, cross-entropy stays above the entropy of the smoothed targets (0.50 for 0.1 "
-                "over 10 classes): raise `drop_threshold` above that, or pass drop_learned=False."
+                f"predictions (its lowest value on them was about {lowest:.3g}), so no example can be excluded as "
+                "learned. With label smoothing, cross-entropy stays above the entropy of the smoothed targets (0.50 "
+                "for 0.1 over 10 classes): raise `drop_threshold` above that, or pass drop_learned=False."
             )
 
     # --- quadratic model -----------------------------------------------------------------------------------

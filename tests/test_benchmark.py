@@ -511,8 +511,8 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
     scored, steps, selections = map(
         int, re.findall(r"\n(\d+) random subsets scored .* of (\d+) steps, over (\d+) sel", out)[0]
     )
-    # One subset per coreset, picked when a step first needs it: at least one per selection, at most one per step
-    # (and one more for a selection after the last step).
+    # One subset per coreset, picked when a step first needs it: one per selection and more for the later coresets
+    # reached, at most one per step (and one more for a selection after the last step).
     assert scored == trace.TRACED[-1].subsets_scored
     assert selections < scored <= steps + 1
     table = out.split("| phase (steps) | checks | failed |")[1].splitlines()[2:]

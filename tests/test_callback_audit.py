@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Any
@@ -380,7 +381,9 @@ def test_a_shrinking_interval_plans_only_the_new_p_coresets() -> None:
     # With hessian_probes=None a selection picks the previous P coresets at once; when T1 shrinks, only the new
     # P = b * T1 of them are planned.
     class Shrinking(Recorder):
-        intervals = iter([3, 1, 1, 1, 1, 1, 1, 1])
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.intervals = itertools.chain([3], itertools.repeat(1))
 
         def _adapted_interval(self) -> int:
             return next(self.intervals)
@@ -409,8 +412,8 @@ def test_each_selection_reads_its_check_sample_under_its_own_seed(monkeypatch: p
 
 
 def test_seeds_apart_only_above_32_bits_read_other_views_of_the_check_sample() -> None:
-    # The items' views come from item_seed(check seed, index), which keeps 64 bits of the check seed: a check seed
-    # made as seed << 32 lost the seed's upper bits there, and seeds 1 and 1 + 2**32 read the same views.
+    # The items' views come from item_seed(check seed, index), which keeps 64 bits of the check seed: every bit of
+    # the seed must reach those 64 bits, or seeds 1 and 1 + 2**32 read the same views.
     class FirstCheckSeed(CrestCallback):
         first: int | None = None
 
@@ -448,6 +451,8 @@ def test_a_check_sample_of_one_example_per_process_is_accepted() -> None:
     callback = CrestCallback(random_subset_size=0.1, check_size=1)
     fit(callback, max_epochs=1)
     assert len(callback._check_indices) == 1
+    assert callback._checks > 0
+    assert math.isfinite(callback._rho)
 
 
 def test_a_check_sample_that_is_the_whole_first_subset_is_accepted() -> None:
