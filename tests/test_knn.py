@@ -440,3 +440,49 @@ def test_torch_search_with_a_far_point_and_a_pile_of_copies(monkeypatch: pytest.
     assert bool((indices[:1500] < 1500).all())
     assert all(len(set(row)) == 4 for row in indices.tolist())
     torch.testing.assert_close(distances[1500:], _brute_force(pile, pile, 4)[0][1500:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("user", ["high", "medium"])
+def test_torch_searches_multiply_in_full_float32_whatever_the_matmul_precision(
+    user: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The rounding bounds assume float32 products; "high" (TF32 on CUDA) and "medium" (bf16 in oneDNN on CPU) would
+    # void them where the hardware has those units. Inside the searches both settings are full precision, and the
+    # user's come back afterwards, after an error too.
+    backends = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    if not all(hasattr(backend, "fp32_precision") for backend in backends):
+        pytest.skip("torch < 2.9 has no per-backend matmul precision")
+    monkeypatch.setattr(knn, "CELL_SEARCH_MIN_POOL", {"torch": 64})
+    saved = [backend.fp32_precision for backend in backends]
+    generic = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(user)
+    try:
+        users = [backend.fp32_precision for backend in backends]
+        assert users != ["ieee", "ieee"]
+        seen: list[list[str]] = []
+        addmm = torch.addmm
+
+        def spy(*args: object, **kwargs: object) -> Tensor:
+            seen.append([backend.fp32_precision for backend in backends])
+            return addmm(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(torch, "addmm", spy)
+        points = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+        TorchKnn().search(points, points, 5)
+        searched = len(seen)
+        knn_graph(points, 5, TorchKnn())  # the cell search, then a search per cell
+        assert 0 < searched < len(seen)
+        assert all(settings == ["ieee", "ieee"] for settings in seen)
+        assert [backend.fp32_precision for backend in backends] == users
+
+        def failing(*args: object, **kwargs: object) -> Tensor:
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(torch, "addmm", failing)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            TorchKnn().search(points, points, 5)
+        assert [backend.fp32_precision for backend in backends] == users
+    finally:
+        torch.set_float32_matmul_precision(generic)
+        for backend, value in zip(backends, saved):
+            backend.fp32_precision = value

@@ -19,9 +19,11 @@ hold a point's neighbours (exact, by the triangle inequality).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -153,6 +155,33 @@ def _prepare(database: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]
     return (database - center).contiguous(), (queries.detach().to(torch.float32) - center).contiguous()
 
 
+@contextlib.contextmanager
+def _float32_products() -> Iterator[None]:
+    """Matrix products in full float32 inside, whatever ``torch.set_float32_matmul_precision`` allows outside (TF32
+    on CUDA, bfloat16 on CPUs with AMX or AVX-512 BF16, 10 and 8 bits of mantissa): the searches' rounding bounds
+    are those of float32. The settings are restored as they were, and another thread changing them meanwhile is
+    not supported."""
+    cuda, mkldnn = torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None)
+    if not hasattr(cuda, "fp32_precision"):  # torch < 2.9: TF32 on CUDA is the only reduced precision
+        allowed = cuda.allow_tf32
+        cuda.allow_tf32 = False
+        try:
+            yield
+        finally:
+            cuda.allow_tf32 = allowed
+        return
+    # The per-operation settings take precedence over the global ones, old API or new.
+    settings: list[Any] = [backend for backend in (cuda, mkldnn) if hasattr(backend, "fp32_precision")]
+    saved = [backend.fp32_precision for backend in settings]
+    try:
+        for backend in settings:
+            backend.fp32_precision = "ieee"
+        yield
+    finally:
+        for backend, value in zip(settings, saved):
+            backend.fp32_precision = value
+
+
 # Candidates per query that TorchKnn ranks exactly at most, beyond its 2k nearest by the expanded form.
 _MAX_CANDIDATES = 1024
 
@@ -163,10 +192,8 @@ class TorchKnn:
     Distances come from the expanded form ``||a||^2 - 2ab + ||b||^2``, and every row that its rounding leaves in
     doubt is ranked again from the differences, up to ``_MAX_CANDIDATES`` per query: beyond that (a pile of points
     within float32 rounding of one another) the neighbours returned are some of the pile, each as near as the others
-    to that precision. Equally near rows come in the order of their indices. The rounding bound is that of full
-    float32 products: where ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` lets them run in TF32 or
-    bfloat16 (CUDA, CPUs with AMX or AVX-512 BF16), rows nearer to one another than that precision can come out of
-    order.
+    to that precision. Equally near rows come in the order of their indices. The products run in full float32
+    whatever ``torch.set_float32_matmul_precision`` says (Lightning suggests ``"high"``, TF32, on recent GPUs).
 
     Args:
         max_chunk_bytes: Budget for the per-chunk ``(chunk, n)`` float32 distance block; at least one
@@ -180,6 +207,7 @@ class TorchKnn:
             raise ValueError(f"TorchKnn: max_chunk_bytes must be positive, got {max_chunk_bytes}")
         self.max_chunk_bytes = max_chunk_bytes
 
+    @_float32_products()
     def search(self, database: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """See :meth:`KnnBackend.search`."""
         database, queries = _prepare(database, queries, k)
@@ -361,6 +389,7 @@ def knn_graph(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor, Te
     return backend.search(features, features, k)
 
 
+@_float32_products()
 def _cell_search(features: Tensor, k: int, backend: KnnBackend) -> tuple[Tensor, Tensor]:
     """The graph of one brute-force search of the pool, from one small search of ``backend`` per cell.
 
