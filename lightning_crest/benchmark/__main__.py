@@ -402,7 +402,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "selections and CREST's overhead per (method, budget, seed), printed as a table (and, with --output, "
         "written as JSON and a plot).",
         epilog="Without options it runs the five methods at a 10% budget with 3 seeds on Fashion-MNIST: about "
-        "45 minutes on 2 CPU cores. --quick runs the same code on a subset in a few minutes.",
+        "45 minutes on 2 CPU cores. --quick runs the same code on a subset in under a minute.",
         formatter_class=_HelpWithDefaults,
     )
     parser.add_argument(
