@@ -821,12 +821,16 @@ class ExclusionRecorder(CrestCallback):
         return subsets
 
 
+class Smoothed(Recorder):
+    """Label-smoothed cross-entropy as the per-example loss: it never falls under the smoothed targets' entropy."""
+
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=0.1)
+
+
 def test_a_loss_with_a_floor_above_the_threshold_warns_before_the_first_step() -> None:
     # Label-smoothed cross-entropy never falls under the entropy of the smoothed targets (0.35 for 0.1 over 4
     # classes): with drop_threshold=0.1 nothing could ever be excluded, which the first selection says.
-    class Smoothed(CrestCallback):
-        def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=0.1)
 
     class Stopped(Exception):
         pass
@@ -859,9 +863,6 @@ def test_a_loss_with_a_floor_above_the_threshold_warns_before_the_first_step() -
 
 
 def test_the_loss_floor_probe_changes_nothing_in_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Smoothed(Recorder):
-        def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-            return nn.functional.cross_entropy(logits.float(), targets, reduction="none", label_smoothing=0.1)
 
     runs = []
     for probe in (True, False):
