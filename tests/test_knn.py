@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -460,13 +461,16 @@ def test_torch_searches_multiply_in_full_float32_whatever_the_matmul_precision(
         users = [backend.fp32_precision for backend in backends]
         assert users != ["ieee", "ieee"]
         seen: list[list[str]] = []
-        addmm = torch.addmm
 
-        def spy(*args: object, **kwargs: object) -> Tensor:
-            seen.append([backend.fp32_precision for backend in backends])
-            return addmm(*args, **kwargs)  # type: ignore[arg-type]
+        def spy(product: Callable[..., Tensor]) -> Callable[..., Tensor]:
+            def recorded(*args: object, **kwargs: object) -> Tensor:
+                seen.append([backend.fp32_precision for backend in backends])
+                return product(*args, **kwargs)
 
-        monkeypatch.setattr(torch, "addmm", spy)
+            return recorded
+
+        for name in ("mm", "addmm"):
+            monkeypatch.setattr(torch, name, spy(getattr(torch, name)))
         points = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
         TorchKnn().search(points, points, 5)
         searched = len(seen)
@@ -478,7 +482,7 @@ def test_torch_searches_multiply_in_full_float32_whatever_the_matmul_precision(
         def failing(*args: object, **kwargs: object) -> Tensor:
             raise RuntimeError("out of memory")
 
-        monkeypatch.setattr(torch, "addmm", failing)
+        monkeypatch.setattr(torch, "mm", failing)
         with pytest.raises(RuntimeError, match="out of memory"):
             TorchKnn().search(points, points, 5)
         assert [backend.fp32_precision for backend in backends] == users
@@ -486,3 +490,37 @@ def test_torch_searches_multiply_in_full_float32_whatever_the_matmul_precision(
         torch.set_float32_matmul_precision(generic)
         for backend, value in zip(backends, saved):
             backend.fp32_precision = value
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the bytes of the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for leaf in torch.utils._pytree.tree_leaves(out):
+            if isinstance(leaf, Tensor):
+                self.largest = max(self.largest, leaf.numel() * leaf.element_size())
+        return out
+
+
+def test_torch_search_keeps_every_block_within_its_budget() -> None:
+    # The owner search of a selection: every point against the picks, k = 1. The picks lie within rounding of each
+    # other seen from the points, far out, so every pick stays in doubt and the full comparison ranks all of them.
+    # Its candidates (values and int64 indices for each query) were once taken for the whole distance block at
+    # once: twice the budget.
+    g = torch.Generator().manual_seed(0)
+    picks = 1e-5 * torch.randn(500, 10, generator=g)
+    points = 10.0 + torch.randn(2000, 10, generator=g)
+    budget = 2**17  # above the inputs (80 kB)
+    watch = _LargestOutput()
+    with watch:
+        distances, indices = TorchKnn(max_chunk_bytes=budget).search(picks, points, 1)
+    assert 0 < watch.largest <= budget
+    exact = (picks[indices] - points.unsqueeze(1)).norm(dim=2)
+    brute, _ = _brute_force(picks.double(), points.double(), 1)
+    torch.testing.assert_close(distances, exact, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(distances.double(), brute.double(), rtol=1e-6, atol=0)

@@ -196,8 +196,9 @@ class TorchKnn:
     whatever ``torch.set_float32_matmul_precision`` says (Lightning suggests ``"high"``, TF32, on recent GPUs).
 
     Args:
-        max_chunk_bytes: Budget for the per-chunk ``(chunk, n)`` float32 distance block; at least one
-            query row is processed per chunk whatever the budget.
+        max_chunk_bytes: Budget of each block the search allocates: the ``(chunk, n)`` float32 distances, and the
+            candidates ranked exactly with their ``(rows, width, d)`` differences. At least one query row is
+            processed at a time whatever the budget.
     """
 
     name = "torch"
@@ -224,7 +225,8 @@ class TorchKnn:
             for start in range(0, queries.shape[0], chunk):
                 block = queries[start : start + chunk]
                 block_sq = block.square().sum(dim=1, keepdim=True)
-                sq = torch.addmm(db_sq.unsqueeze(0), block, database.T, alpha=-2.0).add_(block_sq)
+                # Norms added in place: `addmm` would expand them into a second (chunk, n) block.
+                sq = torch.mm(block, database.T).mul_(-2.0).add_(db_sq).add_(block_sq)
                 # Even centred, the expanded form errs by up to `slack` times the two squared norms (a point's
                 # distance to itself is not 0), enough to misorder near duplicates. The candidates, ranked exactly
                 # from the differences, are the 2k nearest by the expanded form, and any other row whose expanded
@@ -240,20 +242,31 @@ class TorchKnn:
                 # (more are a pile of points within rounding of each other, any of which is as near).
                 reach = (near[:, -1:] - limit) / slack - block_sq
                 suspects = torch.nonzero(db_sq >= reach.min()).flatten() if width < n else db_sq[:0].long()
+                lower = None
                 if 0 < len(suspects) <= width:
                     candidates = torch.cat([candidates, suspects.expand(len(block), -1)], dim=1)
                     width = candidates.shape[1]
                 elif len(suspects) > width:
-                    lower = sq.sub_(slack * (block_sq + db_sq.unsqueeze(0)))
-                    width = max(k, min(_MAX_CANDIDATES, int((lower <= limit).sum(dim=1).max())))
-                    _, candidates = torch.topk(lower, width, dim=1, largest=False, sorted=False)
-                # The exact ranking gathers (rows, width, d) differences: as many rows at a time as the budget allows.
-                rows = max(1, self.max_chunk_bytes // (4 * width * max(d, 1)))
+                    lower = sq.sub_(block_sq * slack).sub_(db_sq * slack)  # in place, as above
+                    # Counted a slice of rows at a time: a sum over the whole block's mask converts it to int64.
+                    within = max(
+                        int((lower[i : i + 1024] <= limit[i : i + 1024]).sum(dim=1).max())
+                        for i in range(0, len(lower), 1024)
+                    )
+                    width = max(k, min(_MAX_CANDIDATES, within))
+                # The exact ranking gathers (rows, width, d) differences, and the full comparison's candidates
+                # are (rows, width) values and indices: as many rows at a time as the budget allows.
+                rows = max(1, self.max_chunk_bytes // (4 * width * (max(d, 1) + 6)))
                 for first in range(0, len(block), rows):
                     part = slice(first, first + rows)
-                    distances, idx = _exact_sorted(database, block[part], candidates[part])
+                    if lower is not None:
+                        mine = torch.topk(lower[part], width, dim=1, largest=False, sorted=False).indices
+                    else:
+                        mine = candidates[part]
+                    distances, idx = _exact_sorted(database, block[part], mine)
                     dist_parts.append(distances[:, :k].contiguous())  # not the (rows, width) storage
                     idx_parts.append(idx[:, :k].contiguous())
+                del sq, lower  # before the next block's is allocated
         if not dist_parts:
             empty = queries.new_empty((0, k))
             return empty, empty.to(torch.int64)
@@ -307,7 +320,8 @@ def _exact_sorted(database: Tensor, queries: Tensor, neighbours: Tensor) -> tupl
     near rows in the order of their indices (the first of them first, as faiss and the dense path take), and a row
     given twice last the second time."""
     neighbours = neighbours.sort(dim=1).values
-    squared = (database[neighbours] - queries.unsqueeze(1)).square().sum(dim=2)
+    # One (rows, width, d) block, the differences squared in place.
+    squared = database[neighbours].sub_(queries.unsqueeze(1)).square_().sum(dim=2)
     squared[:, 1:].masked_fill_(neighbours[:, 1:] == neighbours[:, :-1], math.inf)
     squared, order = torch.sort(squared, dim=1, stable=True)
     return squared.sqrt_(), torch.gather(neighbours, 1, order)
