@@ -76,7 +76,7 @@ class TracedCallback(CrestCallback):
             chunks = torch.split(order[: self.wide_size], self._dm.eval_batch_size)
             self._wide_batches = [self._dm.fetch(chunk.tolist(), seed=0) for chunk in chunks]
         with _swapped(self._running_stats(), self._anchor_stats):
-            _, losses, _ = super()._evaluate(self._wide_batches, seed=0)
+            _, losses, _, _ = super()._evaluate(self._wide_batches, seed=0)
         return float(losses.mean())
 
     def _select_coresets(self) -> None:
@@ -107,10 +107,10 @@ class TracedCallback(CrestCallback):
 
     def _evaluate(
         self, batches: list[Any], dtype: Any = None, seed: int | None = None, **kwargs: Any
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        logits, losses, embeddings = super()._evaluate(batches, dtype, seed, **kwargs)
-        self._check_loss = losses.mean()
-        return logits, losses, embeddings
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        scores = super()._evaluate(batches, dtype, seed, **kwargs)
+        self._check_loss = scores[1].mean()
+        return scores
 
 
 def _error(predicted: float, actual: float) -> float:

@@ -1192,7 +1192,22 @@ class CrestCallback(Callback):
         def gathered(field: int) -> Tensor:
             return torch.cat([gather_shares(trainer, scores[field], total) for scores, total in scored])  # type: ignore[arg-type]
 
-        return gathered(0), gathered(1), gathered(2) if embed else None
+        self._check_labels(indices, gathered(2))
+        return gathered(0), gathered(1), gathered(3) if embed else None
+
+    def _check_labels(self, indices: Tensor, targets: Tensor) -> None:
+        """CREST stratifies, selects and scores by :attr:`CrestDataModule.labels`, read once (from a ``targets``
+        attribute when there is one, spot-checked there): the items it reads must agree with them."""
+        expected = self._labels[indices.cpu()]
+        wrong = torch.nonzero(targets.cpu() != expected).flatten()
+        if len(wrong):
+            first = int(wrong[0])
+            raise ValueError(
+                f"Training item {int(indices[first])} has target {int(targets[first])}, but CrestDataModule read its "
+                f"label as {int(expected[first])} (from the dataset's `targets` attribute, or its parent's under a "
+                "Subset; a `target_transform`?). CREST selects by those labels: make the attribute hold the targets "
+                "the items return."
+            )
 
     def _fetch_share(self, indices: Tensor, seed: int | None = None) -> list[Any]:
         """This process's :func:`share` of ``indices`` as CPU batches of at most ``eval_batch_size`` examples, read
@@ -1209,15 +1224,15 @@ class CrestCallback(Callback):
         seed: int | None = None,
         *,
         embed: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Logits and losses in eval mode without gradients, under autocast in ``dtype`` if given, and with ``embed``
-        the inputs of the last linear layer; ``seed``: the batches are kept (the check sample) and their transfer
-        hooks run seeded (see :meth:`_on_device`)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Logits, losses and targets in eval mode without gradients, under autocast in ``dtype`` if given, and with
+        ``embed`` the inputs of the last linear layer; ``seed``: the batches are kept (the check sample) and their
+        transfer hooks run seeded (see :meth:`_on_device`)."""
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
         layer = self._last_linear() if embed else None
-        all_logits, all_losses, all_embeddings = [], [], []
+        all_logits, all_losses, all_targets, all_embeddings = [], [], [], []
         for position, batch in enumerate(batches):
             # One batch on the device at a time (`eval_batch_size` is what fits); its hooks run as for a training
             # batch, in training mode and outside the pass's contexts.
@@ -1235,10 +1250,11 @@ class CrestCallback(Callback):
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
                 all_losses.append(self._losses(logits, targets).float())
+                all_targets.append(targets.long())
             if layer is not None:
                 all_embeddings.append(self._embeddings(layer, captured, logits))
         embeddings = torch.cat(all_embeddings) if layer is not None else None
-        return torch.cat(all_logits), torch.cat(all_losses), embeddings
+        return torch.cat(all_logits), torch.cat(all_losses), torch.cat(all_targets), embeddings
 
     def _last_linear(self) -> torch.nn.Linear:
         """The module's last ``nn.Linear`` in registration order, whose inputs ``embedding_proxy`` sketches."""
@@ -1509,7 +1525,7 @@ class CrestCallback(Callback):
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
             with _swapped(self._running_stats(), self._anchor_stats):
-                _, losses, _ = self._evaluate(self._check_batches, seed=self._check_seed)
+                _, losses, _, _ = self._evaluate(self._check_batches, seed=self._check_seed)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
             actual = float(losses.mean())
@@ -1561,6 +1577,12 @@ class CrestCallback(Callback):
             return
         probe, self._weights_probe = self._weights_probe, None
         if probe is None:
+            # The step's batch did not reach `on_train_batch_start` (a `training_step` that takes `dataloader_iter`).
+            rank_zero_warn(
+                "CrestCallback could not check that the training loss uses the batch's weights: the batch was not "
+                "given to `on_train_batch_start` (as with a `training_step` that takes `dataloader_iter`). Make sure "
+                "the loss multiplies each example's loss by its weight; unweighted, the coresets train a biased sample."
+            )
             return
         probe.requires_grad_(False)
         if probe.grad is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 import random
 import reprlib
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
 
-from lightning_crest._checks import check_flag, check_positive_int, global_seed
+from lightning_crest._checks import check_flag, check_positive_int, check_seed, global_seed
 from lightning_crest.distributed import release_process_group
 from lightning_crest.sampler import (
     CoresetPlan,
@@ -53,7 +54,7 @@ class CrestDataModule(L.LightningDataModule):
             ``batch_size``, a size known to fit and to run efficiently (on a 2-core CPU, a small CNN's forward
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
-        seed: Seed of the shuffle in plain epochs; ``None`` takes Lightning's global seed (``L.seed_everything``)
+        seed: Seed of the shuffle in plain epochs, in ``[0, 2**63)``; ``None`` takes Lightning's global seed (``L.seed_everything``)
             when the loader is built, as Lightning's distributed sampler does, process 0's under DDP.
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
@@ -66,9 +67,10 @@ class CrestDataModule(L.LightningDataModule):
 
     Raises:
         TypeError: If ``train_dataset`` is not a map-style dataset of ``(input, target)`` pairs with integer
-            targets, another dataset is not a dataset (a ``DataLoader``, say), or ``collate_fn`` is not callable.
+            targets, another dataset is not a dataset (a ``DataLoader`` or a path, say), or ``collate_fn`` is not
+            callable.
         ValueError: If a batch size is not a positive int, ``num_workers`` not a non-negative one, ``seed`` not an
-            int or None, or ``pin_memory`` not a bool.
+            int in ``[0, 2**63)`` or None, or ``pin_memory`` not a bool.
 
     Example::
 
@@ -96,10 +98,8 @@ class CrestDataModule(L.LightningDataModule):
         check_positive_int("eval_batch_size", eval_batch_size)
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(
-                f"`seed` must be an int or None (it seeds the shuffled full-data epochs), got {seed!r}."
-            )
+        if seed is not None:
+            check_seed(seed)
         check_flag("pin_memory", pin_memory)
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
@@ -310,9 +310,18 @@ def item_seed(seed: int, index: int) -> int:
 _MASK64 = (1 << 64) - 1
 
 
-def _check_eval_dataset(name: str, dataset: object) -> None:
+def _check_not_a_loader_or_path(name: str, dataset: object) -> None:
     if isinstance(dataset, DataLoader):
         raise TypeError(f"`{name}` must be a dataset, got a DataLoader; pass its `.dataset`.")
+    if isinstance(dataset, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"`{name}` must be a dataset, got the {type(dataset).__name__} {dataset!r} (a path?); build the dataset "
+            "from it and pass that."
+        )
+
+
+def _check_eval_dataset(name: str, dataset: object) -> None:
+    _check_not_a_loader_or_path(name, dataset)
     if dataset is not None and not (hasattr(dataset, "__getitem__") or hasattr(dataset, "__iter__")):
         raise TypeError(
             f"`{name}` must be a dataset or None, got {type(dataset).__name__} {dataset!r}"
@@ -321,8 +330,7 @@ def _check_eval_dataset(name: str, dataset: object) -> None:
 
 
 def _check_item(dataset: Dataset[Any]) -> None:
-    if isinstance(dataset, DataLoader):
-        raise TypeError("`train_dataset` must be a dataset, got a DataLoader; pass its `.dataset`.")
+    _check_not_a_loader_or_path("train_dataset", dataset)
     not_map_style = TypeError(
         f"`train_dataset` must be a map-style dataset with a length, got {type(dataset).__name__}: CREST reads "
         "the examples it picks by index."

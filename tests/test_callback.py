@@ -1213,6 +1213,21 @@ def test_module_ignoring_weights_is_an_error() -> None:
         fit(CrestCallback(random_subset_size=0.1), model=TinyClassifier(use_weights=False), max_epochs=1)
 
 
+class StepOnAnIterator(TinyClassifier):
+    def training_step(self, dataloader_iter: Any) -> Tensor:  # type: ignore[override]
+        batch, batch_idx, _ = next(dataloader_iter)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_step_on_the_data_loader_iterator_is_warned_that_its_weights_go_unchecked() -> None:
+    # Lightning gives `on_train_batch_start` no batch then, so no probe reaches the loss.
+    with pytest.warns(
+        UserWarning, match="could not check that the training loss uses the batch's weights"
+    ) as caught:
+        fit(CrestCallback(random_subset_size=0.1), model=StepOnAnIterator(use_weights=False), max_epochs=2)
+    assert sum("batch's weights" in str(w.message) for w in caught) == 1
+
+
 def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     callback = CrestCallback(random_subset_size=0.1)
     model = TinyClassifier()

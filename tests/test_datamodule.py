@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy as copy_module
+import pathlib
 import pickle
 import random
 from types import SimpleNamespace
@@ -27,9 +28,14 @@ def test_eval_batch_size_must_be_positive(eval_batch_size: Any) -> None:
         CrestDataModule(blobs(n=40), eval_batch_size=eval_batch_size)
 
 
-def test_seed_must_be_an_int_or_none() -> None:
-    with pytest.raises(ValueError, match=r"`seed` must be an int or None .* got 1.5"):
-        CrestDataModule(blobs(n=40), seed=1.5)  # type: ignore[arg-type]
+@pytest.mark.parametrize("seed", [1.5, -1, 2**63, True])
+def test_seed_must_be_an_int_in_range_or_none(seed: Any) -> None:
+    # The plain epochs seed torch's generator with `seed + epoch`: 2**64 - 1 failed at the second epoch.
+    with pytest.raises(
+        ValueError, match=rf"`seed` must be an int in \[0, 2\*\*63\), or None .*; got {seed!r}"
+    ):
+        CrestDataModule(blobs(n=40), seed=seed)
+    assert CrestDataModule(blobs(n=40), seed=2**63 - 1).seed == 2**63 - 1
 
 
 def test_an_iterable_dataset_with_a_length_is_refused() -> None:
@@ -348,6 +354,32 @@ def test_targets_attribute_is_spot_checked_beyond_the_first_item(index: int) -> 
         _ = CrestDataModule(OneRelabelled(blobs(n=40), index)).labels
 
 
+class SwappedClasses(LabelledTensors):
+    """Items of classes 1 and 2 swapped by a transform, ``targets`` keeping the raw labels; the items the labels are
+    spot-checked at (0, n // 2, n - 1) are of class 0, which the transform keeps."""
+
+    def __init__(self, data: LabelledTensors) -> None:
+        targets = data.targets.clone()
+        targets[[0, len(targets) // 2, len(targets) - 1]] = 0
+        super().__init__(data.tensors[0], targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, target = super().__getitem__(index)
+        return inputs, torch.where(target == 1, 2, torch.where(target == 2, 1, target))
+
+
+def test_labels_that_disagree_with_items_the_spot_checks_miss_stop_the_first_selection() -> None:
+    dataset = SwappedClasses(blobs(n=200))
+    dm = CrestDataModule(dataset, batch_size=16)
+    assert torch.equal(dm.labels, dataset.targets)  # read from the attribute, past its spot checks
+    trainer = make_trainer([CrestCallback(fraction=0.25, random_subset_size=48, check_size=16)])
+    with pytest.raises(
+        ValueError, match=r"Training item \d+ has target [12], but CrestDataModule read its label as"
+    ):
+        trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 0
+
+
 def test_targets_attribute_longer_than_the_data_set() -> None:
     data = blobs(n=40)
     data.targets = torch.cat([data.targets, data.targets[:5]])
@@ -639,6 +671,15 @@ def test_collate_fn_must_be_callable() -> None:
             {"predict_dataset": DataLoader(blobs(n=8))},
             r"`predict_dataset` must be a dataset, got a DataLoader",
         ),
+        (
+            {"val_dataset": "data/val"},
+            r"`val_dataset` must be a dataset, got the str 'data/val' \(a path\?\)",
+        ),
+        ({"test_dataset": b"test"}, r"`test_dataset` must be a dataset, got the bytes b'test' \(a path\?\)"),
+        (
+            {"predict_dataset": pathlib.Path("data")},
+            r"`predict_dataset` must be a dataset, got the PosixPath PosixPath\('data'\) \(a path\?\)",
+        ),
     ],
 )
 def test_evaluation_sets_must_be_datasets(kwargs: dict[str, Any], match: str) -> None:
@@ -648,6 +689,13 @@ def test_evaluation_sets_must_be_datasets(kwargs: dict[str, Any], match: str) ->
         blobs(n=40), val_dataset=[(torch.zeros(16), 0)]
     )  # any sized sequence of items will do
     assert len(dm.val_dataloader().dataset) == 1  # type: ignore[arg-type]
+
+
+def test_a_path_given_as_the_training_set_is_refused() -> None:
+    with pytest.raises(
+        TypeError, match=r"`train_dataset` must be a dataset, got the str 'data/train' \(a path\?\)"
+    ):
+        CrestDataModule("data/train")  # type: ignore[arg-type]
 
 
 def test_a_data_loader_given_as_the_training_set_is_refused() -> None:
