@@ -64,13 +64,18 @@ class CrestDataModule(L.LightningDataModule):
             loader too, so its items must suit it) and for CREST's own forward passes; training batches get the
             weights appended. Defaults to ``default_collate``. Define it at module level when ``num_workers > 0``
             and processes are spawned, so that it pickles.
+        prefetch_factor: Batches each loader worker reads ahead (``None``: torch's default, 2). A selection applies
+            after the ``prefetch_factor * num_workers`` training batches already read, so a smaller value makes
+            it apply sooner.
+        persistent_workers: Keep the loader workers between epochs (``None``: whenever ``num_workers > 0``).
 
     Raises:
         TypeError: If ``train_dataset`` is not a map-style dataset of ``(input, target)`` pairs with integer
             targets, another dataset is not a dataset (a ``DataLoader`` or a path, say), or ``collate_fn`` is not
             callable.
-        ValueError: If a batch size is not a positive int, ``num_workers`` not a non-negative one, ``seed`` not an
-            int in ``[0, 2**63)`` or None, or ``pin_memory`` not a bool.
+        ValueError: If a batch size or ``prefetch_factor`` is not a positive int, ``num_workers`` not a non-negative
+            one, ``seed`` not an int in ``[0, 2**63)`` or None, ``pin_memory`` or ``persistent_workers`` not a bool,
+            or a worker option is set without workers.
 
     Example::
 
@@ -91,6 +96,8 @@ class CrestDataModule(L.LightningDataModule):
         seed: int | None = None,
         predict_dataset: Dataset[Any] | None = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
         super().__init__()
         eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -101,6 +108,16 @@ class CrestDataModule(L.LightningDataModule):
         if seed is not None:
             check_seed(seed)
         check_flag("pin_memory", pin_memory)
+        if prefetch_factor is not None:
+            check_positive_int("prefetch_factor", prefetch_factor)
+        if persistent_workers is not None:
+            check_flag("persistent_workers", persistent_workers)
+        for name, value in (("prefetch_factor", prefetch_factor), ("persistent_workers", persistent_workers)):
+            if num_workers == 0 and value not in (None, False):
+                raise ValueError(
+                    f"`{name}`={value!r} applies to loader workers, but `num_workers` is 0; pass num_workers > 0, "
+                    f"or leave `{name}` at None."
+                )
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
         for name, dataset in (("test_dataset", test_dataset), ("predict_dataset", predict_dataset)):
@@ -115,6 +132,8 @@ class CrestDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.collate_fn = collate_fn
+        self.prefetch_factor = prefetch_factor
+        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
 
@@ -180,8 +199,7 @@ class CrestDataModule(L.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=None if self.collate_fn is None else WeightedCollate(self.collate_fn),
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
 
     @override
@@ -207,9 +225,17 @@ class CrestDataModule(L.LightningDataModule):
             batch_size=self.eval_batch_size,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            **self._loader_options(),
         )
+
+    def _loader_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.persistent_workers,
+        }
+        if self.prefetch_factor is not None:
+            options["prefetch_factor"] = self.prefetch_factor
+        return options
 
     @override
     def teardown(self, stage: str) -> None:

@@ -65,7 +65,7 @@ class CoresetPlan:
         if count > len(self._recent):
             raise RuntimeError(
                 f"{count} batches are read ahead of training, more than the {len(self._recent)} the plan keeps; "
-                "lower the data loader's `prefetch_factor * num_workers`."
+                "lower the data loader's `prefetch_factor * num_workers` (`CrestDataModule(prefetch_factor=...)`)."
             )
         return list(self._recent)[len(self._recent) - count :]
 

@@ -441,6 +441,45 @@ def test_num_workers_must_be_a_non_negative_int(num_workers: Any) -> None:
         CrestDataModule(blobs(n=40), num_workers=num_workers)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_workers": 1, "prefetch_factor": 0}, r"`prefetch_factor` must be a positive int, got 0"),
+        ({"num_workers": 1, "persistent_workers": 1}, r"`persistent_workers` must be True or False, got 1"),
+        ({"prefetch_factor": 1}, r"`prefetch_factor`=1 applies to loader workers, but `num_workers` is 0"),
+        (
+            {"persistent_workers": True},
+            r"`persistent_workers`=True applies to loader workers, but `num_workers` is 0",
+        ),
+    ],
+)
+def test_worker_options_are_checked(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CrestDataModule(blobs(n=40), **kwargs)
+
+
+def test_worker_options_reach_every_loader() -> None:
+    data = blobs(n=40)
+    dm = CrestDataModule(data, data, num_workers=1, prefetch_factor=1, persistent_workers=False)
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        assert (loader.prefetch_factor, loader.persistent_workers) == (1, False)
+    default = CrestDataModule(data, data, num_workers=1)
+    for loader in (default.train_dataloader(), default.val_dataloader()):
+        assert (loader.prefetch_factor, loader.persistent_workers) == (2, True)
+    assert not CrestDataModule(data, persistent_workers=False).train_dataloader().persistent_workers
+
+
+def test_a_crest_fit_with_one_batch_read_ahead_and_workers_started_each_epoch() -> None:
+    callback = CrestCallback(random_subset_size=0.1, tau=0.01)
+    torch.manual_seed(0)
+    dm = CrestDataModule(blobs(), batch_size=32, num_workers=1, prefetch_factor=1, persistent_workers=False)
+    trainer = make_trainer([callback], max_epochs=2)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 8
+    assert callback._trained == dm.plan.served  # nothing left counted as read ahead
+    assert callback._selections > 2
+
+
 def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     data = blobs(n=40)
 
