@@ -358,3 +358,18 @@ def test_weights_reach_the_batches_of_a_dataset_with_getitems() -> None:
     torch.testing.assert_close(weights, torch.linspace(0.5, 1.5, 8))
     assert torch.equal(targets, torch.arange(8, 16) % 4)
     assert torch.equal(inputs, torch.stack([dataset[i][0] for i in range(8, 16)]))
+
+
+def test_step_cost_script_prints_both_layouts(fashion_dir: Path) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "step_cost.py"
+    args = ["--data-dir", str(fashion_dir), "--rounds", "1", "--batch", "32", "--subset", "70"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| c")]
+    assert [row[0].strip() for row in rows] == ["contiguous", "channels_last"]
+    for _, step, forward, ratio in rows:
+        assert float(step) > 0
+        assert float(forward) > 0
+        assert float(ratio) == pytest.approx(float(forward) / float(step), rel=0.05)  # of rounded times
