@@ -14,7 +14,7 @@ def check_range(name: str, value: object, low: float, high: float, *, low_open: 
         hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
         raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
     too_low = value <= low if low_open else value < low
-    if too_low or value > high or math.isnan(value):
+    if too_low or value > high or (isinstance(value, float) and math.isnan(value)):
         bracket = "(" if low_open else "["
         raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
 

@@ -1283,9 +1283,17 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ),
         ({"drop_learned": "no"}, "`drop_learned` must be True or False, got 'no'"),
         ({"second_order": None}, "`second_order` must be True or False, got None"),
+        ({"drop_learned": 1}, "`drop_learned` must be True or False, got 1"),
+        ({"fraction": True}, "`fraction` must be a Python int or float, got True"),
+        ({"fraction": 10**400}, r"`fraction` must lie in \(0.0, 1.0\], got 1000000000"),
+        ({"coreset_mul": True}, "`coreset_mul` must be a positive int, got True"),
         (
             {"seed": "a"},
             r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got 'a'",
+        ),
+        (
+            {"seed": 2**63},
+            r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got 9223372036854775808",
         ),
         (
             {"seed": 2**70},
@@ -1318,6 +1326,11 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CrestCallback(**kwargs)
+
+
+def test_an_int_too_large_for_a_float_is_checked_as_a_number() -> None:
+    # math.isnan(10**400) raises OverflowError; within an unbounded range the value is simply large.
+    assert CrestCallback(tau=10**400).tau == 10**400
 
 
 def test_a_callback_never_fitted_saves_and_loads_an_empty_state(data: Any, tmp_path: Any) -> None:

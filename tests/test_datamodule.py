@@ -22,6 +22,18 @@ from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.distributed import batch_share, share
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": True}, "`batch_size` must be a positive int, got True"),
+        ({"pin_memory": 0}, "`pin_memory` must be True or False, got 0"),
+    ],
+)
+def test_bools_and_ints_are_not_taken_for_one_another(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CrestDataModule(blobs(n=40), **kwargs)
+
+
 @pytest.mark.parametrize("eval_batch_size", [0, -4, 2.5])
 def test_eval_batch_size_must_be_positive(eval_batch_size: Any) -> None:
     with pytest.raises(ValueError, match=f"`eval_batch_size` must be a positive int, got {eval_batch_size}"):

@@ -362,6 +362,24 @@ def test_state_dict_round_trip() -> None:
     assert restored.step == 5
 
 
+def test_a_state_dict_is_a_snapshot() -> None:
+    # update() and anchor() change the averages and the anchor in place: a state kept in memory (an in-memory
+    # checkpoint, one saved later) must not follow them.
+    q = _Quadratic()
+    params = q.params()
+    model = QuadraticModel()
+    model.update(q.grad(params), q.a)
+    model.anchor(params, 1.0)
+    state = model.state_dict()
+    kept = {name: value.clone() for name, value in state.items() if isinstance(value, torch.Tensor)}
+    assert {"grad_avg", "hess_sq_avg", "w0"} <= set(kept)
+    moved = [(p + 0.5).detach() for p in params]
+    model.update(q.grad(moved), [2 * a for a in q.a])
+    model.anchor(moved, 2.0)
+    for name, value in kept.items():
+        assert torch.equal(state[name], value), name
+
+
 def test_state_dict_round_trip_empty_state() -> None:
     buf = io.BytesIO()
     torch.save(QuadraticModel(eps=1e-3).state_dict(), buf)
