@@ -54,8 +54,9 @@ class CrestDataModule(L.LightningDataModule):
             ``batch_size``, a size known to fit and to run efficiently (on a 2-core CPU, a small CNN's forward
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
-        seed: Seed of the shuffle in plain epochs, in ``[0, 2**63)``; ``None`` takes Lightning's global seed (``L.seed_everything``)
-            when the loader is built, as Lightning's distributed sampler does, process 0's under DDP.
+        seed: Seed of the shuffle in plain epochs, in ``[0, 2**63)``; ``None`` takes Lightning's global seed
+            (``L.seed_everything``) when the loader is built, as Lightning's distributed sampler does, process 0's
+            under DDP.
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
