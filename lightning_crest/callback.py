@@ -42,6 +42,8 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
+# Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
+_MAX_MUL = 1000
 
 
 class CrestCallback(Callback):
@@ -81,7 +83,7 @@ class CrestCallback(Callback):
         coreset_mul: ``b``, coresets per selection per step of ``T1``. Unlike the paper, ``P`` is not capped by the
             steps left in the epoch: a selection carries over the epoch's end, and the coresets beyond the
             ``hessian_probes`` picked at the selection are picked only when first reached, so unused ones cost
-            nothing.
+            only their random subsets' indices (``P * r`` of them, which bounds ``b`` and ``h`` at 1000).
         drop_learned: Exclude learned examples from future random subsets.
         drop_threshold: ``alpha``, the loss at or under which an example counts as learned.
         drop_interval: ``T2``, epochs per exclusion window.
@@ -217,11 +219,18 @@ class CrestCallback(Callback):
         if check_sample not in ("independent", "subset"):
             raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {check_sample!r}.")
         check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
-        if interval_mul == math.inf:
+        if interval_mul > _MAX_MUL:
             raise ValueError(
-                "`interval_mul` must be finite, got inf; to re-select rarely, raise `tau` instead."
+                f"`interval_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
+                f"subsets, T1 at least `interval_mul`), got {interval_mul!r}; to re-select rarely, raise `tau` "
+                "instead."
             )
         check_positive_int("coreset_mul", coreset_mul)
+        if coreset_mul > _MAX_MUL:
+            raise ValueError(
+                f"`coreset_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
+                f"subsets), got {coreset_mul!r}."
+            )
         check_range("drop_threshold", drop_threshold, 0.0, math.inf)
         check_positive_int("drop_interval", drop_interval)
         check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
@@ -333,7 +342,7 @@ class CrestCallback(Callback):
         ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
         ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with
         ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
-        first), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
+        first and where the model's prediction overflowed, a failed check), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
         end = time.perf_counter() if self._fit_end is None else self._fit_end
         elapsed = end - self._fit_start
@@ -1102,8 +1111,8 @@ class CrestCallback(Callback):
                 else ""
             )
             raise FloatingPointError(
-                f"Non-finite gradient proxies at selection {self._selections + 1} (global step "
-                f"{self._trainer.global_step if self._trainer else '?'}): the model's logits contain NaN or inf."
+                "Non-finite gradient proxies while picking a coreset at global step "
+                f"{self._trainer.global_step if self._trainer else '?'}: the model's logits contain NaN or inf."
                 + hint
             )
         self._record_losses(flat, losses)
@@ -1425,12 +1434,23 @@ class CrestCallback(Callback):
         for coreset, weight in zip(coresets, weights, strict=True):
             grad, curvature = self._coreset_derivatives(coreset[mine], weight[mine], params, double_backward)
             flat_grad = mean_over_processes(trainer, grad)
+            if curvature is not None:
+                curvature = mean_over_processes(trainer, curvature)
+            for name, values in (("gradient", flat_grad), ("curvature", curvature)):
+                # Smoothed across the run, one non-finite value would leave every later prediction NaN.
+                if values is not None and not bool(torch.isfinite(values).all()):
+                    raise FloatingPointError(
+                        f"Non-finite {name} of a coreset's loss for the quadratic model at global step "
+                        f"{trainer.global_step}: the loss or its derivatives overflowed. Lower the learning rate if "
+                        "training diverges; for the curvature alone, probe fewer parameters (hessian_params="
+                        "'last_layer'), train in 32-bit precision, or pass second_order=False."
+                    )
             if not probe:
                 self._quadratic.update([flat_grad])
                 continue
             # The first-order model has no curvature beyond the model's eps.
             flat_curv = torch.zeros_like(flat_grad) if curvature is None else curvature
-            self._quadratic.update([flat_grad], [mean_over_processes(trainer, flat_curv)])
+            self._quadratic.update([flat_grad], [flat_curv])
         self._quadratic.anchor(params, loss)
 
     def _coreset_derivatives(
@@ -1476,12 +1496,18 @@ class CrestCallback(Callback):
                     except torch.cuda.OutOfMemoryError:
                         raise
                     except (RuntimeError, NotImplementedError) as error:
+                        if self.hessian_params == "last_layer":
+                            way = (
+                                f"hessian_params='last_layer' probed {', '.join(self._modelled)}, the parameters of "
+                                "the last module that has any: register the output layer last"
+                            )
+                        else:
+                            way = "Pass hessian_params='last_layer' to probe the last layer only"
                         raise RuntimeError(
                             "The Hutchinson probe of the quadratic model takes a double backward pass through the "
-                            f"model, which failed: {str(error).rstrip('.')}. Some layers have no second derivative (EmbeddingBag, "
-                            "compiled models). Pass hessian_params='last_layer' to probe the last layer only, "
-                            "second_order=False for a first-order model, or compile only the training step's "
-                            "model, not CREST's passes."
+                            f"model, which failed: {str(error).rstrip('.')}. Some layers have no second derivative "
+                            f"(EmbeddingBag, compiled models). {way}, pass second_order=False for a first-order "
+                            "model, or compile only the training step's model, not CREST's passes."
                         ) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
@@ -1535,8 +1561,10 @@ class CrestCallback(Callback):
                 )
             self._rho = relative_error(self._quadratic.predict(self._model_parameters()), actual)
             self._checks += 1
+            # A prediction that overflowed (NaN: the model's terms inf of both signs) describes nothing: re-select.
+            failed = math.isnan(self._rho) or self._rho > self.tau
             # Every process computes the same rho; agreeing explicitly keeps them in step if rounding ever differs.
-            return bool(trainer.strategy.reduce_boolean_decision(self._rho > self.tau, all=False))
+            return bool(trainer.strategy.reduce_boolean_decision(failed, all=False))
 
     # --- learned examples ----------------------------------------------------------------------------------
 

@@ -1266,7 +1266,18 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"fraction": math.inf}, r"`fraction` must lie in \(0.0, 1.0\], got inf"),
         ({"min_pool_fraction": -math.inf}, r"`min_pool_fraction` must lie in \[0.0, 1.0\], got -inf"),
         ({"interval_mul": 0.0}, r"`interval_mul` must lie in \(0.0, inf\], got 0.0"),
-        ({"interval_mul": math.inf}, "`interval_mul` must be finite, got inf"),
+        (
+            {"interval_mul": math.inf},
+            r"`interval_mul` must be at most 1000 \(each selection plans .*, got inf",
+        ),
+        (
+            {"interval_mul": 1e300},
+            r"`interval_mul` must be at most 1000 .*, got 1e\+300; to re-select rarely",
+        ),
+        (
+            {"coreset_mul": 1001},
+            r"`coreset_mul` must be at most 1000 \(each selection plans .*\), got 1001\.",
+        ),
         (
             {"fraction": np.float32(0.1)},
             r"`fraction` must be a Python int or float, got np.float32\(0.1\); pass float",
@@ -1611,7 +1622,7 @@ def test_a_model_without_double_backward_is_told_to_use_a_first_order_model(
 
     monkeypatch.setattr(crest_callback, "hutchinson_diagonal", unsupported)
     with pytest.raises(
-        RuntimeError, match=r"hessian_params='last_layer' .*, second_order=False for a first-order"
+        RuntimeError, match=r"hessian_params='last_layer' .*, pass second_order=False for a first-order"
     ):
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
     trainer, _ = fit(CrestCallback(random_subset_size=0.1, second_order=False), max_epochs=1)
@@ -1660,6 +1671,22 @@ def test_a_layer_without_double_backward_is_named_with_the_ways_around_it() -> N
     trainer, _ = fit(callback, data=tokens(), model=Tokens(bag=True), max_epochs=1)
     assert trainer.global_step == 2
     assert callback._quadratic.curvature_steps >= 1
+    # With the bag registered last, 'last_layer' is the bag: the message names it instead of advising 'last_layer'.
+    model = Tokens(bag=True)
+    bag = model.embed
+    del model.embed
+    model.embed = bag
+    with pytest.raises(
+        RuntimeError,
+        match=r"\(EmbeddingBag, compiled models\)\. hessian_params='last_layer' probed embed\.weight, the parameters "
+        "of the last module that has any: register the output layer last, pass second_order=False",
+    ):
+        fit(
+            CrestCallback(random_subset_size=0.2, hessian_params="last_layer"),
+            data=tokens(),
+            model=model,
+            max_epochs=1,
+        )
 
 
 def test_a_loader_built_before_crest_planned_its_epochs_is_refused_with_the_order_to_fix() -> None:

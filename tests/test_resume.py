@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 
 from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest.quadratic import QuadraticModel
 
 N, BATCH, FRACTION = 1200, 32, 0.25
 STEPS = math.ceil(FRACTION * N / BATCH)  # 10 steps per epoch
@@ -755,8 +756,8 @@ class NaNAfter(TinyClassifier):
 
 
 @pytest.mark.parametrize("proxy_dtype", [None, torch.float16])
-def test_non_finite_gradient_proxies_name_the_selection(proxy_dtype: torch.dtype | None) -> None:
-    message = r"Non-finite gradient proxies at selection 1 \(global step 0\): the model's logits contain NaN or inf\."
+def test_non_finite_gradient_proxies_name_the_step(proxy_dtype: torch.dtype | None) -> None:
+    message = r"Non-finite gradient proxies while picking a coreset at global step 0: the model's logits contain NaN or inf\."
     # Half precision overflows at 65504: the message says so only when the proxies were scored in it.
     hint = (
         " They were scored under proxy_dtype=torch.float16, whose range may have overflowed"
@@ -765,6 +766,40 @@ def test_non_finite_gradient_proxies_name_the_selection(proxy_dtype: torch.dtype
     )
     with pytest.raises(FloatingPointError, match=message + hint):
         run(crest(proxy_dtype=proxy_dtype), model=NaNAfter(0))
+
+
+@pytest.mark.parametrize("name", ["gradient", "curvature"])
+def test_non_finite_derivatives_of_a_coreset_stop_the_selection(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Smoothed over the run, one inf would have left every later prediction NaN (and every check passing).
+    derivatives = CrestCallback._coreset_derivatives
+
+    def overflowed(self: CrestCallback, *args: Any) -> tuple[Tensor, Tensor | None]:
+        grad, curvature = derivatives(self, *args)
+        if self._trainer is not None and self._trainer.global_step >= 3:
+            if name == "gradient":
+                grad = grad * math.inf
+            elif curvature is not None:
+                curvature = curvature * math.inf
+        return grad, curvature
+
+    monkeypatch.setattr(CrestCallback, "_coreset_derivatives", overflowed)
+    with pytest.raises(
+        FloatingPointError, match=rf"Non-finite {name} of a coreset's loss .* at global step \d+"
+    ):
+        run(crest(tau=0.0))
+
+
+def test_a_prediction_that_overflows_fails_its_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Far off the model's scale its two terms overflow to inf of both signs: a NaN rho, which no longer passes.
+    monkeypatch.setattr(QuadraticModel, "predict", lambda self, params: math.nan)
+    callback = crest(tau=1e9, drop_learned=False)
+    run(callback)
+    assert callback._checks > 0
+    assert math.isnan(callback.statistics["rho"])
+    # One selection at the start, and one after every check but the last, at the fit's last step.
+    assert callback._selections == callback._checks
 
 
 def test_non_finite_check_loss_names_the_step() -> None:
