@@ -280,7 +280,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                 c=color,
                 marker="o^sDvP*X"[style % 8],
             )
-            traced = [r for r in group if r["selection_trace"]]
+            # The random baseline's plans are not selections (runs saved before it stopped recording them have some).
+            traced = [r for r in group if r["selection_trace"] and r["method"].startswith("crest")]
             for index, run in enumerate(traced):
                 steps, counts = zip(*run["selection_trace"], (run["steps"], run["selections"]))
                 right.step(
