@@ -30,6 +30,7 @@ test: lint
 
 # Selection engine speed (prints tables).
 bench: $(STAMP)
+	scripts/fetch-fashion-mnist data
 	$(PY) benchmarks/selection.py
 
 # The full Fashion-MNIST comparison at 10% and 20% budgets (about 80 minutes on 2 cores).

@@ -11,8 +11,8 @@ markdown tables; it never asserts on time. Three scenarios:
    quality of ``knn=32`` against the dense greedy on a 4,000-point pool.
 
 The proxies come from a tiny CNN trained briefly on Fashion-MNIST when its idx files are found
-(``--fashion-mnist-dir``, by default where Debian's ``fashion-mnist`` package puts them), otherwise from
-synthetic clustered logits.
+(``--fashion-mnist-dir``, unpacked or gzipped; by default ``data/FashionMNIST/raw``, where
+``scripts/fetch-fashion-mnist data`` puts them), otherwise from synthetic clustered logits.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from torch import Tensor, nn
 from lightning_crest.selection import class_budgets, facility_location, gradient_proxy
 from lightning_crest.selection._facility_location import _block_size, _cluster_sizes, _dense_greedy
 
-DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where `scripts/fetch-fashion-mnist data` puts the idx files (and torchvision looks for them).
+DEFAULT_FASHION_MNIST_DIR = Path("data/FashionMNIST/raw")
 NUM_CLASSES = 10
 POOL_SIZE = 600
 BUDGET = 128
@@ -56,7 +57,7 @@ APRICOT_OPTIMIZERS = ("naive", "lazy", "two-stage")
 
 def _read_idx(path: Path) -> np.ndarray[Any, Any]:
     """Read an idx file (the MNIST format): magic with the number of dimensions, big-endian sizes, uint8 data."""
-    with gzip.open(path, "rb") as handle:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as handle:
         raw = handle.read()
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -64,8 +65,12 @@ def _read_idx(path: Path) -> np.ndarray[Any, Any]:
 
 
 def _fashion_mnist(directory: Path) -> tuple[Tensor, Tensor] | None:
-    images, labels = directory / "train-images-idx3-ubyte.gz", directory / "train-labels-idx1-ubyte.gz"
-    if not (images.is_file() and labels.is_file()):
+    found = [
+        next((path for path in (directory / name, directory / f"{name}.gz") if path.is_file()), None)
+        for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+    ]
+    images, labels = found
+    if images is None or labels is None:
         return None
     x = torch.from_numpy(_read_idx(images).astype(np.float32) / 255.0).unsqueeze(1)
     return (x - 0.286) / 0.353, torch.from_numpy(_read_idx(labels).astype(np.int64))

@@ -131,10 +131,10 @@ class CrestDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.eval_batch_size = eval_batch_size
         self.pin_memory = pin_memory
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)  # torch's sampler seeds with a Python int only
         self.collate_fn = collate_fn
         self.prefetch_factor = prefetch_factor
-        self.persistent_workers = num_workers > 0 if persistent_workers is None else persistent_workers
+        self.persistent_workers = persistent_workers
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
 
@@ -230,10 +230,8 @@ class CrestDataModule(L.LightningDataModule):
         )
 
     def _loader_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.persistent_workers,
-        }
+        persistent = self.num_workers > 0 if self.persistent_workers is None else self.persistent_workers
+        options: dict[str, Any] = {"pin_memory": self.pin_memory, "persistent_workers": persistent}
         if self.prefetch_factor is not None:
             options["prefetch_factor"] = self.prefetch_factor
         return options

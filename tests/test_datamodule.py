@@ -50,6 +50,15 @@ def test_seed_must_be_an_int_in_range_or_none(seed: Any) -> None:
     assert CrestDataModule(blobs(n=40), seed=2**63 - 1).seed == 2**63 - 1
 
 
+def test_a_numpy_integer_seed_shuffles_plain_epochs() -> None:
+    # torch's sampler seeds its generator with a Python int only: NumPy's is converted.
+    dm = CrestDataModule(blobs(n=40), batch_size=8, seed=np.int64(3))
+    assert type(dm.seed) is int
+    first = [batch[1] for batch in dm.train_dataloader()]
+    again = [batch[1] for batch in CrestDataModule(blobs(n=40), batch_size=8, seed=3).train_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
 def test_an_iterable_dataset_with_a_length_is_refused() -> None:
     class Stream(torch.utils.data.IterableDataset[tuple[Tensor, int]]):
         def __iter__(self) -> Any:
@@ -479,6 +488,9 @@ def test_worker_options_reach_every_loader() -> None:
     for loader in (default.train_dataloader(), default.val_dataloader()):
         assert (loader.prefetch_factor, loader.persistent_workers) == (2, True)
     assert not CrestDataModule(data, persistent_workers=False).train_dataloader().persistent_workers
+    # Settled when a loader is built, as for `num_workers`: workers turned off later turn persistence off too.
+    default.num_workers = 0
+    assert not default.val_dataloader().persistent_workers
 
 
 def test_a_crest_fit_with_one_batch_read_ahead_and_workers_started_each_epoch() -> None:

@@ -520,6 +520,13 @@ def test_torch_search_keeps_every_block_within_its_budget() -> None:
     with watch:
         distances, indices = TorchKnn(max_chunk_bytes=budget).search(picks, points, 1)
     assert 0 < watch.largest <= budget
+    # Many neighbours in one dimension: the first candidates' int64 indices are the largest block (20 queries, so
+    # that the result itself, 20 x 500, stays under the budget).
+    line = torch.randn(1000, 1, generator=g)
+    watch = _LargestOutput()
+    with watch:
+        TorchKnn(max_chunk_bytes=budget).search(line, line[:20], 500)
+    assert 0 < watch.largest <= budget
     exact = (picks[indices] - points.unsqueeze(1)).norm(dim=2)
     brute, _ = _brute_force(picks.double(), points.double(), 1)
     torch.testing.assert_close(distances, exact, rtol=1e-6, atol=1e-7)

@@ -213,8 +213,9 @@ class TorchKnn:
         """See :meth:`KnnBackend.search`."""
         database, queries = _prepare(database, queries, k)
         n, d = database.shape
-        # The gathered (chunk, k, d) neighbour block can outgrow the distance block when d is large.
-        row_bytes = 4 * max(n, k * d)
+        # Per query: the float32 distances, the first candidates' int64 indices (2k of them), and the gathered
+        # (chunk, k, d) neighbour block, which can outgrow the distances when d is large.
+        row_bytes = max(4 * n, 8 * min(n, 2 * k), 4 * k * d)
         chunk = max(1, self.max_chunk_bytes // row_bytes)
         db_sq = database.square().sum(dim=1)
         # Rounding error of the expanded form per unit of squared norm, a float32 epsilon for each of its terms.
