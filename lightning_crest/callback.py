@@ -90,7 +90,8 @@ class CrestCallback(Callback):
         min_pool_fraction: Never shrink the pool below this fraction of the training set.
         min_class_fraction: Never shrink a class below this fraction of its size.
         hessian_params: Parameters of the quadratic model: ``"all"``, or ``"last_layer"`` (the last module with
-            trainable parameters, in registration order) for large models.
+            trainable parameters, in registration order) for large models; a fit warns once when that module's
+            output is not the logits.
         hessian_probes: Coreset batches that update the quadratic model at each selection (their gradients, and a
             Hutchinson probe each where the curvature is probed), at most the ``P`` that the previous selection
             planned (``P`` is known only after the probes); ``None`` takes all ``P``.
@@ -764,6 +765,7 @@ class CrestCallback(Callback):
         self._fit_end = None
         self._last_drop_epoch = -1
         self._weights_checked = False
+        self._last_layer_checked = False
         self._weights_probe = None
         self._in_step = False
         self._ignore_next_state = False
@@ -1407,8 +1409,23 @@ class CrestCallback(Callback):
         assert module is not None
         if self.hessian_params == "all":
             return [p for p in module.parameters() if p.requires_grad]
-        owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-        return [p for p in owners[-1].parameters(recurse=False) if p.requires_grad] if owners else []
+        owner = _last_owner(module)
+        return [p for p in owner.parameters(recurse=False) if p.requires_grad] if owner is not None else []
+
+    def _check_last_layer(self, owner: torch.nn.Module, outputs: list[Any], logits: Tensor) -> None:
+        """Warn when the module whose parameters ``hessian_params='last_layer'`` models does not give the logits."""
+        if not any(
+            isinstance(out, Tensor)
+            and out.shape == logits.shape
+            and torch.equal(out.detach().to(logits.dtype), logits.detach())
+            for out in outputs
+        ):
+            rank_zero_warn(
+                f"hessian_params='last_layer' models {', '.join(self._modelled_names())}, the parameters of the last "
+                f"module registered with any ({type(owner).__name__}), but that module's output is not the logits: "
+                "the quadratic model describes another layer than the output one. Register the output layer last, or "
+                "pass hessian_params='all'."
+            )
 
     def _modelled_names(self) -> tuple[str, ...]:
         """Names of the parameters the quadratic model would describe now (see :meth:`_model_parameters`)."""
@@ -1472,13 +1489,21 @@ class CrestCallback(Callback):
             inputs, targets = self._on_device(self._dm.fetch(indices[part].tolist()))
             # Fused attention kernels have no second derivative; the math kernel computes the same attention.
             attention = sdpa_kernel(SDPBackend.MATH) if graph else nullcontext()
+            # Once per fit, 'last_layer' is checked to be the layer that gives the logits.
+            owner = _last_owner(module) if self.hessian_params == "last_layer" else None
+            watched = owner if owner is not None and not self._last_layer_checked else None
+            outputs: list[Any] = []
             with (
                 _eval_mode(module),
                 torch.enable_grad(),
                 trainer.precision_plugin.forward_context(),
                 attention,
+                _outputs_of(watched, outputs) if watched is not None else nullcontext(),
             ):
                 logits = self._logits(module, inputs, targets)
+                if watched is not None:
+                    self._last_layer_checked = True
+                    self._check_last_layer(watched, outputs, logits)
                 share = len(part) / len(rows)  # of the mean over all the examples
                 part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
                 grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
@@ -1687,6 +1712,22 @@ def _inputs_of(layer: torch.nn.Linear, captured: list[tuple[Tensor, Tensor]]) ->
         captured.append((args[0] if args else kwargs["input"], output))
 
     handle = layer.register_forward_hook(record, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _last_owner(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The last module, in registration order, with trainable parameters of its own."""
+    owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    return owners[-1] if owners else None
+
+
+@contextmanager
+def _outputs_of(module: torch.nn.Module, captured: list[Any]) -> Iterator[None]:
+    """Append the output of every call of ``module`` to ``captured`` for the duration."""
+    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:
         yield
     finally:

@@ -478,6 +478,35 @@ def test_hessian_params_the_loss_does_not_use_are_refused() -> None:
     fit(CrestCallback(hessian_params="all"), model=Auxiliary(), max_epochs=1)  # the other parameters carry it
 
 
+class ActivationLast(TinyClassifier):
+    """A PReLU used before the head but registered after it: the last module with parameters of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = torch.nn.PReLU()
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.net[2](self.act(self.net[1](self.net[0](inputs))))  # type: ignore[no-any-return]
+
+
+def test_last_layer_that_does_not_give_the_logits_is_warned_once() -> None:
+    with pytest.warns(
+        UserWarning,
+        match=r"models act\.weight, the parameters of the last module registered with any "
+        r"\(PReLU\), but that module's output is not the logits",
+    ) as caught:
+        fit(
+            CrestCallback(random_subset_size=0.1, hessian_params="last_layer"),
+            model=ActivationLast(),
+            max_epochs=2,
+        )
+    assert sum("output is not the logits" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*output is not the logits")
+        fit(CrestCallback(random_subset_size=0.1, hessian_params="last_layer"), max_epochs=1)
+        fit(CrestCallback(random_subset_size=0.1, hessian_params="all"), model=ActivationLast(), max_epochs=1)
+
+
 def test_true_half_precision_reaches_the_selections() -> None:
     callback = CrestCallback(random_subset_size=0.1, tau=0.02)
     _, model = fit(callback, precision="bf16-true", max_epochs=2)
