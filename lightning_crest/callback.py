@@ -343,7 +343,8 @@ class CrestCallback(Callback):
         ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
         ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with
         ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
-        first and where the model's prediction overflowed, a failed check), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
+        first and where the model's prediction overflowed, a failed check), ``check_interval`` (``T1``) and
+        ``num_coresets`` (``P``).
         """
         end = time.perf_counter() if self._fit_end is None else self._fit_end
         elapsed = end - self._fit_start
