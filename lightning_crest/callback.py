@@ -1491,20 +1491,20 @@ class CrestCallback(Callback):
             # Fused attention kernels have no second derivative; the math kernel computes the same attention.
             attention = sdpa_kernel(SDPBackend.MATH) if graph else nullcontext()
             # Once per fit, 'last_layer' is checked to be the layer that gives the logits.
-            owner = _last_owner(module) if self.hessian_params == "last_layer" else None
-            watched = owner if owner is not None and not self._last_layer_checked else None
-            outputs: list[Any] = []
+            checking = self.hessian_params == "last_layer" and not self._last_layer_checked
+            watched = _last_owner(module) if checking else None
+            calls: list[tuple[Any, Any]] = []
             with (
                 _eval_mode(module),
                 torch.enable_grad(),
                 trainer.precision_plugin.forward_context(),
                 attention,
-                _outputs_of(watched, outputs) if watched is not None else nullcontext(),
+                _inputs_of(watched, calls) if watched is not None else nullcontext(),
             ):
                 logits = self._logits(module, inputs, targets)
                 if watched is not None:
                     self._last_layer_checked = True
-                    self._check_last_layer(watched, outputs, logits)
+                    self._check_last_layer(watched, [output for _, output in calls], logits)
                 share = len(part) / len(rows)  # of the mean over all the examples
                 part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
                 grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
@@ -1706,11 +1706,11 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _inputs_of(layer: torch.nn.Linear, captured: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Append the input and output of every call of ``layer`` to ``captured`` for the duration."""
+def _inputs_of(layer: torch.nn.Module, captured: list[tuple[Any, Any]]) -> Iterator[None]:
+    """Append the (first) input and output of every call of ``layer`` to ``captured`` for the duration."""
 
     def record(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
-        captured.append((args[0] if args else kwargs["input"], output))
+        captured.append((args[0] if args else kwargs.get("input"), output))
 
     handle = layer.register_forward_hook(record, with_kwargs=True)
     try:
@@ -1723,16 +1723,6 @@ def _last_owner(module: torch.nn.Module) -> torch.nn.Module | None:
     """The last module, in registration order, with trainable parameters of its own."""
     owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     return owners[-1] if owners else None
-
-
-@contextmanager
-def _outputs_of(module: torch.nn.Module, captured: list[Any]) -> Iterator[None]:
-    """Append the output of every call of ``module`` to ``captured`` for the duration."""
-    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextmanager
