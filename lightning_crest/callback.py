@@ -416,6 +416,16 @@ class CrestCallback(Callback):
             self._dm.plan.refill = self._dm.plan.resolve = self._dm.plan.on_epoch_start = None
 
     @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in `setup`: the module's `setup` and `configure_model` may build its layers after the callback's.
+        if self.selection == "crest" and not self._model_parameters(pl_module):
+            raise ValueError(
+                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
+                f"{type(pl_module).__name__}: the quadratic model needs some. Leave parameters trainable "
+                "(requires_grad), or remove CrestCallback."
+            )
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check_loader(trainer)
         self._check_accumulation_schedule(trainer)
@@ -835,7 +845,7 @@ class CrestCallback(Callback):
         # Random mini-batches draw no subsets and make no checks: CREST's sizes and parameters do not apply to them.
         subset = self._subset_size(n, global_batch) if self.selection == "crest" else global_batch
         if self.selection == "crest":
-            self._check_crest_sizes(pl_module, subset, global_batch, trainer.world_size)
+            self._check_crest_sizes(subset, global_batch, trainer.world_size)
         # Lightning moves the module to its device after `setup`: the strategy knows where it will train.
         device_type = trainer.strategy.root_device.type
         if self.proxy_dtype is not None and not torch.amp.is_autocast_available(device_type):
@@ -890,6 +900,7 @@ class CrestCallback(Callback):
             self._seed = global_seed(trainer)
             self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
+        self._last_layer_checked = False  # once per fit: the module may have changed since the last
         self._labels = labels
         self._num_classes = num_classes
         self._global_batch = global_batch
@@ -919,10 +930,8 @@ class CrestCallback(Callback):
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
 
-    def _check_crest_sizes(
-        self, pl_module: L.LightningModule, subset: int, global_batch: int, world_size: int
-    ) -> None:
-        """Warn about, or refuse, random subsets, check samples and modelled parameters that CREST cannot use."""
+    def _check_crest_sizes(self, subset: int, global_batch: int, world_size: int) -> None:
+        """Warn about, or refuse, random subsets and check samples that CREST cannot use."""
         if subset <= global_batch:
             rank_zero_warn(
                 f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "
@@ -944,11 +953,6 @@ class CrestCallback(Callback):
             raise ValueError(
                 f"`check_size`={self.check_size} is smaller than the {world_size} processes that share each "
                 "check; raise it."
-            )
-        if not self._model_parameters(pl_module):
-            raise ValueError(
-                f"`hessian_params`={self.hessian_params!r} selects no trainable parameters of "
-                f"{type(pl_module).__name__}: the quadratic model needs some."
             )
 
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:

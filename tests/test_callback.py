@@ -466,6 +466,30 @@ def test_hessian_params_that_select_nothing_are_refused() -> None:
         fit(CrestCallback(hessian_params="last_layer"), model=model, max_epochs=1)
 
 
+def test_a_model_built_in_configure_model_is_modelled() -> None:
+    class Deferred(TinyClassifier):  # its layers appear after the callbacks' setup
+        def __init__(self) -> None:
+            super().__init__()
+            del self.net
+
+        def configure_model(self) -> None:
+            if not hasattr(self, "net"):
+                self.net = torch.nn.Sequential(
+                    torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+                )
+
+    for hessian_params in ("all", "last_layer"):
+        callback = CrestCallback(random_subset_size=0.1, hessian_params=hessian_params)  # type: ignore[arg-type]
+        trainer, _ = fit(callback, model=Deferred(), max_epochs=1)
+        assert trainer.global_step == 4
+        assert callback.statistics["selections"] >= 1
+        assert callback._modelled == (
+            ("net.2.weight", "net.2.bias")
+            if hessian_params == "last_layer"
+            else ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")
+        )
+
+
 def test_hessian_params_the_loss_does_not_use_are_refused() -> None:
     class Auxiliary(TinyClassifier):  # a head registered after the classifier, unused by the loss
         def __init__(self) -> None:
@@ -489,7 +513,7 @@ class ActivationLast(TinyClassifier):
         return self.net[2](self.act(self.net[1](self.net[0](inputs))))  # type: ignore[no-any-return]
 
 
-def test_last_layer_that_does_not_give_the_logits_is_warned_once() -> None:
+def test_last_layer_that_does_not_give_the_logits_is_warned_once_per_fit() -> None:
     with pytest.warns(
         UserWarning,
         match=r"models act\.weight, the parameters of the last module registered with any "
@@ -501,6 +525,15 @@ def test_last_layer_that_does_not_give_the_logits_is_warned_once() -> None:
             max_epochs=2,
         )
     assert sum("output is not the logits" in str(w.message) for w in caught) == 1
+    # Once per fit: fitting the same module again with the same callback checks it again.
+    callback, model = CrestCallback(random_subset_size=0.1, hessian_params="last_layer"), ActivationLast()
+    trainer = make_trainer([callback], max_epochs=1)
+    dm = CrestDataModule(blobs(), batch_size=32)
+    for epochs in (1, 2):
+        trainer.fit_loop.max_epochs = epochs
+        with pytest.warns(UserWarning, match="output is not the logits") as caught:
+            trainer.fit(model, datamodule=dm)
+        assert sum("output is not the logits" in str(w.message) for w in caught) == 1
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*output is not the logits")
         fit(CrestCallback(random_subset_size=0.1, hessian_params="last_layer"), max_epochs=1)
