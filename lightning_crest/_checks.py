@@ -21,7 +21,10 @@ def check_range(name: str, value: object, low: float, high: float, *, low_open: 
 
 def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        # A NumPy integer would reach checkpoints, which then need `weights_only=False` to load.
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
+        hint = f"; pass int({value!r})" if integral else ""
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}{hint}.")
 
 
 def check_flag(name: str, value: object) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -37,7 +38,7 @@ from lightning_crest.distributed import (
 )
 from lightning_crest.pool import learned_examples, stratified_quotas
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
-from lightning_crest.sampler import CoresetSampler
+from lightning_crest.sampler import MAX_READ_AHEAD, CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy, last_layer_sketch
 
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -202,8 +203,14 @@ class CrestCallback(Callback):
     ) -> None:
         check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
+            kind = "int" if isinstance(random_subset_size, numbers.Integral) else "float"
+            hint = (
+                f"; pass {kind}({random_subset_size!r})"
+                if isinstance(random_subset_size, numbers.Real)
+                else ""
+            )
             raise ValueError(
-                f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}."
+                f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}{hint}."
             )
         if isinstance(random_subset_size, float):
             if random_subset_size > 1.0 and random_subset_size.is_integer():
@@ -342,9 +349,9 @@ class CrestCallback(Callback):
         ``selections`` (coreset selections since training started, a restored checkpoint's included),
         ``pool_size`` (examples not excluded as learned), ``selection_time`` (seconds spent selecting, likewise),
         ``overhead`` (the share of the current fit's time spent in CREST's own work, as :attr:`timings`); with
-        ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check, NaN before the
-        first and where the model's prediction overflowed, a failed check), ``check_interval`` (``T1``) and
-        ``num_coresets`` (``P``).
+        ``selection="crest"`` also ``rho`` (the quadratic model's relative error at the last check; NaN before the
+        first, and at a check that failed because the model's prediction overflowed or the trainable parameters
+        changed since the selection), ``check_interval`` (``T1``) and ``num_coresets`` (``P``).
         """
         end = time.perf_counter() if self._fit_end is None else self._fit_end
         elapsed = end - self._fit_start
@@ -450,9 +457,10 @@ class CrestCallback(Callback):
             assert loader is not None
             raise RuntimeError(
                 f"The training loader was built before CrestCallback's setup planned its epochs, so it serves full "
-                f"epochs of {len(loader)} batches: a callback listed before CrestCallback read "
-                "`trainer.estimated_stepping_batches` or `trainer.train_dataloader` in its `setup` (and any schedule "
-                "sized from it counted full epochs). List CrestCallback first in `Trainer(callbacks=[...])`."
+                f"epochs of {len(loader)} batches: the data module's own `setup`, or a callback's listed before "
+                "CrestCallback, read `trainer.estimated_stepping_batches` or `trainer.train_dataloader` (and any "
+                "schedule sized from it counted full epochs). List CrestCallback first in `Trainer(callbacks=[...])`, "
+                "and read them in the LightningModule's `configure_optimizers`, not in the data module's `setup`."
             )
         if not (isinstance(sampler, CoresetSampler) and sampler.plan is self._dm.plan):
             raise TypeError(
@@ -842,6 +850,14 @@ class CrestCallback(Callback):
                 f"(batch_size={dm.batch_size} x {trainer.world_size} processes); lower the data module's "
                 "`batch_size`."
             )
+        # Workers' batches plus the one Lightning fetches ahead: a new loader must be given them back in order.
+        ahead = dm.num_workers * (dm.prefetch_factor or 2) + 1
+        if dm.num_workers > 0 and ahead > MAX_READ_AHEAD:
+            raise ValueError(
+                f"CrestDataModule(num_workers={dm.num_workers}, prefetch_factor={dm.prefetch_factor}) reads "
+                f"{ahead} batches ahead of training, more than the {MAX_READ_AHEAD} that CREST keeps to serve again "
+                "when a loader is rebuilt; lower `prefetch_factor`."
+            )
         # Random mini-batches draw no subsets and make no checks: CREST's sizes and parameters do not apply to them.
         subset = self._subset_size(n, global_batch) if self.selection == "crest" else global_batch
         if self.selection == "crest":
@@ -925,6 +941,10 @@ class CrestCallback(Callback):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
             # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
+            dm.plan.replace([])
+            dm.plan.replay.clear()
+        elif self._restored_plan is None and any(len(w) not in (0, global_batch) for _, w in dm.plan.batches):
+            # Going on with another batch size: the last fit's coresets do not fit it, and the next step selects.
             dm.plan.replace([])
             dm.plan.replay.clear()
         if self._restored_plan is not None:  # loaded by hand before `fit`

@@ -74,9 +74,11 @@ class CrestDataModule(L.LightningDataModule):
         TypeError: If ``train_dataset`` is not a map-style dataset of ``(input, target)`` pairs with integer
             targets, another dataset is not a dataset (a ``DataLoader`` or a path, say), or ``collate_fn`` is not
             callable.
-        ValueError: If a batch size or ``prefetch_factor`` is not a positive int, ``num_workers`` not a non-negative
-            one, ``seed`` not an int in ``[0, 2**63)`` or None, ``pin_memory`` or ``persistent_workers`` not a bool,
-            or a worker option is set without workers.
+        ValueError: If ``train_dataset`` is empty, a batch size or ``prefetch_factor`` is not a positive int,
+            ``num_workers`` not a non-negative one, ``seed`` not an int in ``[0, 2**63)`` or None, ``pin_memory`` or
+            ``persistent_workers`` not a bool, or a worker option is set without workers. The labels are read when
+            first needed (:attr:`labels`, at the start of a fit with the callback): a ``targets`` attribute that is
+            not one class index per example is refused then.
 
     Example::
 

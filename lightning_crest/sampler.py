@@ -13,8 +13,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_crest.distributed import batch_share
 
-# Batches a CoresetPlan remembers having served: far more than any loader reads ahead.
-_RECENT = 1024
+# Batches a CoresetPlan remembers having served: far more than any loader reads ahead (CrestCallback refuses more).
+MAX_READ_AHEAD = 1024
 
 # What the sampler yields for one example: its position in the training set and its weight.
 Key = tuple[int, float]
@@ -46,7 +46,7 @@ class CoresetPlan:
         self.cursor = 0
         self.served = 0
         self.replay: list[tuple[Tensor, Tensor]] = []
-        self._recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=_RECENT)
+        self._recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=MAX_READ_AHEAD)
         self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
         self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
@@ -173,9 +173,9 @@ class CoresetSampler(DistributedSampler[Key]):
             indices, weights = self.plan.next(self.steps_per_epoch - step)
             if len(indices) != self.num_replicas * self.batch_size:
                 raise RuntimeError(
-                    f"A planned batch holds {len(indices)} examples, expected {self.num_replicas} processes x "
-                    f"{self.batch_size}: the batch size changed after CrestCallback planned its coresets (for "
-                    "example by Tuner.scale_batch_size; tune it without the callback)."
+                    f"A planned batch holds {len(indices)} examples, expected {self.num_replicas} x batch_size="
+                    f"{self.batch_size} (one share per process): the data module's `batch_size` changed after CrestCallback planned this "
+                    "fit's coresets. Set it before the fit."
                 )
             yield from zip(indices[share].tolist(), weights[share].tolist())
 

@@ -246,6 +246,7 @@ def test_benchmark_refuses_cuda_without_a_cuda_device(capsys: pytest.CaptureFixt
     ("argv", "match"),
     [
         (["--check-size", "100"], "--check-size=100 exceeds the random subset size r=64"),
+        (["--check-size", "100"], "or pass --check-size none to check on r examples"),
         (
             ["--random-subset-size", "300"],
             "--random-subset-size=300 must lie between the global batch (32) and",
@@ -403,6 +404,7 @@ def test_benchmark_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -
     text = " ".join(capsys.readouterr().out.split())
     assert "--seeds SEEDS number of seeds per (method, budget) (default: 3)" in text
     assert "about 45 minutes on 2 CPU cores" in text
+    assert "--seed-offset SEED_OFFSET first seed (default: 0)" in text  # 0 is a value, not an option left off
     assert "(default: None)" not in text
     assert "(default: False)" not in text
 

@@ -1095,6 +1095,22 @@ def test_fitting_again_on_another_training_set_starts_afresh() -> None:
     assert callback.counts[0] == selections
 
 
+def test_fitting_the_same_module_again_with_another_batch_size_selects_anew() -> None:
+    # Every coreset picked at the selection, and checks that always pass: the plan keeps coresets of 32.
+    callback = SelectionCount(random_subset_size=0.2, hessian_probes=None, tau=1e9)
+    model, dm = TinyClassifier(), CrestDataModule(blobs(), batch_size=32)
+    make_trainer([callback], max_epochs=1).fit(model, datamodule=dm)
+    assert {len(w) for _, w in callback.coresets} == {32}
+    callback.counts.clear()
+    dm.batch_size = 64
+    trainer = make_trainer([callback], max_epochs=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+    # It goes on (the same selection count) with a selection of coresets of 64.
+    assert callback.counts == [1]
+    assert {len(w) for _, w in callback.coresets} == {64}
+    assert trainer.global_step == math.ceil(0.1 * len(dm.labels) / 64)
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_transfer_hooks_run_as_for_training_batches(precision: str) -> None:
     # In training mode, with gradients enabled and outside autocast, as Lightning runs them for a training batch:
@@ -1359,7 +1375,20 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"drop_learned": 1}, "`drop_learned` must be True or False, got 1"),
         ({"fraction": True}, "`fraction` must be a Python int or float, got True"),
         ({"fraction": 10**400}, r"`fraction` must lie in \(0.0, 1.0\], got 1000000000"),
-        ({"coreset_mul": True}, "`coreset_mul` must be a positive int, got True"),
+        ({"coreset_mul": True}, "`coreset_mul` must be a positive int, got True.$"),
+        (
+            {"coreset_mul": np.int64(5)},
+            r"`coreset_mul` must be a positive int, got np.int64\(5\); pass int\(",
+        ),
+        ({"check_size": np.int64(0)}, r"`check_size` must be a positive int, got np.int64\(0\).$"),
+        (
+            {"random_subset_size": np.int64(300)},
+            r"`random_subset_size` must be a float fraction or an int count, got np.int64\(300\); pass int\(",
+        ),
+        (
+            {"random_subset_size": np.float32(0.5)},
+            r"`random_subset_size` must be a float fraction or an int count, got np.float32\(0.5\); pass float\(",
+        ),
         (
             {"seed": "a"},
             r"`seed` must be an int in \[0, 2\*\*63\), or None for Lightning's global seed; got 'a'",
@@ -1757,10 +1786,18 @@ def test_a_loader_built_before_crest_planned_its_epochs_is_refused_with_the_orde
         def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
             self.total = trainer.estimated_stepping_batches
 
-    message = "serves full epochs of 38 batches: a callback listed before CrestCallback read"
+    class SizingData(CrestDataModule):  # its own `setup` runs before every callback's
+        def setup(self, stage: str) -> None:
+            self.total = self.trainer.estimated_stepping_batches  # type: ignore[union-attr]
+
+    message = "serves full epochs of 38 batches: the data module's own `setup`, or a callback's listed before"
     trainer = make_trainer([Warmup(), CrestCallback(random_subset_size=0.1)], max_epochs=2)
     with pytest.raises(RuntimeError, match=message):
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 0
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=2)
+    with pytest.raises(RuntimeError, match=message):
+        trainer.fit(TinyClassifier(), datamodule=SizingData(blobs(), batch_size=32))
     assert trainer.global_step == 0
     warmup = Warmup()
     trainer = make_trainer([CrestCallback(random_subset_size=0.1), warmup], max_epochs=2)

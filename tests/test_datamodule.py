@@ -504,6 +504,21 @@ def test_a_crest_fit_with_one_batch_read_ahead_and_workers_started_each_epoch() 
     assert callback._selections > 2
 
 
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_reading_ahead_more_batches_than_the_plan_keeps_is_refused_before_any_step(selection: str) -> None:
+    # A mid-epoch checkpoint gives the batches read ahead back to the next loader: the plan keeps the last 1024.
+    dm = CrestDataModule(blobs(), batch_size=32, num_workers=2, prefetch_factor=512)
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1, selection=selection)], max_epochs=1)  # type: ignore[arg-type]
+    message = r"CrestDataModule\(num_workers=2, prefetch_factor=512\) reads 1025 batches ahead of training, more than"
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 0
+    dm.prefetch_factor = 511
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1, selection=selection)], max_epochs=1)  # type: ignore[arg-type]
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == 4
+
+
 def test_plain_epochs_are_shuffled_with_the_seed_of_the_data_module() -> None:
     data = blobs(n=40)
 

@@ -138,5 +138,5 @@ def test_a_planned_batch_of_the_wrong_size_is_an_error() -> None:
     plan = CoresetPlan()
     plan.replace([(torch.arange(10), torch.ones(10))])
     sampler = CoresetSampler(list(range(20)), 4, num_replicas=2, rank=0, plan=plan, steps_per_epoch=1)
-    with pytest.raises(RuntimeError, match="A planned batch holds 10 examples, expected 2 processes x 4"):
+    with pytest.raises(RuntimeError, match="A planned batch holds 10 examples, expected 2 x batch_size=4"):
         list(sampler)

@@ -353,7 +353,7 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Shows the defaults that are values, not those of flags and of options that are off unless given."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:  # not 0, a value
             return action.help
         return super()._get_help_string(action)
 
@@ -377,7 +377,7 @@ def _as_flags(error: ValueError) -> str:
     message = str(error)
     for name in _FLAGS:
         message = message.replace(f"`{name}`", "--" + name.replace("_", "-"))
-    return message
+    return message.replace("pass None to check", "pass --check-size none to check")
 
 
 def check_sizes(args: argparse.Namespace, n: int) -> None:
