@@ -44,6 +44,8 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
+# Steps on which every weight got the same nonzero gradient before the loss is refused as unweighted.
+_UNIFORM_WEIGHT_STEPS = 3
 _MAX_MUL = 1000
 
 
@@ -156,7 +158,8 @@ class CrestCallback(Callback):
     _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
-    _weights_probe: Tensor | None  # until the first step checks that its loss uses the weights
+    _weights_probe: Tensor | None  # until a step shows that its loss weights each example
+    _uniform_weight_steps: int  # steps whose loss gave every weight the same nonzero gradient
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
@@ -397,6 +400,16 @@ class CrestCallback(Callback):
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
+        if (
+            isinstance(exception, ValueError)
+            and "too many values to unpack (expected 2)" in str(exception)
+            and hasattr(exception, "add_note")  # Python 3.11+
+        ):
+            exception.add_note(
+                "CrestDataModule's training batches are (inputs, targets, weights): unpack "
+                "`inputs, targets, weights = batch` in `training_step` (and in batch hooks that unpack them) and weight "
+                "each example's loss, as `weighted_cross_entropy(logits, targets, weights)` does."
+            )
         probe = self._weights_probe
         if (
             probe is not None
@@ -553,11 +566,11 @@ class CrestCallback(Callback):
         _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
         self._in_step = True
         if not self._weights_checked and _is_weighted_batch(batch):
-            # Whether the loss reaches the weights shows in the probe's gradient. Given to the step as
+            # Whether, and how, the loss uses each weight shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
             weights = batch[2]
             if isinstance(batch, list):
-                self._weights_probe = torch.zeros((), device=weights.device, requires_grad=True)
+                self._weights_probe = torch.zeros_like(weights, requires_grad=True)
                 batch[2] = weights + self._weights_probe
             else:
                 self._weights_probe = weights.requires_grad_(True)
@@ -784,6 +797,7 @@ class CrestCallback(Callback):
         self._fit_end = None
         self._last_drop_epoch = -1
         self._weights_checked = False
+        self._uniform_weight_steps = 0
         self._last_layer_checked = False
         self._weights_probe = None
         self._in_step = False
@@ -1122,7 +1136,8 @@ class CrestCallback(Callback):
 
         ``check_batches``: the loaded check sample, with which the first subset starts (see :meth:`_forward`).
         """
-        count, flat = len(subsets), subsets.flatten()
+        # A restored plan may hold subsets drawn under another `random_subset_size`: each is picked at its own size.
+        (count, size), flat = subsets.shape, subsets.flatten()
         with self._timed("proxies"):
             logits, losses, embeddings = self._forward(flat, check_batches, embed=self.embedding_proxy > 0)
         targets = self._labels[flat].to(logits.device)
@@ -1145,16 +1160,16 @@ class CrestCallback(Callback):
         self._record_losses(flat, losses)
         with self._timed("greedy"):
             picked = facility_location(
-                proxies.view(count, self._subset, -1),
+                proxies.view(count, size, -1),
                 self._global_batch,
-                targets.view(count, self._subset) if self._per_class else None,
+                targets.view(count, size) if self._per_class else None,
                 similarity=self.similarity,
                 knn=self.knn,
                 backend=self.backend,
             )
         coresets = subsets.gather(1, picked.indices.cpu())
         # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
-        weights = picked.weights.cpu().float() * (self._global_batch / self._subset)
+        weights = picked.weights.cpu().float() * (self._global_batch / size)
         return coresets, weights, losses
 
     def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
@@ -1531,7 +1546,17 @@ class CrestCallback(Callback):
                     self._check_last_layer(watched, [output for _, output in calls], logits)
                 share = len(part) / len(rows)  # of the mean over all the examples
                 part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
-                grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
+                try:
+                    grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
+                except (RuntimeError, NotImplementedError) as error:
+                    # Some compiled graphs refuse already to keep their own graph for a second pass.
+                    if (
+                        not graph
+                        or not part_loss.requires_grad
+                        or isinstance(error, torch.cuda.OutOfMemoryError)
+                    ):
+                        raise
+                    raise self._no_double_backward(module, error) from error
                 if all(g is None for g in grads):
                     raise ValueError(
                         f"`hessian_params`={self.hessian_params!r} chose parameters that the loss does not depend "
@@ -1546,22 +1571,31 @@ class CrestCallback(Callback):
                     except torch.cuda.OutOfMemoryError:
                         raise
                     except (RuntimeError, NotImplementedError) as error:
-                        if self.hessian_params == "last_layer":
-                            way = (
-                                f"hessian_params='last_layer' probed {', '.join(self._modelled)}, the parameters of "
-                                "the last module that has any: register the output layer last"
-                            )
-                        else:
-                            way = "Pass hessian_params='last_layer' to probe the last layer only"
-                        raise RuntimeError(
-                            "The Hutchinson probe of the quadratic model takes a double backward pass through the "
-                            f"model, which failed: {str(error).rstrip('.')}. Some layers have no second derivative "
-                            f"(EmbeddingBag, compiled models). {way}, pass second_order=False for a first-order "
-                            "model, or compile only the training step's model, not CREST's passes."
-                        ) from error
+                        raise self._no_double_backward(module, error) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
         return grad, curvature
+
+    def _no_double_backward(self, module: torch.nn.Module, error: BaseException) -> RuntimeError:
+        """The error for a model that cannot be differentiated twice, with the ways around it."""
+        if _compiled(module):
+            way = (
+                "The model is compiled (torch.compile), and its compiled graph has none: keep the modules that "
+                "`forward` (or `compute_logits`) calls uncompiled and compile only what the training step calls "
+                "(kept out of the module tree: `self._compiled = [torch.compile(self.net)]`)"
+            )
+        elif self.hessian_params == "last_layer":
+            way = (
+                f"hessian_params='last_layer' probed {', '.join(self._modelled)}, the parameters of the last module "
+                "that has any: register the output layer last"
+            )
+        else:
+            way = "Pass hessian_params='last_layer' to probe the last layer only"
+        return RuntimeError(
+            "The Hutchinson probe of the quadratic model takes a double backward pass through the model, which "
+            f"failed: {str(error).rstrip('.')}. Some layers have no second derivative (EmbeddingBag, compiled "
+            f"models). {way}, or pass second_order=False for a first-order model."
+        )
 
     def _running_stats(self) -> list[Tensor]:
         """The module's normalisation statistics (BatchNorm's running mean and variance): training steps move them
@@ -1670,6 +1704,33 @@ class CrestCallback(Callback):
                 "and return `weighted_cross_entropy(logits, targets, weights)` (or multiply per-example losses "
                 "by `weights` before averaging, without detaching them: this check follows the loss's graph)."
             )
+        # A loss that weights each example has d loss / d weight_i = loss_i / B, which differ between examples. The
+        # same nonzero gradient for every weight is that of a loss scaled by their mean (1 in a coreset), in effect
+        # unweighted: `losses.mean() * weights.mean()`, or `(losses * weights[:, None]).mean()` (broadcast to (B, B)).
+        grad = probe.grad.detach().flatten().float()
+        scale = float(grad.abs().max())
+        uniform = len(grad) > 1 and float(grad.max() - grad.min()) <= 1e-6 * scale
+        nonzero = scale > 0
+        if (
+            self._trainer is not None
+        ):  # decided alike on every process: any that tells the examples apart settles it
+            uniform = bool(self._trainer.strategy.reduce_boolean_decision(uniform, all=True))
+            nonzero = uniform and bool(self._trainer.strategy.reduce_boolean_decision(nonzero, all=True))
+        if not uniform:
+            return
+        # Examples whose losses are all equal (a classifier whose last layer starts at zero, say) give such a
+        # gradient too, on the first step or so: the check goes on at the next steps.
+        self._weights_checked = False
+        self._uniform_weight_steps += nonzero
+        if self._uniform_weight_steps >= _UNIFORM_WEIGHT_STEPS:
+            raise RuntimeError(
+                f"The training loss gave every example's weight the same gradient on {_UNIFORM_WEIGHT_STEPS} steps: "
+                "it scales the batch's loss by the weights' mean (1 in every coreset) instead of weighting each "
+                "example's loss by its own weight, so it trains on the coresets unweighted, a biased sample. "
+                "Multiply per-example losses of shape (B,) by `weights` of shape (B,) before averaging (not "
+                "`weights[:, None]`, and not `loss.mean() * weights.mean()`), or return "
+                "`weighted_cross_entropy(logits, targets, weights)`."
+            )
 
     @contextmanager
     def _timed(self, phase: str | None = None, *, selection: bool = False) -> Iterator[None]:
@@ -1747,6 +1808,14 @@ def _last_owner(module: torch.nn.Module) -> torch.nn.Module | None:
     """The last module, in registration order, with trainable parameters of its own."""
     owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     return owners[-1] if owners else None
+
+
+def _compiled(module: torch.nn.Module) -> bool:
+    """Whether ``torch.compile`` wraps the module or any of its submodules (Lightning unwraps a compiled
+    LightningModule and keeps its compiler context)."""
+    return bool(getattr(module, "_compiler_ctx", None)) or any(
+        hasattr(m, "_orig_mod") for m in module.modules()
+    )
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 import lightning_crest.callback as crest_callback
-from lightning_crest import CrestCallback, CrestDataModule
+from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entropy
 from lightning_crest.datamodule import item_seed
 from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
@@ -1291,6 +1291,58 @@ def test_module_ignoring_weights_is_an_error() -> None:
         fit(CrestCallback(random_subset_size=0.1), model=TinyClassifier(use_weights=False), max_epochs=1)
 
 
+class MeanWeighted(TinyClassifier):
+    """A loss that uses the weights only through their mean: unweighted in effect, since it is 1 in a coreset."""
+
+    def __init__(self, reduce: str, tuple_batches: bool = False) -> None:
+        super().__init__()
+        self.reduce, self.tuple_batches = reduce, tuple_batches
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return tuple(batch) if self.tuple_batches and len(batch) == 3 else batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets, weights = batch
+        losses = torch.nn.functional.cross_entropy(self(inputs), targets, reduction="none")
+        if self.reduce == "broadcast":
+            return (losses * weights[:, None]).mean()
+        return losses.mean() * weights.mean()
+
+
+@pytest.mark.filterwarnings("ignore:You have overridden `on_after_batch_transfer`")
+@pytest.mark.parametrize(
+    ("reduce", "tuple_batches"), [("broadcast", False), ("mean", False), ("broadcast", True)]
+)
+def test_a_loss_that_uses_only_the_weights_mean_is_an_error(reduce: str, tuple_batches: bool) -> None:
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(RuntimeError, match="gave every example's weight the same gradient on 3 steps"):
+        trainer.fit(MeanWeighted(reduce, tuple_batches), datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 3
+
+
+def test_equal_losses_on_the_first_steps_do_not_count_as_ignoring_the_weights() -> None:
+    # A last layer that starts at zero gives every example the loss log(C), so every weight the same gradient.
+    model = TinyClassifier()
+    torch.nn.init.zeros_(model.net[2].weight)
+    torch.nn.init.zeros_(model.net[2].bias)
+    callback = CrestCallback(random_subset_size=0.1)
+    trainer, _ = fit(callback, model=model, max_epochs=1)
+    assert trainer.global_step == 4
+    assert callback._weights_checked
+    assert callback._uniform_weight_steps == 1
+
+
+def test_a_step_that_unpacks_two_values_is_told_of_the_weights() -> None:
+    class Pairs(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets = batch
+            return torch.nn.functional.cross_entropy(self(inputs), targets)
+
+    with pytest.raises(ValueError, match=r"too many values to unpack \(expected 2\)") as raised:
+        fit(CrestCallback(random_subset_size=0.1), model=Pairs(), max_epochs=1)
+    assert "unpack `inputs, targets, weights = batch`" in "".join(getattr(raised.value, "__notes__", []))
+
+
 class StepOnAnIterator(TinyClassifier):
     def training_step(self, dataloader_iter: Any) -> Tensor:  # type: ignore[override]
         batch, batch_idx, _ = next(dataloader_iter)
@@ -1713,10 +1765,36 @@ def test_a_model_without_double_backward_is_told_to_use_a_first_order_model(
 
     monkeypatch.setattr(crest_callback, "hutchinson_diagonal", unsupported)
     with pytest.raises(
-        RuntimeError, match=r"hessian_params='last_layer' .*, pass second_order=False for a first-order"
+        RuntimeError, match=r"hessian_params='last_layer' .*, or pass second_order=False for a first-order"
     ):
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
     trainer, _ = fit(CrestCallback(random_subset_size=0.1, second_order=False), max_epochs=1)
+    assert trainer.global_step == 4
+
+
+def test_a_compiled_model_is_told_to_compile_only_the_training_steps_model() -> None:
+    class Compiled(TinyClassifier):
+        def __init__(self, in_tree: bool) -> None:
+            super().__init__()
+            compiled = torch.compile(
+                self.net, backend="aot_eager"
+            )  # no double backward, no C++ compiler needed
+            if in_tree:
+                self.net = compiled
+            self._compiled = [
+                compiled
+            ]  # the message's way: out of the module tree, for the training step only
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets, weights = batch
+            return weighted_cross_entropy(self._compiled[0](inputs), targets, weights)
+
+    for hessian_params in ("all", "last_layer"):
+        with pytest.raises(
+            RuntimeError, match=r"The model is compiled \(torch.compile\), and its compiled graph"
+        ):
+            fit(CrestCallback(random_subset_size=0.1, hessian_params=hessian_params), model=Compiled(True))  # type: ignore[arg-type]
+    trainer, _ = fit(CrestCallback(random_subset_size=0.1), model=Compiled(False), max_epochs=1)
     assert trainer.global_step == 4
 
 
@@ -1770,7 +1848,7 @@ def test_a_layer_without_double_backward_is_named_with_the_ways_around_it() -> N
     with pytest.raises(
         RuntimeError,
         match=r"\(EmbeddingBag, compiled models\)\. hessian_params='last_layer' probed embed\.weight, the parameters "
-        "of the last module that has any: register the output layer last, pass second_order=False",
+        "of the last module that has any: register the output layer last, or pass second_order=False",
     ):
         fit(
             CrestCallback(random_subset_size=0.2, hessian_params="last_layer"),

@@ -282,6 +282,27 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
     assert resumed._trainer.global_step == EPOCHS * STEPS
 
 
+def test_resuming_with_another_random_subset_size_picks_the_restored_subsets_at_their_size(
+    tmp_path: Path,
+) -> None:
+    # Every coreset after a selection's first is picked when reached: a mid-epoch checkpoint holds subsets of r=120.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    run(crest(hessian_probes=1), extra=[steps], enable_checkpointing=True, max_epochs=1)
+    ckpt = str(tmp_path / "step=5.ckpt")
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["Tracer"]
+    pending = [idx for idx, w in zip(state["plan_indices"], state["plan_weights"]) if w.numel() == 0]
+    assert pending
+    assert {len(idx) for idx in pending} == {N // 10}
+    resumed = crest(random_subset_size=0.2)
+    trainer, _ = run(resumed, ckpt_path=ckpt, max_epochs=2)
+    assert trainer.global_step == 2 * STEPS
+    assert resumed._subset == N // 5
+    sizes = {len(w) for _, w in resumed.coresets}
+    assert sizes == {BATCH}
+    for _, weights in resumed.coresets:
+        assert torch.allclose(weights.sum(), torch.tensor(float(BATCH)))
+
+
 class StepSaver(L.Callback):
     def __init__(self, path: Path) -> None:
         self.path = path
