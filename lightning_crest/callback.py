@@ -163,6 +163,9 @@ class CrestCallback(Callback):
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
+    _logits_probed: bool = (
+        False  # compute_logits was checked, in this fit, for probabilities instead of logits
+    )
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -930,7 +933,9 @@ class CrestCallback(Callback):
             self._seed = global_seed(trainer)
             self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
-        self._last_layer_checked = False  # once per fit: the module may have changed since the last
+        self._last_layer_checked = self._logits_probed = (
+            False  # once per fit: the module may have changed since
+        )
         self._labels = labels
         self._num_classes = num_classes
         self._global_batch = global_batch
@@ -1405,6 +1410,22 @@ class CrestCallback(Callback):
                 f"{self._num_classes} classes (its labels, class indices from 0, go up to {self._num_classes - 1}). "
                 "Return one logit per class, or number the classes from 0."
             )
+        if not self._logits_probed:  # once per fit
+            self._logits_probed = True
+            with torch.no_grad():
+                rows = logits.detach().float()
+                probabilities = len(rows) > 1 and bool(
+                    (rows >= 0).all()
+                    and (rows <= 1).all()
+                    and torch.allclose(rows.sum(1), torch.ones(len(rows)).to(rows))
+                )
+            if probabilities:
+                rank_zero_warn(
+                    "`compute_logits` returned probabilities (every row in [0, 1], summing to 1), but CREST applies "
+                    "softmax to what it returns, as cross-entropy does to logits: its gradient proxies and losses "
+                    "would describe another model. Return the logits from `forward` (before softmax), or override "
+                    "CrestCallback.compute_logits to return them (or their log)."
+                )
         return logits
 
     def _losses(self, logits: Tensor, targets: Tensor) -> Tensor:

@@ -1332,6 +1332,31 @@ def test_equal_losses_on_the_first_steps_do_not_count_as_ignoring_the_weights() 
     assert callback._uniform_weight_steps == 1
 
 
+def test_a_forward_that_returns_probabilities_is_warned_once_per_fit() -> None:
+    class Probabilities(TinyClassifier):
+        def forward(self, inputs: Tensor) -> Tensor:
+            return super().forward(inputs).softmax(1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets, weights = batch
+            return weighted_cross_entropy(super().forward(inputs), targets, weights)
+
+    with pytest.warns(
+        UserWarning, match=r"`compute_logits` returned probabilities \(every row in \[0, 1\]"
+    ) as caught:
+        fit(CrestCallback(random_subset_size=0.1), model=Probabilities(), max_epochs=2)
+    assert sum("returned probabilities" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*returned probabilities")
+        fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
+
+        class LogProbabilities(TinyClassifier):  # the log of probabilities are logits too
+            def forward(self, inputs: Tensor) -> Tensor:
+                return super().forward(inputs).log_softmax(1)
+
+        fit(CrestCallback(random_subset_size=0.1), model=LogProbabilities(), max_epochs=1)
+
+
 def test_a_step_that_unpacks_two_values_is_told_of_the_weights() -> None:
     class Pairs(TinyClassifier):
         def training_step(self, batch: Any, batch_idx: int) -> Tensor:
