@@ -44,9 +44,9 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
+_MAX_MUL = 1000
 # Steps on which every weight got the same nonzero gradient before the loss is refused as unweighted.
 _UNIFORM_WEIGHT_STEPS = 3
-_MAX_MUL = 1000
 
 
 class CrestCallback(Callback):
@@ -163,9 +163,7 @@ class CrestCallback(Callback):
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
-    _logits_probed: bool = (
-        False  # compute_logits was checked, in this fit, for probabilities instead of logits
-    )
+    _logits_probed: bool = False  # compute_logits was checked in this fit for probabilities instead of logits
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -933,9 +931,8 @@ class CrestCallback(Callback):
             self._seed = global_seed(trainer)
             self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
-        self._last_layer_checked = self._logits_probed = (
-            False  # once per fit: the module may have changed since
-        )
+        # Checked once per fit: the module may have changed since the last.
+        self._last_layer_checked = self._logits_probed = False
         self._labels = labels
         self._num_classes = num_classes
         self._global_batch = global_batch
@@ -1732,9 +1729,8 @@ class CrestCallback(Callback):
         scale = float(grad.abs().max())
         uniform = len(grad) > 1 and float(grad.max() - grad.min()) <= 1e-6 * scale
         nonzero = scale > 0
-        if (
-            self._trainer is not None
-        ):  # decided alike on every process: any that tells the examples apart settles it
+        if self._trainer is not None:
+            # Decided alike on every process: any that tells the examples apart settles it.
             uniform = bool(self._trainer.strategy.reduce_boolean_decision(uniform, all=True))
             nonzero = uniform and bool(self._trainer.strategy.reduce_boolean_decision(nonzero, all=True))
         if not uniform:
