@@ -45,8 +45,8 @@ _UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrateg
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
 _MAX_MUL = 1000
-# Steps on which every weight got the same nonzero gradient before the loss is refused as unweighted.
-_UNIFORM_WEIGHT_STEPS = 3
+# Steps on which the check that the loss weights each example may stay undecided before it gives up with a warning.
+_WEIGHT_CHECK_STEPS = 20
 
 
 class CrestCallback(Callback):
@@ -159,7 +159,8 @@ class CrestCallback(Callback):
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until a step shows that its loss weights each example
-    _uniform_weight_steps: int  # steps whose loss gave every weight the same nonzero gradient
+    _undecided_weight_steps: int  # steps that could not tell whether the loss weights each example
+    _batch_loss_spread: float | None  # relative spread of the probed batch's losses (None: not measured)
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
@@ -570,6 +571,7 @@ class CrestCallback(Callback):
             # Whether, and how, the loss uses each weight shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
             weights = batch[2]
+            self._batch_loss_spread = self._loss_spread(pl_module, batch)
             if isinstance(batch, list):
                 self._weights_probe = torch.zeros_like(weights, requires_grad=True)
                 batch[2] = weights + self._weights_probe
@@ -798,7 +800,8 @@ class CrestCallback(Callback):
         self._fit_end = None
         self._last_drop_epoch = -1
         self._weights_checked = False
-        self._uniform_weight_steps = 0
+        self._undecided_weight_steps = 0
+        self._batch_loss_spread = None
         self._last_layer_checked = False
         self._weights_probe = None
         self._in_step = False
@@ -871,7 +874,7 @@ class CrestCallback(Callback):
             raise ValueError(
                 f"CrestDataModule(num_workers={dm.num_workers}, prefetch_factor={dm.prefetch_factor}) reads "
                 f"{ahead} batches ahead of training, more than the {MAX_READ_AHEAD} that CREST keeps to serve again "
-                "when a loader is rebuilt; lower `prefetch_factor`."
+                "when a loader is rebuilt; lower `prefetch_factor` or `num_workers`."
             )
         # Random mini-batches draw no subsets and make no checks: CREST's sizes and parameters do not apply to them.
         subset = self._subset_size(n, global_batch) if self.selection == "crest" else global_batch
@@ -1411,10 +1414,10 @@ class CrestCallback(Callback):
             self._logits_probed = True
             with torch.no_grad():
                 rows = logits.detach().float()
+                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2).
+                tolerance = 8 * torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
                 probabilities = len(rows) > 1 and bool(
-                    (rows >= 0).all()
-                    and (rows <= 1).all()
-                    and torch.allclose(rows.sum(1), torch.ones(len(rows)).to(rows))
+                    (rows >= 0).all() and (rows <= 1).all() and ((rows.sum(1) - 1).abs() <= tolerance).all()
                 )
             if probabilities:
                 rank_zero_warn(
@@ -1715,39 +1718,73 @@ class CrestCallback(Callback):
             )
             return
         probe.requires_grad_(False)
-        if probe.grad is None:
+        strategy = self._trainer.strategy if self._trainer is not None else None
+
+        def anywhere(decision: bool) -> bool:  # every process decides alike
+            return (
+                bool(strategy.reduce_boolean_decision(decision, all=False))
+                if strategy is not None
+                else decision
+            )
+
+        if anywhere(probe.grad is None):
             raise RuntimeError(
                 "The training loss does not use the batch's weights: CREST batches are weighted coresets and "
                 "training on them unweighted trains on a biased sample. Unpack `inputs, targets, weights = batch` "
                 "and return `weighted_cross_entropy(logits, targets, weights)` (or multiply per-example losses "
                 "by `weights` before averaging, without detaching them: this check follows the loss's graph)."
             )
-        # A loss that weights each example has d loss / d weight_i = loss_i / B, which differ between examples. The
-        # same nonzero gradient for every weight is that of a loss scaled by their mean (1 in a coreset), in effect
-        # unweighted: `losses.mean() * weights.mean()`, or `(losses * weights[:, None]).mean()` (broadcast to (B, B)).
+        # A loss that weights each example has d loss / d weight_i = loss_i / B, as different as the losses. The same
+        # gradient for every weight while the losses differ is that of a loss scaled by the weights' mean (1 in a
+        # coreset), unweighted in effect: `losses.mean() * weights.mean()`, or `(losses * weights[:, None]).mean()`
+        # broadcast to (B, B). Examples whose losses are all equal (a last layer that starts at zero) tell nothing.
+        assert probe.grad is not None
         grad = probe.grad.detach().flatten().float()
-        scale = float(grad.abs().max())
-        uniform = len(grad) > 1 and float(grad.max() - grad.min()) <= 1e-6 * scale
-        nonzero = scale > 0
-        if self._trainer is not None:
-            # Decided alike on every process: any that tells the examples apart settles it.
-            uniform = bool(self._trainer.strategy.reduce_boolean_decision(uniform, all=True))
-            nonzero = uniform and bool(self._trainer.strategy.reduce_boolean_decision(nonzero, all=True))
-        if not uniform:
-            return
-        # Examples whose losses are all equal (a classifier whose last layer starts at zero, say) give such a
-        # gradient too, on the first step or so: the check goes on at the next steps.
-        self._weights_checked = False
-        self._uniform_weight_steps += nonzero
-        if self._uniform_weight_steps >= _UNIFORM_WEIGHT_STEPS:
+        scale = float(grad.abs().max()) if len(grad) else 0.0
+        spread = float(grad.max() - grad.min()) if len(grad) else 0.0
+        telling = math.isfinite(scale) and scale > 0 and len(grad) > 1
+        uniform = telling and spread <= 1e-6 * scale
+        losses_differ = self._batch_loss_spread is not None and self._batch_loss_spread > 1e-3
+        if anywhere(uniform and losses_differ):
             raise RuntimeError(
-                f"The training loss gave every example's weight the same gradient on {_UNIFORM_WEIGHT_STEPS} steps: "
-                "it scales the batch's loss by the weights' mean (1 in every coreset) instead of weighting each "
-                "example's loss by its own weight, so it trains on the coresets unweighted, a biased sample. "
+                "The training loss gave every example's weight the same gradient although the examples' losses "
+                "differ: it scales the batch's loss by the weights' mean (1 in every coreset) instead of weighting "
+                "each example's loss by its own weight, so it trains on the coresets unweighted, a biased sample. "
                 "Multiply per-example losses of shape (B,) by `weights` of shape (B,) before averaging (not "
                 "`weights[:, None]`, and not `loss.mean() * weights.mean()`), or return "
                 "`weighted_cross_entropy(logits, targets, weights)`."
             )
+        if anywhere(telling and not uniform):
+            return
+        # Zero or non-finite gradients, or equal losses: tried again at the next steps, for a while.
+        self._undecided_weight_steps += 1
+        if self._undecided_weight_steps < _WEIGHT_CHECK_STEPS:
+            self._weights_checked = False
+            return
+        rank_zero_warn(
+            f"CrestCallback could not tell in {_WEIGHT_CHECK_STEPS} steps whether the training loss weights each "
+            "example's loss by its own weight (the loss's gradient with respect to the weights was zero or not "
+            "finite, or the same for every example while their losses were equal too). Make sure it does, as "
+            "`weighted_cross_entropy(logits, targets, weights)` does; unweighted, the coresets train a biased sample."
+        )
+
+    def _loss_spread(self, module: L.LightningModule, batch: Any) -> float | None:
+        """Relative spread ``(max - min) / max`` of the per-example losses of a training batch's first
+        ``eval_batch_size`` examples, from a forward pass in eval mode without gradients (no random numbers drawn,
+        no statistics moved); None if it cannot be had."""
+        trainer = self._trainer
+        assert trainer is not None
+        count = min(len(batch[1]), self._dm.eval_batch_size)
+        inputs = apply_to_collection(batch[0], Tensor, lambda t: t[:count])
+        try:
+            with torch.no_grad(), _eval_mode(module), trainer.precision_plugin.forward_context():
+                losses = self._losses(
+                    self._logits(module, inputs, batch[1][:count]), batch[1][:count]
+                ).float()
+        except Exception:  # advisory: without the losses the weights' check waits for a step that decides it
+            return None
+        top = float(losses.abs().max()) if len(losses) else 0.0
+        return float(losses.max() - losses.min()) / top if top > 0 and math.isfinite(top) else None
 
     @contextmanager
     def _timed(self, phase: str | None = None, *, selection: bool = False) -> Iterator[None]:

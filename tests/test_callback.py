@@ -1315,24 +1315,61 @@ class MeanWeighted(TinyClassifier):
 )
 def test_a_loss_that_uses_only_the_weights_mean_is_an_error(reduce: str, tuple_batches: bool) -> None:
     trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
-    with pytest.raises(RuntimeError, match="gave every example's weight the same gradient on 3 steps"):
+    with pytest.raises(RuntimeError, match="same gradient although the examples' losses differ"):
         trainer.fit(MeanWeighted(reduce, tuple_batches), datamodule=CrestDataModule(blobs(), batch_size=32))
-    assert trainer.global_step == 3
+    assert trainer.global_step == 1
 
 
-def test_equal_losses_on_the_first_steps_do_not_count_as_ignoring_the_weights() -> None:
-    # A last layer that starts at zero gives every example the loss log(C), so every weight the same gradient.
-    model = TinyClassifier()
-    torch.nn.init.zeros_(model.net[2].weight)
-    torch.nn.init.zeros_(model.net[2].bias)
+class ZeroHead(TinyClassifier):
+    """A last layer that starts at zero: every example's loss is log(C) until it moves."""
+
+    def __init__(self, warmup: int = 0) -> None:
+        super().__init__()
+        torch.nn.init.zeros_(self.net[2].weight)
+        torch.nn.init.zeros_(self.net[2].bias)
+        self.warmup = warmup
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.warmup:
+            return optimizer
+        # A linear warm-up from 0: the first step leaves the losses equal for the second one too.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / self.warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+@pytest.mark.parametrize(("warmup", "undecided"), [(0, 1), (1000, 2), (10**6, 4)])
+def test_equal_losses_on_the_first_steps_do_not_count_as_ignoring_the_weights(
+    warmup: int, undecided: int
+) -> None:
+    # The longest warm-up keeps the losses within 1e-6 of each other over the whole fit: never decided, never refused.
     callback = CrestCallback(random_subset_size=0.1)
-    trainer, _ = fit(callback, model=model, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*could not tell")
+        trainer, _ = fit(callback, model=ZeroHead(warmup), max_epochs=1)
     assert trainer.global_step == 4
-    assert callback._weights_checked
-    assert callback._uniform_weight_steps == 1
+    assert callback._undecided_weight_steps == undecided
+    assert callback._weights_checked == (undecided < 4)
 
 
-def test_a_forward_that_returns_probabilities_is_warned_once_per_fit() -> None:
+def test_a_loss_whose_weights_get_no_gradient_is_warned_after_a_while() -> None:
+    class Zeroed(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets, weights = batch
+            return torch.nn.functional.cross_entropy(self(inputs), targets) + 0 * weights.sum()
+
+    callback = CrestCallback(random_subset_size=0.1)
+    with pytest.warns(
+        UserWarning, match="could not tell in 20 steps whether the training loss weights"
+    ) as caught:
+        trainer, _ = fit(callback, model=Zeroed(), max_epochs=6)
+    assert trainer.global_step == 24
+    assert sum("could not tell" in str(w.message) for w in caught) == 1
+    assert callback._undecided_weight_steps == 20
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_a_forward_that_returns_probabilities_is_warned_once_per_fit(precision: str) -> None:
     class Probabilities(TinyClassifier):
         def forward(self, inputs: Tensor) -> Tensor:
             return super().forward(inputs).softmax(1)
@@ -1344,8 +1381,10 @@ def test_a_forward_that_returns_probabilities_is_warned_once_per_fit() -> None:
     with pytest.warns(
         UserWarning, match=r"`compute_logits` returned probabilities \(every row in \[0, 1\]"
     ) as caught:
-        fit(CrestCallback(random_subset_size=0.1), model=Probabilities(), max_epochs=2)
+        fit(CrestCallback(random_subset_size=0.1), model=Probabilities(), max_epochs=2, precision=precision)
     assert sum("returned probabilities" in str(w.message) for w in caught) == 1
+    if precision != "32-true":
+        return
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*returned probabilities")
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
@@ -2075,7 +2114,9 @@ def test_crest_forward_passes_use_the_eval_batch_size() -> None:
 
     class Sized(TinyClassifier):
         def forward(self, inputs: Tensor) -> Tensor:
-            if not torch.is_grad_enabled():  # scoring and checks (the probes take a training batch)
+            if (
+                not torch.is_grad_enabled()
+            ):  # scoring, checks and the weights' check (the probes take a training batch)
                 sizes.append(len(inputs))
             return super().forward(inputs)
 

@@ -169,6 +169,27 @@ def test_check_sizes_that_leave_a_process_without_rows_are_refused(check_size: i
         callback.setup(trainer, Classifier(), "fit")  # type: ignore[arg-type]
 
 
+class MeanWeighted(Classifier):
+    """Unweighted in effect on process 0 (the weights' mean is 1 in a coreset); weighted on the others."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        inputs, targets, weights = batch
+        if self.global_rank > 0:
+            return super().training_step(batch, batch_idx)
+        losses = torch.nn.functional.cross_entropy(self(inputs), targets, reduction="none")
+        return losses.mean() * weights.mean()
+
+
+def test_a_loss_that_ignores_the_weights_on_one_process_stops_every_process(tmp_path: Path) -> None:
+    # The processes agree on the refusal: each raises it (one alone would leave the other waiting, or dying on a
+    # closed connection).
+    dm, options = setting(GLOBAL_BATCH // 2)
+    trainer = make_trainer([CrestCallback(**options)], strategy="ddp_spawn", devices=2, max_epochs=1)
+    with pytest.raises(Exception, match="same gradient although the examples' losses differ") as raised:
+        trainer.fit(MeanWeighted(), datamodule=dm)
+    assert "Connection closed" not in str(raised.value)
+
+
 @pytest.mark.parametrize(("total", "world_size"), [(7, 3), (10, 4), (5, 2), (6, 3)])
 def test_gather_shares_of_uneven_totals(total: int, world_size: int) -> None:
     full = torch.arange(2 * total).reshape(total, 2) + 1
