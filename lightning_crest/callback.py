@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
 from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed, global_seed
-from lightning_crest.datamodule import CrestDataModule, item_seed, seeded_generators
+from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
     broadcast_from_first,
@@ -161,6 +161,7 @@ class CrestCallback(Callback):
     _weights_probe: Tensor | None  # until a step shows that its loss weights each example
     _undecided_weight_steps: int  # steps that could not tell whether the loss weights each example
     _batch_loss_spread: float | None  # relative spread of the probed batch's losses (None: not measured)
+    _probe_is_the_weights: bool = False  # a tuple batch's weights, made to require grad themselves
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
@@ -404,7 +405,7 @@ class CrestCallback(Callback):
             self._end_fit()
         if (
             isinstance(exception, ValueError)
-            and "too many values to unpack (expected 2)" in str(exception)
+            and "too many values to unpack (expected 2" in str(exception)  # ", got 3)" from Python 3.14
             and hasattr(exception, "add_note")  # Python 3.11+
         ):
             exception.add_note(
@@ -412,10 +413,9 @@ class CrestCallback(Callback):
                 "`inputs, targets, weights = batch` in `training_step` (and in batch hooks that unpack them) and weight "
                 "each example's loss, as `weighted_cross_entropy(logits, targets, weights)` does."
             )
-        probe = self._weights_probe
         if (
-            probe is not None
-            and probe.dim() == 1
+            self._weights_probe is not None
+            and self._probe_is_the_weights
             and "leaf Variable that requires grad" in str(exception)
             and hasattr(exception, "add_note")  # Python 3.11+
         ):
@@ -571,12 +571,15 @@ class CrestCallback(Callback):
             # Whether, and how, the loss uses each weight shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
             weights = batch[2]
-            self._batch_loss_spread = self._loss_spread(pl_module, batch)
-            if isinstance(batch, list):
+            # (Random batches have weight 1: any use of the weights weights each example alike.)
+            if self.selection == "crest":
+                self._batch_loss_spread = self._loss_spread(pl_module, batch)
+            self._probe_is_the_weights = not isinstance(batch, list)
+            if self._probe_is_the_weights:
+                self._weights_probe = weights.requires_grad_(True)
+            else:
                 self._weights_probe = torch.zeros_like(weights, requires_grad=True)
                 batch[2] = weights + self._weights_probe
-            else:
-                self._weights_probe = weights.requires_grad_(True)
 
     @override
     def on_train_batch_end(
@@ -664,6 +667,7 @@ class CrestCallback(Callback):
             "selection_time": self._selection_time,
             "last_drop_epoch": self._last_drop_epoch,
             "weights_checked": self._weights_checked,
+            "undecided_weight_steps": self._undecided_weight_steps,
             "plan_indices": [idx for idx, _ in plan.batches],
             "plan_weights": [w for _, w in plan.batches],
             "plan_cursor": plan.cursor,
@@ -731,6 +735,7 @@ class CrestCallback(Callback):
         self._selection_time = float(state_dict["selection_time"])
         self._last_drop_epoch = int(state_dict["last_drop_epoch"])
         self._weights_checked = bool(state_dict["weights_checked"])
+        self._undecided_weight_steps = int(state_dict["undecided_weight_steps"])
         self._epoch_step = int(state_dict["epoch_step"])
         self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
         # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
@@ -1414,8 +1419,10 @@ class CrestCallback(Callback):
             self._logits_probed = True
             with torch.no_grad():
                 rows = logits.detach().float()
-                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2).
-                tolerance = 8 * torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2) and of
+                # a sum over many classes.
+                eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+                tolerance = 8 * eps * math.sqrt(rows.shape[1])
                 probabilities = len(rows) > 1 and bool(
                     (rows >= 0).all() and (rows <= 1).all() and ((rows.sum(1) - 1).abs() <= tolerance).all()
                 )
@@ -1743,7 +1750,8 @@ class CrestCallback(Callback):
         scale = float(grad.abs().max()) if len(grad) else 0.0
         spread = float(grad.max() - grad.min()) if len(grad) else 0.0
         telling = math.isfinite(scale) and scale > 0 and len(grad) > 1
-        uniform = telling and spread <= 1e-6 * scale
+        # Under selection="random" every weight is 1: scaling the loss by their mean weights each example alike.
+        uniform = telling and spread <= 1e-6 * scale and self.selection == "crest"
         losses_differ = self._batch_loss_spread is not None and self._batch_loss_spread > 1e-3
         if anywhere(uniform and losses_differ):
             raise RuntimeError(
@@ -1770,17 +1778,22 @@ class CrestCallback(Callback):
 
     def _loss_spread(self, module: L.LightningModule, batch: Any) -> float | None:
         """Relative spread ``(max - min) / max`` of the per-example losses of a training batch's first
-        ``eval_batch_size`` examples, from a forward pass in eval mode without gradients (no random numbers drawn,
-        no statistics moved); None if it cannot be had."""
+        ``eval_batch_size`` examples, from a forward pass in eval mode without gradients (the global generators
+        restored after it, no statistics moved); None if it cannot be had."""
         trainer = self._trainer
         assert trainer is not None
         count = min(len(batch[1]), self._dm.eval_batch_size)
-        inputs = apply_to_collection(batch[0], Tensor, lambda t: t[:count])
+        inputs, targets = apply_to_collection(batch[0], Tensor, lambda t: t[:count]), batch[1][:count]
         try:
-            with torch.no_grad(), _eval_mode(module), trainer.precision_plugin.forward_context():
-                losses = self._losses(
-                    self._logits(module, inputs, batch[1][:count]), batch[1][:count]
-                ).float()
+            # A forward that draws random numbers in eval mode too leaves the training's draws as they would be.
+            with (
+                self._timed(),
+                restored_generators(module.device),
+                torch.no_grad(),
+                _eval_mode(module),
+                trainer.precision_plugin.forward_context(),
+            ):
+                losses = self._losses(self._logits(module, inputs, targets), targets).float()
         except Exception:  # advisory: without the losses the weights' check waits for a step that decides it
             return None
         top = float(losses.abs().max()) if len(losses) else 0.0

@@ -1320,6 +1320,33 @@ def test_a_loss_that_uses_only_the_weights_mean_is_an_error(reduce: str, tuple_b
     assert trainer.global_step == 1
 
 
+def test_random_batches_take_any_use_of_their_weights() -> None:
+    # Every weight is 1 there: the loss scaled by their mean is the weighted loss.
+    callback = CrestCallback(selection="random")
+    trainer, _ = fit(callback, model=MeanWeighted("mean"), max_epochs=1)
+    assert trainer.global_step == 4
+    assert callback._weights_checked
+    assert callback._undecided_weight_steps == 0
+
+
+def test_the_weights_check_leaves_the_runs_random_draws_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Noisy(TinyClassifier):  # draws random numbers in eval mode too
+        def forward(self, inputs: Tensor) -> Tensor:
+            return super().forward(inputs + 0.1 * torch.randn_like(inputs))
+
+    def run() -> tuple[L.LightningModule, Tensor]:
+        torch.manual_seed(0)
+        model = Noisy()
+        fit(CrestCallback(random_subset_size=0.1), model=model, max_epochs=2)
+        return model, torch.get_rng_state()
+
+    measured, measured_state = run()
+    monkeypatch.setattr(CrestCallback, "_loss_spread", lambda self, module, batch: None)
+    unmeasured, unmeasured_state = run()
+    assert all(torch.equal(p, q) for p, q in zip(measured.parameters(), unmeasured.parameters(), strict=True))
+    assert torch.equal(measured_state, unmeasured_state)
+
+
 class ZeroHead(TinyClassifier):
     """A last layer that starts at zero: every example's loss is log(C) until it moves."""
 
@@ -1368,31 +1395,42 @@ def test_a_loss_whose_weights_get_no_gradient_is_warned_after_a_while() -> None:
     assert callback._undecided_weight_steps == 20
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_a_forward_that_returns_probabilities_is_warned_once_per_fit(precision: str) -> None:
-    class Probabilities(TinyClassifier):
+class Probabilities(TinyClassifier):
+    """A forward that returns probabilities; ``classes`` outputs (more than the data's 4: a wide softmax)."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__(num_classes=classes)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return (10 * super().forward(inputs)).softmax(1)  # spread out: a wide sum rounds further from 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        inputs, targets, weights = batch
+        return weighted_cross_entropy(super().forward(inputs), targets, weights)
+
+
+@pytest.mark.parametrize(("precision", "classes"), [("32-true", 4), ("bf16-true", 4), ("32-true", 20_000)])
+def test_a_forward_that_returns_probabilities_is_warned_once_per_fit(precision: str, classes: int) -> None:
+    callback, model = CrestCallback(random_subset_size=0.1), Probabilities(classes)
+    trainer = make_trainer([callback], max_epochs=1, precision=precision)
+    dm = CrestDataModule(blobs(), batch_size=32)
+    for epochs in (1, 2):  # fitting the same module again with the same callback checks it again
+        trainer.fit_loop.max_epochs = epochs
+        with pytest.warns(
+            UserWarning, match=r"`compute_logits` returned probabilities \(every row in \[0, 1\]"
+        ) as caught:
+            trainer.fit(model, datamodule=dm)
+        assert sum("returned probabilities" in str(w.message) for w in caught) == 1
+
+
+def test_logits_and_log_probabilities_are_not_taken_for_probabilities() -> None:
+    class LogProbabilities(TinyClassifier):  # the log of probabilities are logits too
         def forward(self, inputs: Tensor) -> Tensor:
-            return super().forward(inputs).softmax(1)
+            return super().forward(inputs).log_softmax(1)
 
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            inputs, targets, weights = batch
-            return weighted_cross_entropy(super().forward(inputs), targets, weights)
-
-    with pytest.warns(
-        UserWarning, match=r"`compute_logits` returned probabilities \(every row in \[0, 1\]"
-    ) as caught:
-        fit(CrestCallback(random_subset_size=0.1), model=Probabilities(), max_epochs=2, precision=precision)
-    assert sum("returned probabilities" in str(w.message) for w in caught) == 1
-    if precision != "32-true":
-        return
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*returned probabilities")
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
-
-        class LogProbabilities(TinyClassifier):  # the log of probabilities are logits too
-            def forward(self, inputs: Tensor) -> Tensor:
-                return super().forward(inputs).log_softmax(1)
-
         fit(CrestCallback(random_subset_size=0.1), model=LogProbabilities(), max_epochs=1)
 
 
@@ -1693,6 +1731,18 @@ def test_a_tuple_batch_whose_weights_change_in_place_says_how_to_fix_it(data: An
     assert "Change them out of place in the step" in "".join(getattr(raised.value, "__notes__", []))
 
 
+def test_an_in_place_change_to_a_parameter_gets_no_note_on_tuple_batches(data: Any) -> None:
+    class InPlace(TinyClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            self.net[0].bias.add_(0.0)  # a leaf that requires grad: torch refuses, whatever the batch
+            return super().training_step(batch, batch_idx)
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.1)], max_epochs=1)
+    with pytest.raises(RuntimeError, match="leaf Variable") as raised:
+        trainer.fit(InPlace(), datamodule=CrestDataModule(data, batch_size=32))
+    assert "batch is a tuple" not in "".join(getattr(raised.value, "__notes__", []))
+
+
 def test_a_data_module_whose_train_dataloader_bypasses_the_plan_is_refused(data: Any) -> None:
     class OwnLoader(CrestDataModule):
         def train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
@@ -1840,9 +1890,8 @@ def test_a_compiled_model_is_told_to_compile_only_the_training_steps_model() -> 
     class Compiled(TinyClassifier):
         def __init__(self, in_tree: bool) -> None:
             super().__init__()
-            compiled = torch.compile(
-                self.net, backend="aot_eager"
-            )  # no double backward, no C++ compiler needed
+            # aot_eager: no double backward either, and no C++ compiler needed.
+            compiled = torch.compile(self.net, backend="aot_eager")
             if in_tree:
                 self.net = compiled
             self._compiled = [
@@ -2114,9 +2163,8 @@ def test_crest_forward_passes_use_the_eval_batch_size() -> None:
 
     class Sized(TinyClassifier):
         def forward(self, inputs: Tensor) -> Tensor:
-            if (
-                not torch.is_grad_enabled()
-            ):  # scoring, checks and the weights' check (the probes take a training batch)
+            # Scoring, checks and the weights' check (the probes take a training batch).
+            if not torch.is_grad_enabled():
                 sizes.append(len(inputs))
             return super().forward(inputs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -180,14 +181,40 @@ class MeanWeighted(Classifier):
         return losses.mean() * weights.mean()
 
 
+class RecordsRefusals(CrestCallback):
+    """Writes each process's refusal of the loss to ``<path>.<rank>``; then waits for the other process."""
+
+    def __init__(self, path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.path = path
+
+    def _check_weights_used(self, batch: Any) -> None:
+        try:
+            super()._check_weights_used(batch)
+        except RuntimeError as error:
+            assert self._trainer is not None
+            Path(f"{self.path}.{self._trainer.global_rank}").write_text(str(error))
+            # Reached by both only if both refuse: neither is stopped before writing (gloo; at worst 30 s).
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=30))
+            raise
+
+
 def test_a_loss_that_ignores_the_weights_on_one_process_stops_every_process(tmp_path: Path) -> None:
     # The processes agree on the refusal: each raises it (one alone would leave the other waiting, or dying on a
     # closed connection).
     dm, options = setting(GLOBAL_BATCH // 2)
-    trainer = make_trainer([CrestCallback(**options)], strategy="ddp_spawn", devices=2, max_epochs=1)
-    with pytest.raises(Exception, match="same gradient although the examples' losses differ") as raised:
+    records = tmp_path / "refusal"
+    trainer = make_trainer(
+        [RecordsRefusals(str(records), **options)], strategy="ddp_spawn", devices=2, max_epochs=1
+    )
+    with pytest.raises(Exception, match="same gradient although the examples' losses differ"):
         trainer.fit(MeanWeighted(), datamodule=dm)
-    assert "Connection closed" not in str(raised.value)
+    for rank in (0, 1):
+        assert (
+            Path(f"{records}.{rank}")
+            .read_text()
+            .startswith("The training loss gave every example's weight the same gradient although")
+        )
 
 
 @pytest.mark.parametrize(("total", "world_size"), [(7, 3), (10, 4), (5, 2), (6, 3)])
