@@ -160,7 +160,7 @@ class CrestCallback(Callback):
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until a step shows that its loss weights each example
     _undecided_weight_steps: int  # steps that could not tell whether the loss weights each example
-    _batch_loss_spread: float | None  # relative spread of the probed batch's losses (None: not measured)
+    _batch_losses_differ: bool  # the probed batch's losses differ beyond the rounding of the model's dtype
     _probe_is_the_weights: bool = False  # a tuple batch's weights, made to require grad themselves
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
@@ -573,7 +573,7 @@ class CrestCallback(Callback):
             weights = batch[2]
             # (Random batches have weight 1: any use of the weights weights each example alike.)
             if self.selection == "crest":
-                self._batch_loss_spread = self._loss_spread(pl_module, batch)
+                self._batch_losses_differ = self._losses_differ(pl_module, batch)
             self._probe_is_the_weights = not isinstance(batch, list)
             if self._probe_is_the_weights:
                 self._weights_probe = weights.requires_grad_(True)
@@ -806,7 +806,7 @@ class CrestCallback(Callback):
         self._last_drop_epoch = -1
         self._weights_checked = False
         self._undecided_weight_steps = 0
-        self._batch_loss_spread = None
+        self._batch_losses_differ = False
         self._last_layer_checked = False
         self._weights_probe = None
         self._in_step = False
@@ -1419,10 +1419,10 @@ class CrestCallback(Callback):
             self._logits_probed = True
             with torch.no_grad():
                 rows = logits.detach().float()
-                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2) and of
-                # a sum over many classes.
+                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2), and
+                # of a float32 softmax over many classes.
                 eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
-                tolerance = 8 * eps * math.sqrt(rows.shape[1])
+                tolerance = 8 * (eps + torch.finfo(torch.float32).eps * math.sqrt(rows.shape[1]))
                 probabilities = len(rows) > 1 and bool(
                     (rows >= 0).all() and (rows <= 1).all() and ((rows.sum(1) - 1).abs() <= tolerance).all()
                 )
@@ -1752,8 +1752,7 @@ class CrestCallback(Callback):
         telling = math.isfinite(scale) and scale > 0 and len(grad) > 1
         # Under selection="random" every weight is 1: scaling the loss by their mean weights each example alike.
         uniform = telling and spread <= 1e-6 * scale and self.selection == "crest"
-        losses_differ = self._batch_loss_spread is not None and self._batch_loss_spread > 1e-3
-        if anywhere(uniform and losses_differ):
+        if anywhere(uniform and self._batch_losses_differ):
             raise RuntimeError(
                 "The training loss gave every example's weight the same gradient although the examples' losses "
                 "differ: it scales the batch's loss by the weights' mean (1 in every coreset) instead of weighting "
@@ -1776,14 +1775,18 @@ class CrestCallback(Callback):
             "`weighted_cross_entropy(logits, targets, weights)` does; unweighted, the coresets train a biased sample."
         )
 
-    def _loss_spread(self, module: L.LightningModule, batch: Any) -> float | None:
-        """Relative spread ``(max - min) / max`` of the per-example losses of a training batch's first
-        ``eval_batch_size`` examples, from a forward pass in eval mode without gradients (the global generators
-        restored after it, no statistics moved); None if it cannot be had."""
+    def _losses_differ(self, module: L.LightningModule, batch: Any) -> bool:
+        """Whether the per-example losses of a training batch's first ``eval_batch_size`` examples differ, by more
+        than 1e-3 of the largest and than the rounding of the logits' dtype (a loss computed in bf16 rounds equal
+        what float32 tells apart). From a forward pass in eval mode without gradients, on a copy of the inputs, the
+        global generators restored after it and no statistics moved; False if it cannot be had."""
         trainer = self._trainer
         assert trainer is not None
         count = min(len(batch[1]), self._dm.eval_batch_size)
-        inputs, targets = apply_to_collection(batch[0], Tensor, lambda t: t[:count]), batch[1][:count]
+        inputs = apply_to_collection(
+            batch[0], Tensor, lambda t: t[:count].clone()
+        )  # a forward may change them
+        targets = batch[1][:count]
         try:
             # A forward that draws random numbers in eval mode too leaves the training's draws as they would be.
             with (
@@ -1793,11 +1796,13 @@ class CrestCallback(Callback):
                 _eval_mode(module),
                 trainer.precision_plugin.forward_context(),
             ):
-                losses = self._losses(self._logits(module, inputs, targets), targets).float()
+                logits = self._logits(module, inputs, targets)
+                losses = self._losses(logits, targets).float()
         except Exception:  # advisory: without the losses the weights' check waits for a step that decides it
-            return None
+            return False
         top = float(losses.abs().max()) if len(losses) else 0.0
-        return float(losses.max() - losses.min()) / top if top > 0 and math.isfinite(top) else None
+        rounding = 4 * torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+        return math.isfinite(top) and float(losses.max() - losses.min()) > max(1e-3, rounding) * top
 
     @contextmanager
     def _timed(self, phase: str | None = None, *, selection: bool = False) -> Iterator[None]:

@@ -1329,19 +1329,32 @@ def test_random_batches_take_any_use_of_their_weights() -> None:
     assert callback._undecided_weight_steps == 0
 
 
-def test_the_weights_check_leaves_the_runs_random_draws_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Noisy(TinyClassifier):  # draws random numbers in eval mode too
-        def forward(self, inputs: Tensor) -> Tensor:
-            return super().forward(inputs + 0.1 * torch.randn_like(inputs))
+class Noisy(TinyClassifier):
+    """Draws random numbers in eval mode too."""
 
+    def forward(self, inputs: Tensor) -> Tensor:
+        return super().forward(inputs + 0.1 * torch.randn_like(inputs))
+
+
+class Shifting(TinyClassifier):
+    """Changes its inputs in place."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return super().forward(inputs.add_(1.0))
+
+
+@pytest.mark.parametrize("model_class", [Noisy, Shifting])
+def test_the_weights_check_leaves_the_run_as_it_would_be(
+    monkeypatch: pytest.MonkeyPatch, model_class: type[TinyClassifier]
+) -> None:
     def run() -> tuple[L.LightningModule, Tensor]:
         torch.manual_seed(0)
-        model = Noisy()
+        model = model_class()
         fit(CrestCallback(random_subset_size=0.1), model=model, max_epochs=2)
         return model, torch.get_rng_state()
 
     measured, measured_state = run()
-    monkeypatch.setattr(CrestCallback, "_loss_spread", lambda self, module, batch: None)
+    monkeypatch.setattr(CrestCallback, "_losses_differ", lambda self, module, batch: False)
     unmeasured, unmeasured_state = run()
     assert all(torch.equal(p, q) for p, q in zip(measured.parameters(), unmeasured.parameters(), strict=True))
     assert torch.equal(measured_state, unmeasured_state)
@@ -1377,6 +1390,15 @@ def test_equal_losses_on_the_first_steps_do_not_count_as_ignoring_the_weights(
     assert trainer.global_step == 4
     assert callback._undecided_weight_steps == undecided
     assert callback._weights_checked == (undecided < 4)
+
+
+@pytest.mark.parametrize("warmup", [100, 1000])
+def test_losses_that_round_equal_in_bf16_do_not_count_as_ignoring_the_weights(warmup: int) -> None:
+    # The training loss in bf16 rounds the losses of a small head to one value, which float32 tells apart.
+    trainer, _ = fit(
+        CrestCallback(random_subset_size=0.1), model=ZeroHead(warmup), max_epochs=2, precision="bf16-true"
+    )
+    assert trainer.global_step == 8
 
 
 def test_a_loss_whose_weights_get_no_gradient_is_warned_after_a_while() -> None:
@@ -1428,10 +1450,17 @@ def test_logits_and_log_probabilities_are_not_taken_for_probabilities() -> None:
         def forward(self, inputs: Tensor) -> Tensor:
             return super().forward(inputs).log_softmax(1)
 
+    class WideZeroHead(TinyClassifier):  # all-zero logits over 300 classes, scored in bf16
+        def __init__(self) -> None:
+            super().__init__(num_classes=300)
+            torch.nn.init.zeros_(self.net[2].weight)
+            torch.nn.init.zeros_(self.net[2].bias)
+
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*returned probabilities")
         fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
         fit(CrestCallback(random_subset_size=0.1), model=LogProbabilities(), max_epochs=1)
+        fit(CrestCallback(random_subset_size=0.1), model=WideZeroHead(), max_epochs=1, precision="bf16-mixed")
 
 
 def test_a_step_that_unpacks_two_values_is_told_of_the_weights() -> None:
