@@ -9,10 +9,17 @@ import os
 from typing import Any
 
 
+def conversion_hint(value: object) -> str:
+    """``"; pass int(...)"`` or ``"; pass float(...)"`` for a number of another type (NumPy's), else ``""``: such a
+    value would reach checkpoints, which then need ``weights_only=False`` to load."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return ""
+    return f"; pass {'int' if isinstance(value, numbers.Integral) else 'float'}({value!r})"
+
+
 def check_range(name: str, value: object, low: float, high: float, *, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        hint = f"; pass float({value!r})" if isinstance(value, numbers.Real) else ""
-        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{hint}.")
+        raise ValueError(f"`{name}` must be a Python int or float, got {value!r}{conversion_hint(value)}.")
     too_low = value <= low if low_open else value < low
     if too_low or value > high or (isinstance(value, float) and math.isnan(value)):
         bracket = "(" if low_open else "["
@@ -21,9 +28,8 @@ def check_range(name: str, value: object, low: float, high: float, *, low_open: 
 
 def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        # A NumPy integer would reach checkpoints, which then need `weights_only=False` to load.
         integral = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
-        hint = f"; pass int({value!r})" if integral else ""
+        hint = conversion_hint(value) if integral else ""
         raise ValueError(f"`{name}` must be a positive int, got {value!r}{hint}.")
 
 

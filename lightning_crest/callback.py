@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -27,7 +26,14 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
-from lightning_crest._checks import check_flag, check_positive_int, check_range, check_seed, global_seed
+from lightning_crest._checks import (
+    check_flag,
+    check_positive_int,
+    check_range,
+    check_seed,
+    conversion_hint,
+    global_seed,
+)
 from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
@@ -166,6 +172,9 @@ class CrestCallback(Callback):
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
     _logits_probed: bool = False  # compute_logits was checked in this fit for probabilities instead of logits
+    _last_layer_checked: bool = (
+        False  # in this fit, the module that 'last_layer' models was seen to give the logits
+    )
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _last_drop_epoch: int
@@ -209,14 +218,9 @@ class CrestCallback(Callback):
     ) -> None:
         check_range("fraction", fraction, 0.0, 1.0, low_open=True)
         if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
-            kind = "int" if isinstance(random_subset_size, numbers.Integral) else "float"
-            hint = (
-                f"; pass {kind}({random_subset_size!r})"
-                if isinstance(random_subset_size, numbers.Real)
-                else ""
-            )
             raise ValueError(
-                f"`random_subset_size` must be a float fraction or an int count, got {random_subset_size!r}{hint}."
+                "`random_subset_size` must be a float fraction or an int count, got "
+                f"{random_subset_size!r}{conversion_hint(random_subset_size)}."
             )
         if isinstance(random_subset_size, float):
             if random_subset_size > 1.0 and random_subset_size.is_integer():
@@ -807,7 +811,6 @@ class CrestCallback(Callback):
         self._weights_checked = False
         self._undecided_weight_steps = 0
         self._batch_losses_differ = False
-        self._last_layer_checked = False
         self._weights_probe = None
         self._in_step = False
         self._ignore_next_state = False
@@ -1725,14 +1728,11 @@ class CrestCallback(Callback):
             )
             return
         probe.requires_grad_(False)
-        strategy = self._trainer.strategy if self._trainer is not None else None
+        assert self._trainer is not None
+        strategy = self._trainer.strategy
 
         def anywhere(decision: bool) -> bool:  # every process decides alike
-            return (
-                bool(strategy.reduce_boolean_decision(decision, all=False))
-                if strategy is not None
-                else decision
-            )
+            return bool(strategy.reduce_boolean_decision(decision, all=False))
 
         if anywhere(probe.grad is None):
             raise RuntimeError(
@@ -1783,9 +1783,8 @@ class CrestCallback(Callback):
         trainer = self._trainer
         assert trainer is not None
         count = min(len(batch[1]), self._dm.eval_batch_size)
-        inputs = apply_to_collection(
-            batch[0], Tensor, lambda t: t[:count].clone()
-        )  # a forward may change them
+        # A copy: a forward may change its inputs in place, and the training step reads them next.
+        inputs = apply_to_collection(batch[0], Tensor, lambda t: t[:count].clone())
         targets = batch[1][:count]
         try:
             # A forward that draws random numbers in eval mode too leaves the training's draws as they would be.
