@@ -1581,11 +1581,7 @@ class CrestCallback(Callback):
                     grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
                 except (RuntimeError, NotImplementedError) as error:
                     # Some compiled graphs refuse already to keep their own graph for a second pass.
-                    if (
-                        not graph
-                        or not part_loss.requires_grad
-                        or isinstance(error, torch.cuda.OutOfMemoryError)
-                    ):
+                    if not graph or not part_loss.requires_grad or _out_of_memory(error):
                         raise
                     raise self._no_double_backward(module, error) from error
                 if all(g is None for g in grads):
@@ -1599,9 +1595,9 @@ class CrestCallback(Callback):
                     # The probe estimates the Hessian of the sample's own mean loss.
                     try:
                         hessian = hutchinson_diagonal(grads, params, self._generator)
-                    except torch.cuda.OutOfMemoryError:
-                        raise
                     except (RuntimeError, NotImplementedError) as error:
+                        if _out_of_memory(error):
+                            raise
                         raise self._no_double_backward(module, error) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
             grad += torch.cat([g.detach().flatten() for g in grads])
@@ -1886,6 +1882,14 @@ def _compiled(module: torch.nn.Module) -> bool:
     LightningModule and keeps its compiler context)."""
     return bool(getattr(module, "_compiler_ctx", None)) or any(
         hasattr(m, "_orig_mod") for m in module.modules()
+    )
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (CUDA's own error, or a CPU allocator's RuntimeError), which a
+    smaller batch fixes and no advice about second derivatives would."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or any(
+        text in str(error) for text in ("out of memory", "can't allocate memory")
     )
 
 

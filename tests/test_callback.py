@@ -1915,6 +1915,20 @@ def test_a_model_without_double_backward_is_told_to_use_a_first_order_model(
     assert trainer.global_step == 4
 
 
+def test_an_allocation_failure_in_the_probe_is_not_called_a_missing_second_derivative(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    message = "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate"
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(crest_callback, "hutchinson_diagonal", out_of_memory)
+    with pytest.raises(RuntimeError) as caught:
+        fit(CrestCallback(random_subset_size=0.1), max_epochs=1)
+    assert str(caught.value) == message
+
+
 def test_a_compiled_model_is_told_to_compile_only_the_training_steps_model() -> None:
     class Compiled(TinyClassifier):
         def __init__(self, in_tree: bool) -> None:
