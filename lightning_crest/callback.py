@@ -177,7 +177,7 @@ class CrestCallback(Callback):
     )
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
-    _last_drop_epoch: int
+    _window_epochs: int  # epochs started since the last exclusion or the first fit: T2 of them end a window
     _epoch_step: int  # steps trained in the current epoch
     _fit_end: float | None  # when the last fit ended (None while it runs)
     _select_next_epoch: bool  # a check failed on an epoch's last step: the next epoch starts with a selection
@@ -439,7 +439,8 @@ class CrestCallback(Callback):
         # The plan's batches stay readable through `coresets`.
         if self._dm is not None:
             self._dm.use_plan(None)
-            self._dm.plan.refill = self._dm.plan.resolve = self._dm.plan.on_epoch_start = None
+            plan = self._dm.plan
+            plan.refill = plan.resolve = plan.on_epoch_start = plan.check_reader = None
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -486,6 +487,18 @@ class CrestCallback(Callback):
                 f"The training loader of {type(self._dm).__name__} does not read CREST's coresets (its sampler is "
                 f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
                 "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
+            )
+
+    def _check_reader(self, sampler: CoresetSampler) -> None:
+        """Refuse a sampler other than the training loader's that starts reading the plan (called by the sampler)."""
+        trainer = self._trainer
+        loader = None if trainer is None else trainer.train_dataloader
+        if loader is not None and getattr(loader, "sampler", None) is not sampler:
+            raise RuntimeError(
+                f"A training loader of {type(self._dm).__name__} other than the trainer's was read during the fit "
+                "(a hook that iterates `datamodule.train_dataloader()`, say). CREST's coresets are served to the "
+                "trainer's loader alone: another reader would use them up, and training would skip them. To go over "
+                "the training set during a fit, build a loader of its own: `DataLoader(dm.train_dataset, ...)`."
             )
 
     def _check_accumulation_schedule(self, trainer: L.Trainer) -> None:
@@ -549,17 +562,15 @@ class CrestCallback(Callback):
         epoch = max(epoch, self._epoch_floor)
         if epoch == self._started_epoch:
             return
-        if (
-            self._dropping
-            and epoch > 0
-            and epoch % self.drop_interval == 0
-            and epoch != self._last_drop_epoch
-        ):
-            self._drop_learned_examples()
-            self._last_drop_epoch = epoch
+        # Counted by CREST, not read from the Trainer's epoch: a fit again with a fresh Trainer starts that at 0.
+        if self._window_epochs >= self.drop_interval:
+            if self._dropping:
+                self._drop_learned_examples()
+            self._window_epochs = 0
         if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
             self._select(self._steps_per_epoch)
         # Started once its work is done: a checkpoint saved after that work failed (Ctrl-C) has it redone.
+        self._window_epochs += 1
         self._started_epoch = epoch
         self._epoch_ended = False
         self._epoch_step = 0
@@ -669,7 +680,7 @@ class CrestCallback(Callback):
             "anchor_stats": [stat.clone() for stat in self._anchor_stats],
             "rho": self._rho,
             "selection_time": self._selection_time,
-            "last_drop_epoch": self._last_drop_epoch,
+            "window_epochs": self._window_epochs,
             "weights_checked": self._weights_checked,
             "undecided_weight_steps": self._undecided_weight_steps,
             "plan_indices": [idx for idx, _ in plan.batches],
@@ -737,7 +748,7 @@ class CrestCallback(Callback):
         self._check_batches = None
         self._rho = float(state_dict["rho"])
         self._selection_time = float(state_dict["selection_time"])
-        self._last_drop_epoch = int(state_dict["last_drop_epoch"])
+        self._window_epochs = int(state_dict["window_epochs"])
         self._weights_checked = bool(state_dict["weights_checked"])
         self._undecided_weight_steps = int(state_dict["undecided_weight_steps"])
         self._epoch_step = int(state_dict["epoch_step"])
@@ -807,7 +818,7 @@ class CrestCallback(Callback):
         self._timing_depth = 0
         self._fit_start = time.perf_counter()
         self._fit_end = None
-        self._last_drop_epoch = -1
+        self._window_epochs = 0
         self._weights_checked = False
         self._undecided_weight_steps = 0
         self._batch_losses_differ = False
@@ -934,9 +945,6 @@ class CrestCallback(Callback):
                 f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
                 "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
             )
-        if self._restored_plan is None and trainer is not self._trainer:
-            # A fresh Trainer counts its epochs from 0: the last fit's exclusion epoch is not one of them.
-            self._last_drop_epoch = -1
         if self.seed is None and self._module is None and self._restored_plan is None:
             # A fresh start follows the global seed as of this fit, process 0's: every process draws the same.
             self._seed = global_seed(trainer)
@@ -952,6 +960,7 @@ class CrestCallback(Callback):
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
         dm.plan.on_epoch_start = self._start_iterator
+        dm.plan.check_reader = self._check_reader
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
         self._trained = 0

@@ -38,7 +38,9 @@ class CoresetPlan:
     checkpoint saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps
     that are left. The iterator reads it once and sets it back to ``0``. An iterator that starts an epoch at step
     ``0`` first calls :attr:`on_epoch_start`, so epoch-start work also happens when Lightning resumes into a new
-    epoch without calling its own epoch-start hooks (the callback makes that call idempotent).
+    epoch without calling its own epoch-start hooks (the callback makes that call idempotent). A sampler that starts
+    reading the plan first passes itself to :attr:`check_reader`, which refuses any but the trainer's: another reader
+    would use up batches that training then skips.
     """
 
     def __init__(self) -> None:
@@ -51,6 +53,7 @@ class CoresetPlan:
         self.refill: Callable[[int], None] | None = None
         self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
         self.on_epoch_start: Callable[[int], None] | None = None
+        self.check_reader: Callable[[CoresetSampler], None] | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -162,6 +165,8 @@ class CoresetSampler(DistributedSampler[Key]):
                 yield index, 1.0
             return
         assert self.steps_per_epoch is not None
+        if self.plan.check_reader is not None:
+            self.plan.check_reader(self)
         share = batch_share(self.rank, self.num_replicas)
         # After a mid-epoch resume Lightning counts the steps already trained and asks only for the rest.
         start, self.plan.resume_step = self.plan.resume_step % self.steps_per_epoch, 0

@@ -1053,14 +1053,18 @@ def test_drop_learned_switch(drop_learned: bool) -> None:
     assert (callback.timings["exclusion"] > 0) is drop_learned
 
 
-def test_a_fresh_trainer_excludes_learned_examples_on_its_own_epochs() -> None:
-    # The second fit counts its epochs from 0 again: its exclusion at epoch 2 is due although the first fit's
-    # last exclusion was at its own epoch 2.
-    callback = CrestCallback(random_subset_size=0.2, drop_interval=2)
+def test_a_fresh_trainer_goes_on_with_the_exclusion_window_of_the_last_fit() -> None:
+    # Windows are drop_interval epochs of CREST's, across fits: the first fit's epoch 2 opens one that the second
+    # fit's epoch 0 closes, although the second Trainer counts its epochs from 0 again.
+    callback = ExclusionRecorder(random_subset_size=0.2, drop_interval=2)
     data, model = blobs(n=1200, noise=0.3), seeded_classifier(lr=0.2)
-    for _ in range(2):
+    drops = []
+    for fit_number in range(2):
         fit(callback, data=data, max_epochs=3, model=model)
+        drops += [(fit_number, epoch) for epoch, *_ in callback.drops]
+        callback.drops.clear()
         assert callback.timings["exclusion"] > 0  # timed afresh in every fit
+    assert drops == [(0, 2), (1, 1)]
 
 
 class SelectionCount(CrestCallback):
@@ -1837,6 +1841,28 @@ def test_a_barebones_trainer_gets_no_logging_from_the_callback(data: Any) -> Non
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
     assert not [w for w in caught if "barebones" in str(w.message)]
     assert trainer.global_step == 2 * math.ceil(0.1 * len(data) / 32)
+
+
+def test_reading_the_training_loader_in_a_hook_is_refused_before_it_uses_up_coresets() -> None:
+    class Inspecting(TinyClassifier):
+        def __init__(self, iterate: bool) -> None:
+            super().__init__()
+            self.iterate = iterate
+
+        def on_train_epoch_end(self) -> None:
+            loader = self.trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
+            assert len(loader) == self.trainer.num_training_batches  # its length alone reads nothing
+            if self.iterate:
+                with torch.no_grad():
+                    [self(inputs) for inputs, _, _ in loader]
+
+    callback = CrestCallback(random_subset_size=0.1)
+    with pytest.raises(RuntimeError, match="other than the trainer's was read during the fit"):
+        fit(callback, model=Inspecting(iterate=True), max_epochs=2)
+    served = callback._dm.plan.served
+    assert served == 4  # the first epoch's steps only: the inspecting loader took none
+    trainer, _ = fit(CrestCallback(random_subset_size=0.1), model=Inspecting(iterate=False), max_epochs=2)
+    assert trainer.global_step == 8
 
 
 def test_overfit_batches_is_refused(data: Any) -> None:
