@@ -12,13 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import (
-    BatchSizeFinder,
-    Callback,
-    GradientAccumulationScheduler,
-    LearningRateFinder,
-)
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -34,6 +28,19 @@ from lightning_crest._checks import (
     conversion_hint,
     global_seed,
 )
+from lightning_crest._fit_checks import (
+    add_batch_notes,
+    check_accumulation,
+    check_accumulation_schedule,
+    check_data_module,
+    check_epoch_settings,
+    check_loader,
+    check_proxy_dtype,
+    check_trainer,
+    crest_data_module,
+    is_weighted_batch,
+    without_backward,
+)
 from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
@@ -44,10 +51,9 @@ from lightning_crest.distributed import (
 )
 from lightning_crest.pool import learned_examples, stratified_quotas
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
-from lightning_crest.sampler import MAX_READ_AHEAD, CoresetSampler
+from lightning_crest.sampler import CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy, last_layer_sketch
 
-_UNSUPPORTED_STRATEGIES = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
 _MAX_MUL = 1000
@@ -407,28 +413,9 @@ class CrestCallback(Callback):
         # Lightning skips `teardown` when a fit raises or is interrupted (and marks it interrupted before this hook).
         if trainer.state.fn == TrainerFn.FITTING:
             self._end_fit()
-        if (
-            isinstance(exception, ValueError)
-            and "too many values to unpack (expected 2" in str(exception)  # ", got 3)" from Python 3.14
-            and hasattr(exception, "add_note")  # Python 3.11+
-        ):
-            exception.add_note(
-                "CrestDataModule's training batches are (inputs, targets, weights): unpack "
-                "`inputs, targets, weights = batch` in `training_step` (and in batch hooks that unpack them) and weight "
-                "each example's loss, as `weighted_cross_entropy(logits, targets, weights)` does."
-            )
-        if (
-            self._weights_probe is not None
-            and self._probe_is_the_weights
-            and "leaf Variable that requires grad" in str(exception)
-            and hasattr(exception, "add_note")  # Python 3.11+
-        ):
-            exception.add_note(
-                "CrestCallback made the first batch's weights require grad, to check that the loss uses them; the "
-                "batch is a tuple (as a batch-transfer hook returned it), so they could not be given as a copy and "
-                "an in-place change to them fails. Change them out of place in the step "
-                "(`weights = weights / weights.mean()`), or return a list from the hook."
-            )
+        add_batch_notes(
+            exception, probed_tuple_weights=self._weights_probe is not None and self._probe_is_the_weights
+        )
 
     def _end_fit(self) -> None:
         self._fit_end = time.perf_counter()
@@ -454,8 +441,8 @@ class CrestCallback(Callback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check_loader(trainer)
-        self._check_accumulation_schedule(trainer)
+        check_loader(trainer, self._dm)
+        check_accumulation_schedule(trainer)
         # Lightning restores checkpointed tensors on the device they were saved from.
         self._quadratic.to(pl_module.device)
         self._anchor_stats = [stat.to(pl_module.device) for stat in self._anchor_stats]
@@ -466,28 +453,8 @@ class CrestCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check_loader(trainer)  # `reload_dataloaders_every_n_epochs` builds it anew
+        check_loader(trainer, self._dm)  # `reload_dataloaders_every_n_epochs` builds it anew
         self._begin_epoch(trainer.current_epoch)
-
-    def _check_loader(self, trainer: L.Trainer) -> None:
-        """Refuse a training loader that does not read the plan: it would train on other batches, unbudgeted."""
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, CoresetSampler) and sampler.plan is None:
-            assert loader is not None
-            raise RuntimeError(
-                f"The training loader was built before CrestCallback's setup planned its epochs, so it serves full "
-                f"epochs of {len(loader)} batches: the data module's own `setup`, or a callback's listed before "
-                "CrestCallback, read `trainer.estimated_stepping_batches` or `trainer.train_dataloader` (and any "
-                "schedule sized from it counted full epochs). List CrestCallback first in `Trainer(callbacks=[...])`, "
-                "and read them in the LightningModule's `configure_optimizers`, not in the data module's `setup`."
-            )
-        if not (isinstance(sampler, CoresetSampler) and sampler.plan is self._dm.plan):
-            raise TypeError(
-                f"The training loader of {type(self._dm).__name__} does not read CREST's coresets (its sampler is "
-                f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
-                "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
-            )
 
     def _check_reader(self, sampler: CoresetSampler) -> None:
         """Refuse a sampler other than the training loader's that starts reading the plan (called by the sampler)."""
@@ -500,35 +467,6 @@ class CrestCallback(Callback):
                 "trainer's loader alone: another reader would use them up, and training would skip them. To go over "
                 "the training set during a fit, build a loader of its own: `DataLoader(dm.train_dataset, ...)`."
             )
-
-    def _check_accumulation_schedule(self, trainer: L.Trainer) -> None:
-        """Refuse a ``GradientAccumulationScheduler`` that will raise the accumulation in this fit's epochs, before
-        its first step (``on_train_batch_start`` refuses it anyway when it does: this saves the epochs before).
-
-        Under ``max_steps`` the epochs are counted as if the fit started at an epoch's first step: never more than it
-        runs (a fit resumed inside an epoch may reach one more, where the schedule is refused when it applies).
-        """
-        start, ends = trainer.current_epoch, []  # after a restore: the epoch it resumes
-        if trainer.max_epochs not in (None, -1):
-            ends.append(trainer.max_epochs)
-        length = trainer.num_training_batches
-        if trainer.max_steps != -1 and 0 < length < math.inf:
-            steps = max(0, trainer.max_steps - trainer.global_step)
-            ends.append(start + math.ceil(steps / length))
-        end = min(ends, default=math.inf)
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if not isinstance(other, GradientAccumulationScheduler):
-                continue
-            epochs = sorted(other.scheduling)
-            for first, last in zip(epochs, [*epochs[1:], math.inf]):  # each factor holds until the next
-                factor = other.scheduling[first]
-                if factor != 1 and first < end and last > start:
-                    raise ValueError(
-                        f"CrestCallback trains one weighted coreset per optimizer step; the "
-                        f"GradientAccumulationScheduler sets `accumulate_grad_batches`={factor} from epoch "
-                        f"{max(first, start)}, which would merge coresets. Remove it, and raise the batch size "
-                        "instead."
-                    )
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
@@ -580,9 +518,9 @@ class CrestCallback(Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        _check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
+        check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
         self._in_step = True
-        if not self._weights_checked and _is_weighted_batch(batch):
+        if not self._weights_checked and is_weighted_batch(batch):
             # Whether, and how, the loss uses each weight shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
             weights = batch[2]
@@ -610,7 +548,7 @@ class CrestCallback(Callback):
             # Loader workers read this batch from the plan before the last selection: the selection's steps (and
             # its checks) start with its own first batch.
             self._stale -= 1
-        elif not _without_backward(trainer):
+        elif not without_backward(trainer):
             # (An epoch without training steps, StochasticWeightAveraging's pass that recomputes BatchNorm statistics
             # over the averaged weights, leaves nothing for the quadratic model to check.)
             self._steps_since_selection += 1
@@ -837,12 +775,7 @@ class CrestCallback(Callback):
         self._restored_started = -1
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        dm = getattr(trainer, "datamodule", None)
-        if not isinstance(dm, CrestDataModule):
-            raise TypeError(
-                "CrestCallback needs its batches from a CrestDataModule: call "
-                f"trainer.fit(model, datamodule=CrestDataModule(train_set, ...)); got datamodule={type(dm).__name__}."
-            )
+        dm = crest_data_module(trainer)
         labels = dm.labels
         if (
             self._restored_plan is None
@@ -852,99 +785,22 @@ class CrestCallback(Callback):
             # The state (quadratic model, pool, plan) belongs to the module and training set of an earlier fit;
             # another module or training set starts afresh. Fitting the same ones again goes on where it stopped.
             self._reset_state()
-        _check_accumulation(trainer)
-        for other in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(other, (LearningRateFinder, BatchSizeFinder)):
-                tuner = "lr_find" if isinstance(other, LearningRateFinder) else "scale_batch_size"
-                raise ValueError(
-                    f"{type(other).__name__} (which Tuner.{tuner} adds too) runs its search steps without the other "
-                    "callbacks: CREST would neither check nor re-select, and the search would train on one "
-                    "selection's coresets. Tune in a run without CrestCallback (the data module then serves full "
-                    "shuffled epochs) and set the value found on the module or the data module."
-                )
-        overfit = getattr(trainer, "overfit_batches", 0)  # set by the Trainer, not declared
-        if overfit > 0:
-            raise ValueError(
-                f"`overfit_batches`={overfit} replaces the coreset sampler with the first batches "
-                "of the training set, so CREST would select nothing. Remove CrestCallback to overfit a few batches."
-            )
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "CrestCallback supports automatic optimization with one optimizer only: it measures one optimizer "
-                "step per batch. Set `self.automatic_optimization = True` in the LightningModule and return a single "
-                "optimizer from `configure_optimizers`."
-            )
-        if isinstance(trainer.strategy, _UNSUPPORTED_STRATEGIES):
-            raise ValueError(
-                f"CrestCallback does not support {type(trainer.strategy).__name__} (sharded parameters "
-                "break its quadratic model); use 'ddp', 'ddp_spawn' or 'ddp_notebook'."
-            )
+        check_trainer(trainer, pl_module)
         n = len(labels)
+        check_data_module(dm, n, trainer.world_size)
         global_batch = dm.batch_size * trainer.world_size
-        if n < global_batch:
-            raise ValueError(
-                f"The training set has {n} examples, fewer than one global batch of {global_batch} "
-                f"(batch_size={dm.batch_size} x {trainer.world_size} processes); lower the data module's "
-                "`batch_size`."
-            )
-        # Workers' batches plus the one Lightning fetches ahead: a new loader must be given them back in order.
-        ahead = dm.num_workers * (dm.prefetch_factor or 2) + 1
-        if dm.num_workers > 0 and ahead > MAX_READ_AHEAD:
-            raise ValueError(
-                f"CrestDataModule(num_workers={dm.num_workers}, prefetch_factor={dm.prefetch_factor}) reads "
-                f"{ahead} batches ahead of training, more than the {MAX_READ_AHEAD} that CREST keeps to serve again "
-                "when a loader is rebuilt; lower `prefetch_factor` or `num_workers`."
-            )
         # Random mini-batches draw no subsets and make no checks: CREST's sizes and parameters do not apply to them.
         subset = self._subset_size(n, global_batch) if self.selection == "crest" else global_batch
         if self.selection == "crest":
             self._check_crest_sizes(subset, global_batch, trainer.world_size)
-        # Lightning moves the module to its device after `setup`: the strategy knows where it will train.
-        device_type = trainer.strategy.root_device.type
-        if self.proxy_dtype is not None and not torch.amp.is_autocast_available(device_type):
-            raise ValueError(
-                f"`proxy_dtype`={self.proxy_dtype} needs autocast, which torch does not offer on "
-                f"{device_type!r} devices; pass proxy_dtype=None."
-            )
-        if self.proxy_dtype is not None and str(trainer.precision).startswith("64"):
-            raise ValueError(
-                f"`proxy_dtype`={self.proxy_dtype} has no effect under precision={trainer.precision!r}: autocast "
-                "leaves float64 untouched. Pass proxy_dtype=None."
-            )
+        check_proxy_dtype(self.proxy_dtype, trainer)
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
         # With more classes than picks not every class can have one: coresets are then picked over the whole subset
         # (the proxies' one-hot part keeps the classes apart) instead of class by class.
         self._per_class = present <= global_batch
-        limit = trainer.limit_train_batches
         steps_per_epoch = _ceil_share(self.fraction, n, global_batch)
-        if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
-            rank_zero_warn(
-                f"`max_steps`={trainer.max_steps} without `max_epochs` trains that many coreset steps, over epochs "
-                f"of {steps_per_epoch} steps ({self.fraction} of a full epoch): if it is the step count of full "
-                "training, the run costs as much as full training. Set `max_epochs` to full training's epochs, "
-                f"or `max_steps` to {self.fraction} of its steps."
-            )
-        interval = trainer.val_check_interval
-        if (
-            isinstance(interval, int)
-            and trainer.check_val_every_n_epoch is not None
-            and interval > steps_per_epoch
-        ):
-            raise ValueError(
-                f"`val_check_interval`={interval} steps is longer than CREST's epochs of {steps_per_epoch} steps "
-                f"({self.fraction} of a full epoch). Lower it, or pass `check_val_every_n_epoch=None` to count the "
-                "steps across epochs."
-            )
-        if (
-            limit is not None
-            and not getattr(trainer, "fast_dev_run", False)  # set by the Trainer, not declared
-            and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0)
-        ):
-            rank_zero_warn(
-                f"`limit_train_batches`={limit} cuts CREST's epochs of ceil(fraction * n / batch) steps short: the run "
-                "trains fewer backprops than `fraction` of full training. Lower `fraction` or `max_epochs` instead."
-            )
+        check_epoch_settings(trainer, steps_per_epoch, self.fraction)
         if self.seed is None and self._module is None and self._restored_plan is None:
             # A fresh start follows the global seed as of this fit, process 0's: every process draws the same.
             self._seed = global_seed(trainer)
@@ -1717,7 +1573,7 @@ class CrestCallback(Callback):
 
     def _check_weights_used(self, batch: Any) -> None:
         self._weights_checked = True
-        if not _is_weighted_batch(batch):
+        if not is_weighted_batch(batch):
             rank_zero_warn(
                 "CrestCallback could not find the (inputs, targets, weights) batch that CrestDataModule serves; "
                 "make sure the training loss multiplies each example's loss by its weight."
@@ -1921,22 +1777,3 @@ def _fitting(trainer: L.Trainer | None) -> bool:
         and trainer.state.fn == TrainerFn.FITTING
         and trainer.state.status == TrainerStatus.RUNNING
     )
-
-
-def _without_backward(trainer: L.Trainer) -> bool:
-    """An epoch without backward passes, such as StochasticWeightAveraging's pass that recomputes the BatchNorm
-    statistics of the averaged weights (Lightning's flag, read defensively)."""
-    return bool(getattr(trainer.fit_loop, "_skip_backward", False))
-
-
-def _check_accumulation(trainer: L.Trainer) -> None:
-    # An epoch without backward passes merges no coresets, whatever the accumulation (SWA raises it to the epoch).
-    if trainer.accumulate_grad_batches != 1 and not _without_backward(trainer):
-        raise ValueError(
-            f"CrestCallback trains one weighted coreset per optimizer step; `accumulate_grad_batches`="
-            f"{trainer.accumulate_grad_batches} would merge coresets. Raise the batch size instead."
-        )
-
-
-def _is_weighted_batch(batch: Any) -> bool:
-    return isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Tensor)
