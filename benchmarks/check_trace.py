@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from lightning_crest import CrestCallback
+from lightning_crest._modules import swapped
 from lightning_crest.benchmark import __main__ as bench
-from lightning_crest.callback import _swapped
 
 # Every callback made, in order: the benchmark's untimed warm-up fit comes first, the traced run last.
 TRACED: list[TracedCallback] = []
@@ -75,7 +75,7 @@ class TracedCallback(CrestCallback):
             order = torch.randperm(len(self._dm.labels), generator=torch.Generator().manual_seed(12345))
             chunks = torch.split(order[: self.wide_size], self._dm.eval_batch_size)
             self._wide_batches = [self._dm.fetch(chunk.tolist(), seed=0) for chunk in chunks]
-        with _swapped(self._running_stats(), self._anchor_stats):
+        with swapped(self._running_stats(), self._anchor_stats):
             _, losses, _, _ = super()._evaluate(self._wide_batches, seed=0)
         return float(losses.mean())
 

@@ -41,6 +41,7 @@ from lightning_crest._fit_checks import (
     is_weighted_batch,
     without_backward,
 )
+from lightning_crest._modules import compiled, eval_mode, inputs_of, last_owner, swapped
 from lightning_crest.datamodule import CrestDataModule, item_seed, restored_generators, seeded_generators
 from lightning_crest.distributed import (
     batch_share,
@@ -1170,11 +1171,11 @@ class CrestCallback(Callback):
             autocast = torch.autocast(module.device.type, dtype=dtype) if dtype is not None else nullcontext()
             captured: list[tuple[Tensor, Tensor]] = []
             with (
-                _eval_mode(module),
+                eval_mode(module),
                 torch.no_grad(),
                 trainer.precision_plugin.forward_context(),
                 autocast,
-                _inputs_of(layer, captured) if layer is not None else nullcontext(),
+                inputs_of(layer, captured) if layer is not None else nullcontext(),
             ):
                 logits = self._logits(module, inputs, targets).float()
                 all_logits.append(logits)
@@ -1345,7 +1346,7 @@ class CrestCallback(Callback):
         assert module is not None
         if self.hessian_params == "all":
             return [p for p in module.parameters() if p.requires_grad]
-        owner = _last_owner(module)
+        owner = last_owner(module)
         return [p for p in owner.parameters(recurse=False) if p.requires_grad] if owner is not None else []
 
     def _check_last_layer(self, owner: torch.nn.Module, outputs: list[Any], logits: Tensor) -> None:
@@ -1427,14 +1428,14 @@ class CrestCallback(Callback):
             attention = sdpa_kernel(SDPBackend.MATH) if graph else nullcontext()
             # Once per fit, 'last_layer' is checked to be the layer that gives the logits.
             checking = self.hessian_params == "last_layer" and not self._last_layer_checked
-            watched = _last_owner(module) if checking else None
+            watched = last_owner(module) if checking else None
             calls: list[tuple[Any, Any]] = []
             with (
-                _eval_mode(module),
+                eval_mode(module),
                 torch.enable_grad(),
                 trainer.precision_plugin.forward_context(),
                 attention,
-                _inputs_of(watched, calls) if watched is not None else nullcontext(),
+                inputs_of(watched, calls) if watched is not None else nullcontext(),
             ):
                 logits = self._logits(module, inputs, targets)
                 if watched is not None:
@@ -1470,7 +1471,7 @@ class CrestCallback(Callback):
 
     def _no_double_backward(self, module: torch.nn.Module, error: BaseException) -> RuntimeError:
         """The error for a model that cannot be differentiated twice, with the ways around it."""
-        if _compiled(module):
+        if compiled(module):
             way = (
                 "The model is compiled (torch.compile), and its compiled graph has none: keep the modules that "
                 "`forward` (or `compute_logits`) calls uncompiled and compile only what the training step calls "
@@ -1526,7 +1527,7 @@ class CrestCallback(Callback):
                 self._check_batches = self._fetch_share(indices, self._check_seed)
             # With the normalisation statistics of the selection, as L0 was measured: the quadratic model is a
             # function of the parameters only (the recorded losses for exclusion use them too).
-            with _swapped(self._running_stats(), self._anchor_stats):
+            with swapped(self._running_stats(), self._anchor_stats):
                 _, losses, _, _ = self._evaluate(self._check_batches, seed=self._check_seed)
             losses = gather_shares(trainer, losses, len(indices))
             self._record_losses(indices, losses)
@@ -1653,7 +1654,7 @@ class CrestCallback(Callback):
                 self._timed(),
                 restored_generators(module.device),
                 torch.no_grad(),
-                _eval_mode(module),
+                eval_mode(module),
                 trainer.precision_plugin.forward_context(),
             ):
                 logits = self._logits(module, inputs, targets)
@@ -1710,65 +1711,12 @@ def _ceil_share(fraction: float, total: int, per: int = 1) -> int:
     return math.ceil(Fraction(repr(fraction)) * total / per)
 
 
-@contextmanager
-def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    # Each submodule gets its own mode back: a frozen part the user keeps in eval mode stays there.
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextmanager
-def _inputs_of(layer: torch.nn.Module, captured: list[tuple[Any, Any]]) -> Iterator[None]:
-    """Append the (first) input and output of every call of ``layer`` to ``captured`` for the duration."""
-
-    def record(_: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
-        captured.append((args[0] if args else kwargs.get("input"), output))
-
-    handle = layer.register_forward_hook(record, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _last_owner(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The last module, in registration order, with trainable parameters of its own."""
-    owners = [m for m in module.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    return owners[-1] if owners else None
-
-
-def _compiled(module: torch.nn.Module) -> bool:
-    """Whether ``torch.compile`` wraps the module or any of its submodules (Lightning unwraps a compiled
-    LightningModule and keeps its compiler context)."""
-    return bool(getattr(module, "_compiler_ctx", None)) or any(
-        hasattr(m, "_orig_mod") for m in module.modules()
-    )
-
-
 def _out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (CUDA's own error, or a CPU allocator's RuntimeError), which a
     smaller batch fixes and no advice about second derivatives would."""
     return isinstance(error, torch.cuda.OutOfMemoryError) or any(
         text in str(error) for text in ("out of memory", "can't allocate memory")
     )
-
-
-@contextmanager
-def _swapped(tensors: list[Tensor], values: list[Tensor]) -> Iterator[None]:
-    """Give ``tensors`` the ``values`` for the duration, in place."""
-    saved = [t.clone() for t in tensors]
-    for t, value in zip(tensors, values, strict=True):
-        t.copy_(value)
-    try:
-        yield
-    finally:
-        for t, value in zip(tensors, saved, strict=True):
-            t.copy_(value)
 
 
 def _fitting(trainer: L.Trainer | None) -> bool:

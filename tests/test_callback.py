@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, CrestDataModule, weighted_cross_entropy
+from lightning_crest._modules import eval_mode
 from lightning_crest.datamodule import item_seed
 from lightning_crest.quadratic import rademacher_like
 from lightning_crest.selection import facility_location, gradient_proxy
@@ -563,7 +564,7 @@ def test_proxy_dtype_scores_subsets_under_autocast_and_nothing_else(dtype: torch
             module = self._module
             assert module is not None
             inputs = self._dm.train_dataset[indices][0]
-            with crest_callback._eval_mode(module), torch.no_grad():
+            with eval_mode(module), torch.no_grad():
                 exact = module(inputs)
                 with torch.autocast("cpu", dtype=dtype or torch.bfloat16):
                     low = module(inputs).float()
