@@ -231,3 +231,81 @@ def add_batch_notes(exception: BaseException, *, probed_tuple_weights: bool) -> 
 def is_weighted_batch(batch: Any) -> bool:
     """Whether ``batch`` has the ``(inputs, targets, weights)`` form that CrestDataModule serves."""
     return isinstance(batch, (tuple, list)) and len(batch) == 3 and isinstance(batch[2], Tensor)
+
+
+def check_transferred(batch: Any, given: Tensor) -> None:
+    """Refuse what the batch-transfer hooks returned for a batch of targets ``given`` (on the CPU) unless it is an
+    ``(inputs, targets, weights)`` batch with those targets, in their order."""
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 3
+        and isinstance(batch[1], Tensor)
+        and torch.equal(batch[1].cpu(), given)
+    ):
+        return
+    sequence = isinstance(batch, (tuple, list))
+    got = type(batch).__name__ + (f" of length {len(batch)}" if sequence else "")
+    if sequence and len(batch) == 3:
+        got += " whose targets are not the ones given, in their order"
+    raise TypeError(
+        "CREST scores its examples as training batches, through the batch-transfer hooks "
+        "(`on_before_batch_transfer`, `transfer_batch_to_device`, `on_after_batch_transfer`), which must "
+        "return an (inputs, targets, weights) batch with the targets they got, in their order; got "
+        f"{got}. Keep that structure and order in the hooks (return the transformed inputs as the first "
+        "item): each row must stay paired with the example CREST picked."
+    )
+
+
+def check_logits(logits: object, count: int, num_classes: int) -> None:
+    """Refuse what ``compute_logits`` returned for ``count`` examples unless it is ``(count, C)`` class logits with
+    ``C`` at least 2 and at least ``num_classes``."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != count:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"`compute_logits` must return class logits of shape ({count}, num_classes) for a batch "
+            f"of {count} examples, got {shape}. Override CrestCallback.compute_logits if the "
+            "module's forward returns something else."
+        )
+    if logits.shape[1] == 1:
+        raise ValueError(
+            "`compute_logits` returned 1 logit per example: CREST's gradient proxies are those of softmax "
+            "cross-entropy, which is constant over a single logit. Give a binary classifier two logits (one per "
+            "class) and a cross-entropy loss."
+        )
+    if logits.shape[1] < num_classes:
+        raise ValueError(
+            f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "
+            f"{num_classes} classes (its labels, class indices from 0, go up to {num_classes - 1}). "
+            "Return one logit per class, or number the classes from 0."
+        )
+
+
+def warn_on_probabilities(logits: Tensor) -> None:
+    """Warn when ``compute_logits`` returned probabilities (every row in [0, 1], summing to 1) instead of logits."""
+    with torch.no_grad():
+        rows = logits.detach().float()
+        # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2), and
+        # of a float32 softmax over many classes.
+        eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
+        tolerance = 8 * (eps + torch.finfo(torch.float32).eps * math.sqrt(rows.shape[1]))
+        probabilities = len(rows) > 1 and bool(
+            (rows >= 0).all() and (rows <= 1).all() and ((rows.sum(1) - 1).abs() <= tolerance).all()
+        )
+    if probabilities:
+        rank_zero_warn(
+            "`compute_logits` returned probabilities (every row in [0, 1], summing to 1), but CREST applies "
+            "softmax to what it returns, as cross-entropy does to logits: its gradient proxies and losses "
+            "would describe another model. Return the logits from `forward` (before softmax), or override "
+            "CrestCallback.compute_logits to return them (or their log)."
+        )
+
+
+def check_losses(losses: object, targets: Tensor) -> None:
+    """Refuse what ``per_example_loss`` returned unless it is one loss per target, of the targets' shape."""
+    if not isinstance(losses, Tensor) or losses.shape != targets.shape:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"`per_example_loss` must return one loss per example, shape ({len(targets)},) for a batch of "
+            f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
+            "(reduction='none')."
+        )

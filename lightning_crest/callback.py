@@ -35,10 +35,14 @@ from lightning_crest._fit_checks import (
     check_data_module,
     check_epoch_settings,
     check_loader,
+    check_logits,
+    check_losses,
     check_proxy_dtype,
     check_trainer,
+    check_transferred,
     crest_data_module,
     is_weighted_batch,
+    warn_on_probabilities,
     without_backward,
 )
 from lightning_crest._modules import compiled, eval_mode, inputs_of, last_owner, swapped
@@ -1235,23 +1239,7 @@ class CrestCallback(Callback):
         with seeded_generators(seed, module.device) if seed is not None else nullcontext():
             batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
             batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-        if not (
-            isinstance(batch, (tuple, list))
-            and len(batch) == 3
-            and isinstance(batch[1], Tensor)
-            and torch.equal(batch[1].cpu(), given)
-        ):
-            sequence = isinstance(batch, (tuple, list))
-            got = type(batch).__name__ + (f" of length {len(batch)}" if sequence else "")
-            if sequence and len(batch) == 3:
-                got += " whose targets are not the ones given, in their order"
-            raise TypeError(
-                "CREST scores its examples as training batches, through the batch-transfer hooks "
-                "(`on_before_batch_transfer`, `transfer_batch_to_device`, `on_after_batch_transfer`), which must "
-                "return an (inputs, targets, weights) batch with the targets they got, in their order; got "
-                f"{got}. Keep that structure and order in the hooks (return the transformed inputs as the first "
-                "item): each row must stay paired with the example CREST picked."
-            )
+        check_transferred(batch, given)
         return batch[0], batch[1]
 
     def _logits(self, module: L.LightningModule, inputs: Any, targets: Tensor) -> Tensor:
@@ -1265,54 +1253,15 @@ class CrestCallback(Callback):
                     "return class logits, override CrestCallback.compute_logits(pl_module, inputs)."
                 )
             raise
-        if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != len(targets):
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(
-                f"`compute_logits` must return class logits of shape ({len(targets)}, num_classes) for a batch "
-                f"of {len(targets)} examples, got {shape}. Override CrestCallback.compute_logits if the "
-                "module's forward returns something else."
-            )
-        if logits.shape[1] == 1:
-            raise ValueError(
-                "`compute_logits` returned 1 logit per example: CREST's gradient proxies are those of softmax "
-                "cross-entropy, which is constant over a single logit. Give a binary classifier two logits (one per "
-                "class) and a cross-entropy loss."
-            )
-        if logits.shape[1] < self._num_classes:
-            raise ValueError(
-                f"`compute_logits` returned {logits.shape[1]} logits per example but the training set has "
-                f"{self._num_classes} classes (its labels, class indices from 0, go up to {self._num_classes - 1}). "
-                "Return one logit per class, or number the classes from 0."
-            )
+        check_logits(logits, len(targets), self._num_classes)
         if not self._logits_probed:  # once per fit
             self._logits_probed = True
-            with torch.no_grad():
-                rows = logits.detach().float()
-                # Within the rounding of the dtype they came in (a bf16 softmax sums to 1 within about 1e-2), and
-                # of a float32 softmax over many classes.
-                eps = torch.finfo(logits.dtype).eps if logits.is_floating_point() else 0.0
-                tolerance = 8 * (eps + torch.finfo(torch.float32).eps * math.sqrt(rows.shape[1]))
-                probabilities = len(rows) > 1 and bool(
-                    (rows >= 0).all() and (rows <= 1).all() and ((rows.sum(1) - 1).abs() <= tolerance).all()
-                )
-            if probabilities:
-                rank_zero_warn(
-                    "`compute_logits` returned probabilities (every row in [0, 1], summing to 1), but CREST applies "
-                    "softmax to what it returns, as cross-entropy does to logits: its gradient proxies and losses "
-                    "would describe another model. Return the logits from `forward` (before softmax), or override "
-                    "CrestCallback.compute_logits to return them (or their log)."
-                )
+            warn_on_probabilities(logits)
         return logits
 
     def _losses(self, logits: Tensor, targets: Tensor) -> Tensor:
         losses = self.per_example_loss(logits, targets)
-        if not isinstance(losses, Tensor) or losses.shape != targets.shape:
-            shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(
-                f"`per_example_loss` must return one loss per example, shape ({len(targets)},) for a batch of "
-                f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
-                "(reduction='none')."
-            )
+        check_losses(losses, targets)
         if self._dropping and not self._floor_probed:
             self._floor_probed = True
             self._warn_on_a_loss_floor(logits, targets)
