@@ -172,6 +172,7 @@ class CrestCallback(Callback):
     _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
+    _loaded_state: dict[str, Any]  # the state that `_restored_plan` came with, while it waits for a fit
     _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
@@ -582,6 +583,9 @@ class CrestCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pool is None:
             return {}
+        if self._restored_plan is not None:
+            # Loaded by hand and not yet applied to a fit: the data module's plan is not this state's.
+            return dict(self._loaded_state)
         if self._in_step:
             rank_zero_warn(
                 "A checkpoint is saved inside a training step, before CrestCallback's `on_train_batch_end` ran for it "
@@ -670,6 +674,7 @@ class CrestCallback(Callback):
             ) from None
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
+        self._loaded_state = dict(state_dict)
         self._pool = state_dict["pool"].clone()
         self._window_max_loss = state_dict["window_max_loss"].clone()
         self._generator = torch.Generator()
@@ -773,7 +778,7 @@ class CrestCallback(Callback):
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         self._epoch_floor = 0
-        self._restored_plan = None
+        self._restored_plan, self._loaded_state = None, {}
         self._restored_shape = (0, 0)
         self._restored_settings = {}
         self._restored_epoch_ended = False
@@ -894,7 +899,7 @@ class CrestCallback(Callback):
         dm.plan.replace(batches, cursor)
         dm.plan.resume_step = epoch_step
         dm.plan.replay = list(in_flight)
-        self._restored_plan = None
+        self._restored_plan, self._loaded_state = None, {}
 
     def _refuse_another_run(self, dm: CrestDataModule) -> None:
         """Raise if the restored checkpoint was trained with other settings, batches, epochs or training set."""

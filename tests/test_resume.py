@@ -1017,3 +1017,37 @@ def test_an_accumulation_schedule_after_a_mid_epoch_restore_is_refused_before_it
         with pytest.raises(ValueError, match="`accumulate_grad_batches`=2"):
             run(callback, extra=[schedule], ckpt_path=checkpoint, max_epochs=-1, max_steps=max_steps)
         assert [step for step, _ in callback.trained][-1:] == ([trained] if trained > 25 else [])
+
+
+def same_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal states: the same keys, and equal values, tensors (also inside lists and nested dicts) included."""
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, Tensor):
+            # NaN marks an example without a recorded loss.
+            return isinstance(y, Tensor) and torch.equal(x.nan_to_num(-1.0), y.nan_to_num(-1.0))
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return bool(x == y)
+
+    return same(a, b)
+
+
+def test_a_state_loaded_by_hand_is_saved_as_loaded_until_a_fit_takes_it() -> None:
+    source = crest()
+    run(source, max_epochs=2)
+    state = source.state_dict()
+    fresh = crest()
+    fresh.load_state_dict(state)
+    assert same_state(fresh.state_dict(), state)  # it failed: no data module held the plan
+    # A callback of an earlier fit, too, saves the loaded state, not the plan its last fit left in its data module.
+    used = crest()
+    run(used, max_epochs=1, train=blobs(n=N, seed=3))
+    used.load_state_dict(state)
+    assert same_state(used.state_dict(), state)
+    # Once a fit takes it, the state is the fit's again.
+    trainer, _ = run(fresh, max_epochs=3)
+    assert trainer.global_step == 3 * fresh._steps_per_epoch
+    assert not same_state(fresh.state_dict(), state)
