@@ -60,9 +60,11 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
 
     Largest-remainder rounding, computed in integers so that ties are exact: every class gets
     ``floor(budget * n_c / r)`` and the remaining picks go to the largest remainders (lower class index first on a
-    tie). A class present in the pool that rounds to zero picks takes one from the class with the most picks (the
-    lower class index on a tie), so every pool point has a pick of its own class to be assigned to. A class never
-    gets more picks than members: its proportional share is at most its size because ``budget <= r``.
+    tie: on pools whose classes are all the same size, the same classes get the extra picks every time, and their
+    weights, the cluster sizes, are smaller in proportion, so that every class keeps its share of the total weight).
+    A class present in the pool that rounds to zero picks takes one from the class with the most picks (the lower
+    class index on a tie), so every pool point has a pick of its own class to be assigned to. A class never gets
+    more picks than members: its proportional share is at most its size because ``budget <= r``.
 
     Args:
         counts: ``(..., C)`` non-negative integer class sizes.
