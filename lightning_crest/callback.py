@@ -189,6 +189,7 @@ class CrestCallback(Callback):
     )
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
+    _iterator_trained: int  # `_trained` when the current epoch's iterator started
     _window_epochs: int  # epochs started since the last exclusion or the first fit: T2 of them end a window
     _epoch_step: int  # steps trained in the current epoch
     _fit_end: float | None  # when the last fit ended (None while it runs)
@@ -463,16 +464,23 @@ class CrestCallback(Callback):
         self._begin_epoch(trainer.current_epoch)
 
     def _check_reader(self, sampler: CoresetSampler) -> None:
-        """Refuse a sampler other than the training loader's that starts reading the plan (called by the sampler)."""
-        trainer = self._trainer
-        loader = None if trainer is None else trainer.train_dataloader
-        if loader is not None and getattr(loader, "sampler", None) is not sampler:
-            raise RuntimeError(
-                f"A training loader of {type(self._dm).__name__} other than the trainer's was read during the fit "
-                "(a hook that iterates `datamodule.train_dataloader()`, say). CREST's coresets are served to the "
-                "trainer's loader alone: another reader would use them up, and training would skip them. To go over "
-                "the training set during a fit, build a loader of its own: `DataLoader(dm.train_dataset, ...)`."
-            )
+        """Refuse a sampler other than the training loader's that starts reading the plan (called by the sampler).
+
+        Lightning sets the trainer's loader before it reads it, so a read before that (in `setup`, `on_fit_start` or
+        `configure_optimizers`) is another reader's too.
+        """
+        assert self._trainer is not None
+        if getattr(self._trainer.train_dataloader, "sampler", None) is not sampler:
+            self._refuse_reader()
+
+    def _refuse_reader(self) -> None:
+        raise RuntimeError(
+            f"{type(self._dm).__name__}'s training batches were read during the fit by something other than the "
+            "training loop (a hook that iterates `datamodule.train_dataloader()` or `trainer.train_dataloader`, "
+            "say). CREST's coresets are served to the training loop alone: another reader would use them up, and "
+            "training would skip them. To go over the training set during a fit, build a loader of its own: "
+            "`DataLoader(dm.train_dataset, ...)`."
+        )
 
     def _start_iterator(self, epoch: int) -> None:
         """An epoch's iterator starts reading from its first step (called by the sampler)."""
@@ -482,12 +490,16 @@ class CrestCallback(Callback):
             # The epoch's iterator again (Lightning creates two when it reloads the loaders, or when it resumes into
             # an epoch with no batch left, whose iterator's workers start reading the next): batches the first read
             # ahead and training never reached are served again, first, and those of an earlier plan stay stale.
+            if self._trained != self._iterator_trained:
+                # Lightning starts its second iterator before the epoch's first step: one after steps is a hook's.
+                self._refuse_reader()
             plan.unserve(plan.served - self._trained)
         else:
             # A new epoch: batches read beyond the last one's trained steps (an epoch cut short by
             # `limit_train_batches`) are forgotten.
             self._trained = plan.served
             self._stale = 0
+        self._iterator_trained = self._trained
         self._iterator_epoch = epoch
         self._begin_epoch(epoch)
 
@@ -774,7 +786,7 @@ class CrestCallback(Callback):
         self._in_step = False
         self._ignore_next_state = False
         self._epoch_step = 0
-        self._trained = 0
+        self._trained = self._iterator_trained = 0
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         self._epoch_floor = 0
@@ -829,16 +841,13 @@ class CrestCallback(Callback):
         dm.plan.check_reader = self._check_reader
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
-        self._trained = 0
+        self._trained = self._iterator_trained = 0
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first. A fresh
-        # Trainer counts from 0 again (a restore sets the floor later, or has set it already when loaded by hand).
-        self._epoch_floor = (
-            trainer.current_epoch
-            if self._restored_plan is None
-            else max(self._epoch_floor, trainer.current_epoch)
-        )
+        # Trainer counts from 0 again (a restore sets the floor later; one loaded by hand is moved below).
+        if self._restored_plan is None:
+            self._epoch_floor = trainer.current_epoch
         if self._pool is None or (self._restored_plan is None and len(self._pool) != n):
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
@@ -851,6 +860,11 @@ class CrestCallback(Callback):
             dm.plan.replay.clear()
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
+            # The state's next epoch is this Trainer's next, which a fresh Trainer counts from 0.
+            shift = trainer.current_epoch - self._epoch_floor
+            self._epoch_floor += shift
+            if self._started_epoch != -1:
+                self._started_epoch += shift
 
     def _check_crest_sizes(self, subset: int, global_batch: int, world_size: int) -> None:
         """Warn about, or refuse, random subsets and check samples that CREST cannot use."""

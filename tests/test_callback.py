@@ -1844,24 +1844,36 @@ def test_a_barebones_trainer_gets_no_logging_from_the_callback(data: Any) -> Non
     assert trainer.global_step == 2 * math.ceil(0.1 * len(data) / 32)
 
 
-def test_reading_the_training_loader_in_a_hook_is_refused_before_it_uses_up_coresets() -> None:
+@pytest.mark.parametrize(
+    ("hook", "source"),
+    [
+        ("on_train_epoch_end", "datamodule"),
+        ("on_train_epoch_end", "trainer"),  # the trainer's own loader, iterated again
+        ("on_fit_start", "datamodule"),  # before the trainer's loader exists
+    ],
+)
+def test_reading_the_training_batches_in_a_hook_is_refused_before_it_uses_up_coresets(
+    hook: str, source: str
+) -> None:
     class Inspecting(TinyClassifier):
         def __init__(self, iterate: bool) -> None:
             super().__init__()
             self.iterate = iterate
 
-        def on_train_epoch_end(self) -> None:
-            loader = self.trainer.datamodule.train_dataloader()  # type: ignore[attr-defined]
-            assert len(loader) == self.trainer.num_training_batches  # its length alone reads nothing
+        def inspect(self) -> None:
+            dm = self.trainer.datamodule  # type: ignore[attr-defined]
+            loader = dm.train_dataloader() if source == "datamodule" else self.trainer.train_dataloader
+            assert len(loader) == dm.steps_per_epoch  # its length alone reads nothing
             if self.iterate:
                 with torch.no_grad():
                     [self(inputs) for inputs, _, _ in loader]
 
+    setattr(Inspecting, hook, Inspecting.inspect)
     callback = CrestCallback(random_subset_size=0.1)
-    with pytest.raises(RuntimeError, match="other than the trainer's was read during the fit"):
+    with pytest.raises(RuntimeError, match="read during the fit by something other than the training loop"):
         fit(callback, model=Inspecting(iterate=True), max_epochs=2)
-    served = callback._dm.plan.served
-    assert served == 4  # the first epoch's steps only: the inspecting loader took none
+    # The first epoch's steps at most: the inspecting reader took none.
+    assert callback._dm.plan.served == (4 if hook == "on_train_epoch_end" else 0)
     trainer, _ = fit(CrestCallback(random_subset_size=0.1), model=Inspecting(iterate=False), max_epochs=2)
     assert trainer.global_step == 8
 

@@ -1051,3 +1051,15 @@ def test_a_state_loaded_by_hand_is_saved_as_loaded_until_a_fit_takes_it() -> Non
     trainer, _ = run(fresh, max_epochs=3)
     assert trainer.global_step == 3 * fresh._steps_per_epoch
     assert not same_state(fresh.state_dict(), state)
+
+
+def test_a_state_loaded_by_hand_goes_on_over_every_epoch_of_a_fresh_trainer() -> None:
+    # The state's next epoch is the fresh Trainer's epoch 0, and each later epoch starts as its own: random
+    # batches drawn anew every epoch. (The Trainer's epochs below the saved one were taken for that one.)
+    source = crest(selection="random")
+    run(source, max_epochs=3)
+    loaded = crest(selection="random")
+    loaded.load_state_dict(source.state_dict())
+    trainer, _ = run(loaded, max_epochs=4)
+    assert trainer.global_step == 4 * loaded._steps_per_epoch
+    assert loaded._selections == source._selections + 4  # one plan per epoch
