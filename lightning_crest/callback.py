@@ -55,7 +55,7 @@ from lightning_crest.distributed import (
     share,
 )
 from lightning_crest.pool import learned_examples, stratified_quotas
-from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, relative_error
+from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, rademacher_like, relative_error
 from lightning_crest.sampler import CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy, last_layer_sketch
 
@@ -1354,7 +1354,11 @@ class CrestCallback(Callback):
         probe = self._selections % self.hessian_every == 0 or self._quadratic.curvature_steps == 0
         double_backward = probe and self.second_order
         for coreset, weight in zip(coresets, weights, strict=True):
-            grad, curvature = self._coreset_derivatives(coreset[mine], weight[mine], params, double_backward)
+            # This process's picks, by their place in the coreset.
+            positions = torch.arange(len(coreset))[mine]
+            grad, curvature = self._coreset_derivatives(
+                coreset[mine], weight[mine], params, double_backward, positions
+            )
             flat_grad = mean_over_processes(trainer, grad)
             if curvature is not None:
                 curvature = mean_over_processes(trainer, curvature)
@@ -1376,17 +1380,33 @@ class CrestCallback(Callback):
         self._quadratic.anchor(params, loss)
 
     def _coreset_derivatives(
-        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
+        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool, positions: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         """Flat gradient of this process's share of a coreset's weighted mean loss, with a Hutchinson estimate of its
-        Hessian diagonal when ``probe``, taken on every ``hessian_subsample``-th example (see the argument)."""
+        Hessian diagonal when ``probe``, taken on every ``hessian_subsample``-th pick of the whole coreset (see the
+        argument). ``positions`` are the share's places in the coreset.
+
+        Both are scaled so that their mean over the processes is the whole coreset's: the gradient of its mean loss,
+        and the curvature of its sample's mean loss, whichever process holds the sampled picks.
+        """
         trainer, module = self._trainer, self._module
         assert trainer is not None
         assert module is not None
         rows = torch.arange(len(indices))
-        sampled = rows % self.hessian_subsample == 0 if probe else torch.zeros(len(indices), dtype=torch.bool)
+        sampled = (
+            positions % self.hessian_subsample == 0 if probe else torch.zeros(len(indices), dtype=torch.bool)
+        )
+        # This process's part of the whole sample, times the processes that average the curvature.
+        coreset_size = len(indices) * trainer.world_size
+        sample_share = (
+            int(sampled.sum()) * trainer.world_size / math.ceil(coreset_size / self.hessian_subsample)
+        )
         grad = torch.zeros(sum(p.numel() for p in params), device=module.device)
         curvature = None
+        if probe and not bool(sampled.any()):
+            # No sampled pick here: the probe vector is drawn all the same, as every process draws it.
+            rademacher_like(params, self._generator)
+            curvature = torch.zeros_like(grad)
         # The probed examples first, with the graph for the double backward; then the rest with a plain backward.
         for part, graph in ((rows[sampled], True), (rows[~sampled], False)):
             if len(part) == 0:
@@ -1434,6 +1454,8 @@ class CrestCallback(Callback):
                             raise
                         raise self._no_double_backward(module, error) from error
                     curvature = torch.cat([h.flatten() for h in hessian]).div_(share)
+                    if sample_share != 1:
+                        curvature.mul_(sample_share)
             grad += torch.cat([g.detach().flatten() for g in grads])
         return grad, curvature
 

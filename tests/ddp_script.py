@@ -101,7 +101,12 @@ class Audit(CrestCallback):
         super().__init__(**kwargs)
         self.record = record
         self.selections: list[tuple[int, str]] = []
+        self.curvatures: list[float] = []  # the quadratic model's curvature norm after each selection
         self.audited_steps = 0
+
+    def _build_model(self, coresets: Tensor, weights: Tensor, loss: float) -> None:
+        super()._build_model(coresets, weights, loss)
+        self.curvatures.append(self._quadratic.curvature_norm())
 
     def _select_coresets(self) -> None:
         super()._select_coresets()
@@ -125,13 +130,13 @@ class Audit(CrestCallback):
         super().setup(trainer, pl_module, stage)
 
     def _coreset_derivatives(
-        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool
+        self, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool, positions: Tensor
     ) -> tuple[Tensor, Tensor | None]:
         # Each process differentiates its own share of the coreset, and the shares make up the coreset.
         assert self._trainer is not None
         shares = self._trainer.strategy.all_gather(indices).reshape(-1)
         assert len(shares) == len(torch.unique(shares)) == self._global_batch, shares
-        return super()._coreset_derivatives(indices, weights, params, probe)
+        return super()._coreset_derivatives(indices, weights, params, probe, positions)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -180,6 +185,7 @@ class Audit(CrestCallback):
         assert self.audited_steps > 0
         if self.record is not None and trainer.global_rank == 0:
             Path(self.record).write_text(json.dumps(self.selections))
+            Path(f"{self.record}.curvatures").write_text(json.dumps(self.curvatures))
 
 
 class Classifier(TinyClassifier):

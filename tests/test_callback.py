@@ -1237,9 +1237,16 @@ def test_hessian_subsample_probes_every_kth_example(monkeypatch: pytest.MonkeyPa
     calls: list[tuple[L.LightningModule, Tensor, Tensor, Tensor, Tensor, Tensor | None]] = []
     derivatives = CrestCallback._coreset_derivatives
 
-    def spy(self: CrestCallback, indices: Tensor, weights: Tensor, params: list[Tensor], probe: bool) -> Any:
+    def spy(
+        self: CrestCallback,
+        indices: Tensor,
+        weights: Tensor,
+        params: list[Tensor],
+        probe: bool,
+        positions: Tensor,
+    ) -> Any:
         module, state = copy.deepcopy(self._module), self._generator.get_state()
-        grad, curvature = derivatives(self, indices, weights, params, probe)
+        grad, curvature = derivatives(self, indices, weights, params, probe, positions)
         calls.append((module, indices, weights, state, grad, curvature))
         return grad, curvature
 
