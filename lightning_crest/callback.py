@@ -860,6 +860,18 @@ class CrestCallback(Callback):
             dm.plan.replay.clear()
         if self._restored_plan is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
+            step = dm.plan.resume_step % self._steps_per_epoch
+            if step and trainer.current_epoch > 0 and dm.num_workers > 0:
+                # Such a Trainer starts a first iterator of the epoch and drops it: its workers' read-ahead would take
+                # the state's place in the epoch.
+                self._release_data_module()
+                self._reset_state()
+                raise ValueError(
+                    f"The state loaded by hand stopped inside an epoch (step {step} of {self._steps_per_epoch}), and "
+                    f"this Trainer trained before (epoch {trainer.current_epoch}): with loader workers "
+                    f"(num_workers={dm.num_workers}) it cannot go on from that step. Fit it with a fresh Trainer, or "
+                    "resume from the checkpoint with `ckpt_path`."
+                )
             # The state's next epoch is this Trainer's next, which a fresh Trainer counts from 0.
             shift = trainer.current_epoch - self._epoch_floor
             self._epoch_floor += shift

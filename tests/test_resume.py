@@ -1063,3 +1063,31 @@ def test_a_state_loaded_by_hand_goes_on_over_every_epoch_of_a_fresh_trainer() ->
     trainer, _ = run(loaded, max_epochs=4)
     assert trainer.global_step == 4 * loaded._steps_per_epoch
     assert loaded._selections == source._selections + 4  # one plan per epoch
+
+
+def test_a_mid_epoch_state_loaded_by_hand_into_a_trained_trainer_with_workers_is_refused() -> None:
+    # Such a Trainer starts a first iterator of the epoch and drops it, and its workers' read-ahead took the state's
+    # place in the epoch: the epoch ran whole, on other batches. A fresh Trainer goes on from the saved step.
+    source = crest()
+    saved: list[dict[str, Any]] = []
+
+    class Saving(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 5:  # inside the first epoch (10 steps)
+                saved.append(source.state_dict())
+
+    run(source, extra=[Saving()], max_epochs=1)
+    trained = crest()
+    dm = CrestDataModule(blobs(n=N), batch_size=BATCH, num_workers=2)
+    trainer = make_trainer([trained], max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    trained.load_state_dict(saved[0])
+    trainer.fit_loop.max_epochs = 2
+    with pytest.raises(
+        ValueError, match=r"stopped inside an epoch \(step 5 of 10\), and this Trainer trained before"
+    ):
+        trainer.fit(TinyClassifier(), datamodule=dm)
+    fresh = crest()
+    fresh.load_state_dict(saved[0])
+    trainer, _ = run(fresh, max_epochs=1, num_workers=2)
+    assert trainer.global_step == 5  # the steps left in the saved epoch
