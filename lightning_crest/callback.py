@@ -466,8 +466,8 @@ class CrestCallback(Callback):
     def _check_reader(self, sampler: CoresetSampler) -> None:
         """Refuse a sampler other than the training loader's that starts reading the plan (called by the sampler).
 
-        Lightning sets the trainer's loader before it reads it, so a read before that (in `setup`, `on_fit_start` or
-        `configure_optimizers`) is another reader's too.
+        Lightning sets the trainer's loader before it reads it, so a read before that (in ``setup``, ``on_fit_start``
+        or ``configure_optimizers``) is another reader's too.
         """
         assert self._trainer is not None
         if getattr(self._trainer.train_dataloader, "sampler", None) is not sampler:
