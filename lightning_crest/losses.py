@@ -8,7 +8,9 @@ from torch import Tensor
 from lightning_crest.selection._gradients import check_logits_and_targets
 
 
-def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+def weighted_cross_entropy(
+    logits: Tensor, targets: Tensor, weights: Tensor, label_smoothing: float = 0.0
+) -> Tensor:
     """Mean of ``weights * cross_entropy`` over a batch: the loss of a weighted mini-batch coreset.
 
     CREST's weights average 1 within a coreset, so the value is on the scale of an ordinary mean loss and learning
@@ -18,17 +20,23 @@ def weighted_cross_entropy(logits: Tensor, targets: Tensor, weights: Tensor) -> 
         logits: ``(B, C)`` class scores.
         targets: ``(B,)`` integer classes.
         weights: ``(B,)`` per-example weights, as served by :class:`~lightning_crest.CrestDataModule`.
+        label_smoothing: As :func:`torch.nn.functional.cross_entropy` takes it, in ``[0, 1]``. It changes the
+            training loss only: CrestCallback scores examples with its own ``per_example_loss`` (plain
+            cross-entropy by default), which is what ``drop_threshold`` is compared with.
 
     Returns:
         A scalar tensor.
 
     Raises:
-        ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``.
+        ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``, or ``label_smoothing`` is outside
+            ``[0, 1]``.
     """
     check_logits_and_targets(logits, targets, rows="B")
     if weights.shape != targets.shape:
         raise ValueError(
             f"`weights` must have the shape of `targets` {tuple(targets.shape)}, got {tuple(weights.shape)}."
         )
-    losses = F.cross_entropy(logits, targets, reduction="none")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing!r}.")
+    losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     return (weights.to(losses.dtype) * losses).mean()

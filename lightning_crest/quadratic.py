@@ -14,8 +14,9 @@ curvature used is ``sqrt(bias-corrected EMA of diag(H)^2) + eps``.
 Every ``T1`` steps the trainer measures the real parameter change ``delta = w_now - w0`` (exact whatever
 the optimizer does: momentum, Adam, weight decay), evaluates :meth:`QuadraticModel.predict`, and compares it
 with the actual loss on a random sample via :func:`relative_error`; it re-selects when the error exceeds
-``tau``. After each re-selection the interval adapts as ``T1 = ceil(h * ||H_0|| / ||H_t||)``
-(:meth:`QuadraticModel.check_interval`).
+``tau``. After each re-selection the interval adapts as ``T1 = ceil(h * ||H_ref|| / ||H_t||)``
+(:meth:`QuadraticModel.check_interval`): the paper takes ``H_ref = H_0``, the curvature at the first anchor, and
+:class:`~lightning_crest.CrestCallback` the sharpest smoothed curvature met so far.
 
 Everything is kept as one flat ``float32`` vector (``parameters_to_vector`` layout) so that a check costs a
 couple of fused vector operations, independent of the number of parameter tensors. The module is pure
@@ -368,11 +369,12 @@ class QuadraticModel:
         return float(torch.linalg.vector_norm(self.hessian))
 
     def check_interval(self, h: float, reference: float | None = None) -> int:
-        """Adaptive check interval ``T1 = ceil(h * ||H_0|| / ||H_t||)``, at least 1.
+        """Adaptive check interval ``T1 = ceil(h * ||H_ref|| / ||H_t||)``, at least 1.
 
         Args:
             h: Positive base interval.
-            reference: The curvature norm to compare with; ``None`` uses ``||H_0||`` from the first anchor.
+            reference: The curvature norm ``||H_ref||`` to compare with (CrestCallback passes the sharpest so far);
+                ``None`` uses the paper's ``||H_0||``, from the first anchor.
 
         Returns:
             Number of steps until the next quadratic-model check.

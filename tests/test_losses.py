@@ -39,6 +39,20 @@ def test_weighted_cross_entropy_with_unit_weights_is_cross_entropy() -> None:
     torch.testing.assert_close(value, F.cross_entropy(logits, targets))
 
 
+def test_weighted_cross_entropy_with_label_smoothing() -> None:
+    logits, targets, weights = _batch(seed=3)
+    value = weighted_cross_entropy(logits, targets, weights, label_smoothing=0.1)
+    # The smoothed target puts 0.9 + 0.1 / C on the class and 0.1 / C on every other: its cross-entropy, by hand.
+    log_probs = logits.log_softmax(1)
+    smoothed = torch.full_like(log_probs, 0.1 / 5).scatter_(1, targets[:, None], 0.9 + 0.1 / 5)
+    torch.testing.assert_close(value, (weights * -(smoothed * log_probs).sum(1)).mean())
+    uniform = weighted_cross_entropy(logits, targets, torch.ones(8, dtype=torch.float64), label_smoothing=0.1)
+    torch.testing.assert_close(uniform, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"`label_smoothing` must lie in \[0, 1\], got {bad}"):
+            weighted_cross_entropy(logits, targets, weights, label_smoothing=bad)
+
+
 def test_weighted_cross_entropy_gradients_reach_weights_and_logits() -> None:
     logits, targets, weights = _batch(seed=2)
     logits.requires_grad_()
