@@ -1117,17 +1117,16 @@ class CrestCallback(Callback):
             positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(shuffled)
             return shuffled[positions]
         quotas = stratified_quotas(counts, size, count, self._generator)
-        # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped.
+        # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped
+        # (wrapping round a class with fewer members than its quotas). All classes at once, class by class.
         starts = counts.cumsum(0) - counts
-        parts, owners = [], []
-        for cls in torch.nonzero(counts).flatten().tolist():
-            taken = quotas[:, cls]
-            positions = torch.arange(int(taken.sum())) % int(counts[cls])
-            parts.append(grouped[int(starts[cls]) + positions])
-            owners.append(torch.repeat_interleave(torch.arange(count), taken))
+        per_class = quotas.sum(0)
+        classes = torch.repeat_interleave(torch.arange(len(counts)), per_class)
+        rank = torch.arange(len(classes)) - (per_class.cumsum(0) - per_class)[classes]
+        picks = grouped[starts[classes] + rank % counts[classes]]
+        owners = torch.repeat_interleave(torch.arange(count).repeat(len(counts)), quotas.T.reshape(-1))
         # Grouped by subset (a stable sort keeps the classes in order within each).
-        by_subset = torch.sort(torch.cat(owners), stable=True).indices
-        return torch.cat(parts)[by_subset].view(count, size)
+        return picks[torch.sort(owners, stable=True).indices].view(count, size)
 
     # --- forward passes ------------------------------------------------------------------------------------
 

@@ -484,3 +484,45 @@ def test_the_random_baseline_draws_fresh_batches_every_epoch_and_excludes_nothin
     assert not torch.equal(callback.draws[0][1], callback.draws[1][1])
     assert bool(callback.pool.all())
     assert callback.timings["exclusion"] == 0.0
+
+
+def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does() -> None:
+    # The draw's vectorised bookkeeping against the plain loop it replaces: subset k takes the next quotas[k, c]
+    # members of class c (in the shuffled order) from where subset k - 1 stopped, wrapping round a small class; the
+    # classes in order within each subset. Skewed pools, tiny classes, absent classes, one subset or several.
+    gen = torch.Generator().manual_seed(0)
+    compared = 0
+    for trial in range(200):
+        num_classes = int(torch.randint(1, 40, (1,), generator=gen))
+        n = int(torch.randint(num_classes, 2000, (1,), generator=gen))
+        labels = (torch.rand(n, generator=gen) ** (1 + trial % 4) * num_classes).long()
+        pool = torch.rand(n, generator=gen) < 0.2 + 0.8 * float(torch.rand(1, generator=gen))
+        if int(pool.sum()) < 2:
+            continue
+        size = int(torch.randint(1, int(pool.sum()) + 1, (1,), generator=gen))
+        count = int(torch.randint(1, 6, (1,), generator=gen))
+        callback = CrestCallback()
+        callback._pool, callback._labels, callback._num_classes = pool, labels, num_classes
+        callback._generator = torch.Generator().manual_seed(trial)
+        drawn = callback._draw(count, size)
+        # The reference replays the draw's random numbers: the shuffle, then the quotas.
+        replay = torch.Generator().manual_seed(trial)
+        members = torch.nonzero(pool).flatten()
+        shuffled = members[torch.randperm(len(members), generator=replay)]
+        by_class = [shuffled[labels[shuffled] == c] for c in range(num_classes)]
+        counts = torch.tensor([len(m) for m in by_class])
+        if int((counts > 0).sum()) > size:
+            continue  # uniform subsets, not stratified
+        quotas = crest_callback.stratified_quotas(counts, size, count, replay)
+        taken = [0] * num_classes
+        expected = []
+        for k in range(count):
+            subset = []
+            for c in range(num_classes):
+                for _ in range(int(quotas[k, c])):
+                    subset.append(int(by_class[c][taken[c] % len(by_class[c])]))
+                    taken[c] += 1
+            expected.append(subset)
+        assert drawn.tolist() == expected, trial
+        compared += 1
+    assert compared > 150
