@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
@@ -45,7 +46,8 @@ class CrestDataModule(L.LightningDataModule):
     Args:
         train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read
             from its ``targets`` attribute when present (or that of the dataset under a ``Subset``, such as
-            ``random_split`` returns, when its items agree with it), else in one pass over the data.
+            ``random_split`` returns, when its items agree with it), else in one pass over the data (announced by a
+            warning above 10,000 items).
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
         batch_size: Examples per process and training step (one mini-batch coreset per step).
@@ -412,6 +414,10 @@ def _first_disagreement(dataset: Dataset[Any], labels: Tensor) -> int | None:
     return None
 
 
+# Items whose labels are read one by one without a warning.
+_SILENT_LABEL_PASS = 10_000
+
+
 def _read_labels(dataset: Dataset[Any]) -> Tensor:
     size = len(dataset)  # type: ignore[arg-type]
     targets = getattr(dataset, "targets", None)
@@ -422,6 +428,12 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
         if targets is not None and _first_disagreement(dataset, targets) is not None:
             targets = None
     if targets is None:
+        if size > _SILENT_LABEL_PASS:
+            rank_zero_warn(
+                f"`train_dataset` ({type(dataset).__name__}) has no `targets` attribute: CREST reads the class of "
+                f"each of its {size} items once, now, loading and transforming every item. Give it a `targets` "
+                "attribute, the class index of every item in order, to skip that pass."
+            )
         targets = [dataset[i][1] for i in range(size)]
         for index, target in enumerate(targets):
             if not _is_class_index(target):

@@ -6,6 +6,7 @@ import copy as copy_module
 import pathlib
 import pickle
 import random
+import warnings
 from types import SimpleNamespace
 from typing import Any
 
@@ -101,7 +102,22 @@ def test_targets_attribute_that_disagrees_with_the_items() -> None:
 def test_labels_without_a_targets_attribute_are_read_from_the_items() -> None:
     data = blobs(n=40)
     plain = torch.utils.data.TensorDataset(*data.tensors)
-    assert torch.equal(CrestDataModule(plain).labels, data.targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a small set is read without a word
+        assert torch.equal(CrestDataModule(plain).labels, data.targets)
+
+
+def test_reading_the_labels_of_a_large_set_item_by_item_is_announced() -> None:
+    targets = torch.arange(10_001) % 3
+    plain = torch.utils.data.TensorDataset(torch.zeros(10_001, 1), targets)
+    with pytest.warns(
+        UserWarning, match=r"no `targets` attribute: CREST reads the class of each of its 10001 items"
+    ):
+        assert torch.equal(CrestDataModule(plain).labels, targets)
+    labelled = LabelledTensors(torch.zeros(10_001, 1), targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(CrestDataModule(labelled).labels, targets)
 
 
 class NumpyTargets(torch.utils.data.Dataset[tuple[Tensor, np.int64]]):
