@@ -6,8 +6,6 @@ import functools
 import itertools
 import math
 import random
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
@@ -666,15 +664,3 @@ def test_buffers_made_under_inference_mode_serve_later_calls() -> None:
     assert len(results) == 2, results
     for want, got in zip(expected, results, strict=True):
         assert torch.equal(want.indices, got.indices)  # type: ignore[attr-defined]
-
-
-def test_the_selection_engine_loads_without_lightning() -> None:
-    # A fresh interpreter: the package's callback and data module are imported only when first asked for.
-    code = (
-        "import sys; import lightning_crest.selection, lightning_crest.quadratic, lightning_crest; "
-        "loaded = 'lightning' in sys.modules; "
-        "from lightning_crest import CrestCallback; "
-        "print(loaded, 'lightning' in sys.modules, CrestCallback.__module__)"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False", "True", "lightning_crest.callback"]
