@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, Subset, default_collate
 from typing_extensions import override
 
 from lightning_crest._checks import check_flag, check_positive_int, check_seed, global_seed
@@ -45,9 +45,9 @@ class CrestDataModule(L.LightningDataModule):
 
     Args:
         train_dataset: Map-style dataset of ``(input, target)`` items with an integer class target. Labels are read
-            from its ``targets`` attribute when present (or that of the dataset under a ``Subset``, such as
-            ``random_split`` returns, when its items agree with it), else in one pass over the data (announced by a
-            warning above 10,000 items).
+            from its ``targets`` attribute when present (or those of the datasets under a ``Subset``, such as
+            ``random_split`` returns, or a ``ConcatDataset``, when its items agree with them), else in one pass over
+            the data (announced by a warning above 10,000 items).
         val_dataset: Optional validation set, served by ``val_dataloader``.
         test_dataset: Optional test set, served by ``test_dataloader``.
         batch_size: Examples per process and training step (one mini-batch coreset per step).
@@ -395,14 +395,32 @@ def _is_class_index(target: Any) -> bool:
 
 
 def _parent_targets(dataset: Dataset[Any]) -> Tensor | None:
-    """The targets of the dataset under a (nested) :class:`~torch.utils.data.Subset`, for its items."""
-    if not isinstance(dataset, Subset):
+    """The targets of the datasets under a (nested) :class:`~torch.utils.data.Subset` or
+    :class:`~torch.utils.data.ConcatDataset`, for its items."""
+    if isinstance(dataset, Subset):
+        parent = _targets_of(dataset.dataset)
+        return None if parent is None else parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, ConcatDataset):
+        parts = []
+        for part in dataset.datasets:
+            targets = _targets_of(part)
+            if targets is None or len(targets) != len(part):  # type: ignore[arg-type]
+                return None
+            parts.append(targets)
+        return torch.cat(parts) if parts else None
+    return None
+
+
+def _targets_of(dataset: Dataset[Any]) -> Tensor | None:
+    """A dataset's own ``targets``, else those of the datasets under it; None unless a 1-d integer sequence."""
+    found = getattr(dataset, "targets", None)
+    try:
+        targets = torch.as_tensor(found) if found is not None else _parent_targets(dataset)
+    except (TypeError, ValueError, RuntimeError):
         return None
-    parent = getattr(dataset.dataset, "targets", None)
-    parent = torch.as_tensor(parent) if parent is not None else _parent_targets(dataset.dataset)
-    if parent is None or parent.ndim != 1 or parent.is_floating_point():
+    if targets is None or targets.ndim != 1 or targets.is_floating_point():
         return None
-    return parent[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return targets
 
 
 def _first_disagreement(dataset: Dataset[Any], labels: Tensor) -> int | None:

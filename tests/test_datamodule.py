@@ -605,6 +605,25 @@ def test_labels_of_a_random_split_come_from_the_targets_under_it() -> None:
     assert torch.equal(CrestDataModule(part).labels, data.targets[torch.as_tensor(part.indices)])
 
 
+def test_labels_of_a_concatenation_come_from_the_targets_of_its_parts() -> None:
+    first, second = CountingReads(blobs(n=40)), CountingReads(blobs(n=30, seed=1))
+    split, _ = torch.utils.data.random_split(second, [20, 10], generator=torch.Generator().manual_seed(0))
+    joined = torch.utils.data.ConcatDataset([first, split])
+    expected = torch.cat([first.targets, second.targets[torch.as_tensor(split.indices)]])
+    for dataset, labels in (
+        (joined, expected),
+        (torch.utils.data.Subset(joined, [59, 0, 45]), expected[[59, 0, 45]]),
+    ):
+        first.reads = second.reads = 0
+        assert torch.equal(CrestDataModule(dataset).labels, labels)
+        assert first.reads + second.reads <= 4  # spot checks, no pass over the data
+    # A part without targets: every item is read.
+    plain = torch.utils.data.ConcatDataset(
+        [first, torch.utils.data.TensorDataset(*blobs(n=30, seed=2).tensors)]
+    )
+    assert torch.equal(CrestDataModule(plain).labels, torch.cat([first.targets, blobs(n=30, seed=2).targets]))
+
+
 class Halved(CountingReads):
     """Targets 0-3 mapped to 0-1 by the items, as a `target_transform` does; `targets` keeps the raw ones."""
 
