@@ -184,9 +184,8 @@ class CrestCallback(Callback):
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
     _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
     _logits_probed: bool = False  # compute_logits was checked in this fit for probabilities instead of logits
-    _last_layer_checked: bool = (
-        False  # in this fit, the module that 'last_layer' models was seen to give the logits
-    )
+    # In this fit, the module that 'last_layer' models was seen to give the logits.
+    _last_layer_checked: bool = False
     _stale: int  # batches of an earlier plan read ahead before the last selection, not yet trained
     _trained: int  # batches trained in this fit: the plan served them, and the loader may have read more
     _iterator_trained: int  # `_trained` when the current epoch's iterator started
@@ -848,14 +847,15 @@ class CrestCallback(Callback):
         # Trainer counts from 0 again (a restore sets the floor later; one loaded by hand is moved below).
         if self._restored_plan is None:
             self._epoch_floor = trainer.current_epoch
-        if self._pool is None or (self._restored_plan is None and len(self._pool) != n):
+        fresh = self._pool is None or (self._restored_plan is None and len(self._pool) != n)
+        if fresh:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
-            # A fresh start: batches an earlier fit left in the data module's plan are not this run's.
-            dm.plan.replace([])
-            dm.plan.replay.clear()
-        elif self._restored_plan is None and any(len(w) not in (0, global_batch) for _, w in dm.plan.batches):
-            # Going on with another batch size: the last fit's coresets do not fit it, and the next step selects.
+        # A fresh start: batches an earlier fit left in the data module's plan are not this run's. Going on with
+        # another batch size: the last fit's coresets do not fit it, and the next step selects.
+        if fresh or (
+            self._restored_plan is None and any(len(w) not in (0, global_batch) for _, w in dm.plan.batches)
+        ):
             dm.plan.replace([])
             dm.plan.replay.clear()
         if self._restored_plan is not None:  # loaded by hand before `fit`
