@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -597,6 +598,11 @@ class CrestCallback(Callback):
         if self._restored_plan is not None:
             # Loaded by hand and not yet applied to a fit: the data module's plan is not this state's.
             return dict(self._loaded_state)
+        if self._dm is None:
+            raise RuntimeError(
+                "This CrestCallback was pickled after a fit, which leaves its coresets with the data module: its "
+                "state is incomplete. Take `state_dict()` from the fitted callback, or copy it with `copy.deepcopy`."
+            )
         if self._in_step:
             rank_zero_warn(
                 "A checkpoint is saved inside a training step, before CrestCallback's `on_train_batch_end` ran for it "
@@ -744,6 +750,16 @@ class CrestCallback(Callback):
         generator = torch.Generator()
         generator.set_state(torch.frombuffer(bytearray(state["_generator"]), dtype=torch.uint8))
         self.__dict__.update(state, _generator=generator)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CrestCallback:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if self._dm is not None and self._pool is not None and self._restored_plan is None:
+            # The plan lives in the data module, which the copy does not share: the copy holds this state as one
+            # loaded by hand, saved as it is and taken up by its next fit.
+            clone._load_state(copy.deepcopy(self.state_dict(), memo))
+        return clone
 
     # --- setup ---------------------------------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
+import pickle
 import signal
 import warnings
 from pathlib import Path
@@ -1091,3 +1093,24 @@ def test_a_mid_epoch_state_loaded_by_hand_into_a_trained_trainer_with_workers_is
     fresh.load_state_dict(saved[0])
     trainer, _ = run(fresh, max_epochs=1, num_workers=2)
     assert trainer.global_step == 5  # the steps left in the saved epoch
+
+
+def test_a_deep_copy_of_a_fitted_callback_carries_its_state() -> None:
+    source = crest()
+    run(source, max_epochs=2)
+    state = source.state_dict()
+    clone = copy.deepcopy(source)
+    assert same_state(clone.state_dict(), state)  # it raised: the plan stayed with the source's data module
+    # The copy goes on as the same state loaded by hand does, and leaves the source as it was.
+    loaded = crest()
+    loaded.load_state_dict(state)
+    _, by_copy = run(clone, max_epochs=1)
+    _, by_hand = run(loaded, max_epochs=1)
+    assert same_parameters(by_copy, by_hand)
+    assert clone.selections[len(source.selections) :] == loaded.selections
+    assert clone._selections == loaded._selections > source._selections
+    assert same_state(source.state_dict(), state)
+    # A pickled one has no plan: its state is refused, not saved incomplete.
+    with pytest.raises(RuntimeError, match=r"pickled after a fit.*copy\.deepcopy"):
+        pickle.loads(pickle.dumps(source)).state_dict()
+    assert copy.deepcopy(crest()).state_dict() == {}
