@@ -55,7 +55,7 @@ from lightning_crest.distributed import (
     mean_over_processes,
     share,
 )
-from lightning_crest.pool import learned_examples, stratified_quotas
+from lightning_crest.pool import learned_examples, sampled_class_budgets, stratified_quotas
 from lightning_crest.quadratic import QuadraticModel, hutchinson_diagonal, rademacher_like, relative_error
 from lightning_crest.sampler import CoresetSampler
 from lightning_crest.selection import facility_location, gradient_proxy, last_layer_sketch
@@ -170,7 +170,7 @@ class CrestCallback(Callback):
     _pool: Tensor | None
     _check_batches: list[Any] | None
     _labels: Tensor  # the training set's classes, from the fit's setup on
-    _per_class: bool  # coresets picked class by class (not when there are more classes than picks)
+    _per_class: bool  # every class has picks in every coreset (not when there are more classes than picks)
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
     _loaded_state: dict[str, Any]  # the state that `_restored_plan` came with, while it waits for a fit
@@ -833,8 +833,8 @@ class CrestCallback(Callback):
         check_proxy_dtype(self.proxy_dtype, trainer)
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
-        # With more classes than picks not every class can have one: coresets are then picked over the whole subset
-        # (the proxies' one-hot part keeps the classes apart) instead of class by class.
+        # With more classes than picks not every class can have one: each coreset's picks then go to classes drawn
+        # in proportion to their sizes in its subset (see _pick).
         self._per_class = present <= global_batch
         steps_per_epoch = _ceil_share(self.fraction, n, global_batch)
         check_epoch_settings(trainer, steps_per_epoch, self.fraction)
@@ -1088,19 +1088,34 @@ class CrestCallback(Callback):
                 + hint
             )
         self._record_losses(flat, losses)
+        rows = targets.view(count, size)
+        budgets = shares = None
+        if not self._per_class:
+            # More classes than picks: each subset's picks go to classes drawn in proportion to their sizes there.
+            counts = torch.zeros(count, self._num_classes, dtype=torch.long)
+            counts.scatter_add_(1, rows.cpu(), torch.ones(count, size, dtype=torch.long))
+            budgets = sampled_class_budgets(counts, self._global_batch, self._generator)
+            shares = counts * (self._global_batch / size)
         with self._timed("greedy"):
             picked = facility_location(
                 proxies.view(count, size, -1),
                 self._global_batch,
-                targets.view(count, size) if self._per_class else None,
+                rows,
                 similarity=self.similarity,
                 knn=self.knn,
                 backend=self.backend,
+                budgets=budgets,
             )
-        coresets = subsets.gather(1, picked.indices.cpu())
+        indices = picked.indices.cpu()
+        coresets = subsets.gather(1, indices)
         # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
-        weights = picked.weights.cpu().float() * (self._global_batch / size)
-        return coresets, weights, losses
+        weights = picked.weights.cpu().float()
+        if shares is None:
+            return coresets, weights * (self._global_batch / size), losses
+        # A class whose share is below one pick has one with that probability: it then stands for its size over its
+        # share (r / m examples), so that every class keeps its share of the weight on average.
+        weights = weights / shares.gather(1, rows.cpu().gather(1, indices)).clamp(max=1.0).float()
+        return coresets, weights * (self._global_batch / weights.sum(1, keepdim=True)), losses
 
     def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
         with self._timed(selection=True):

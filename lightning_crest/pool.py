@@ -37,6 +37,31 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
     return quotas
 
 
+def sampled_class_budgets(counts: Tensor, budget: int, generator: torch.Generator) -> Tensor:
+    """Picks per class for pools with more classes than picks: ``budget`` split in proportion to each row's class
+    sizes ``counts`` ``(P, C)``, with the fractional parts rounded systematically as in :func:`stratified_quotas`.
+
+    Each class gets the floor or the ceiling of its share ``budget * n_c / r``, and exactly its share on average: a
+    class whose share is below one pick gets one with probability equal to its share, and none otherwise (there is
+    no slot to give it). Every row sums to ``budget``; no class gets more picks than members.
+    """
+    total = counts.sum(1, keepdim=True)
+    base = budget * counts // total
+    remainders = budget * counts % total
+    order = torch.rand(counts.shape, generator=generator).argsort(dim=1)
+    ordered = remainders.gather(1, order)
+    ends = ordered.cumsum(dim=1)
+    # One uniform offset per row in [0, r): its slot boundaries fall inside a class's fraction with that fraction's
+    # probability.
+    offset = (
+        (torch.rand(len(counts), 1, generator=generator, dtype=torch.float64) * total)
+        .long()
+        .clamp(max=total - 1)
+    )
+    spare = (ends + offset) // total - (ends - ordered + offset) // total
+    return base + torch.zeros_like(spare).scatter_(1, order, spare)
+
+
 def learned_examples(
     max_loss: Tensor,
     pool: Tensor,

@@ -526,3 +526,36 @@ def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does(
         assert drawn.tolist() == expected, trial
         compared += 1
     assert compared > 150
+
+
+def test_with_more_classes_than_picks_each_class_keeps_its_share_of_the_weight() -> None:
+    # 40 classes, 16 picks: one large class (a share of about 5 picks per coreset), 39 small ones (about 0.3). Each
+    # coreset's picks go to classes drawn in proportion to their sizes in its subset, within each class; a small
+    # class's pick stands for r / m examples, a large class's picks for its members. Picked over the whole subset,
+    # a pick took the weight of every class left out (up to a third of a step's loss on one example).
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.where(
+        torch.rand(2000, generator=gen) < 0.3, 0, torch.randint(1, 40, (2000,), generator=gen)
+    )
+    data = blobs(n=2000, num_classes=40)
+    data = type(data)(data.tensors[0], targets)
+    callback = Recorder(fraction=0.2, random_subset_size=240, tau=0.01)
+    fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
+    assert not callback._per_class
+    r, m = 240, 16
+    for _, subsets, _, subset_targets, coresets, weights in callback.picks:
+        for subset, labels, coreset, weight in zip(subsets, subset_targets, coresets, weights):
+            counts = torch.bincount(labels, minlength=40)
+            share = counts * m / r
+            picked = data.targets[coreset]
+            per_class = torch.bincount(picked, minlength=40)
+            assert bool((per_class >= share.floor()).all() and (per_class <= share.ceil()).all())
+            assert set(coreset.tolist()) <= set(subset.tolist())
+            assert weight.mean().item() == pytest.approx(1.0)
+            # Each class picked from weighs in proportion to the examples it stands for.
+            classes = picked.unique()
+            stands_for = torch.maximum(counts[classes].float(), torch.tensor(r / m))
+            totals = torch.zeros(40).index_add_(0, picked, weight)[classes]
+            ratios = totals / stands_for
+            torch.testing.assert_close(ratios, torch.full_like(ratios, float(ratios[0])), rtol=1e-5, atol=0)
+    assert len(callback.picks) >= 3

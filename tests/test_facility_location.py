@@ -137,6 +137,61 @@ def test_per_class_matches_exhaustive_greedy_within_each_class() -> None:
         assert chosen == expected
 
 
+@pytest.mark.parametrize("knn", [None, 64])
+def test_given_budgets_pick_within_each_class_and_may_leave_classes_out(knn: int | None) -> None:
+    # Each class with picks against the exhaustive greedy over its members alone, with cluster sizes of its own
+    # points; a class without picks is left out. Three pools of 60 points in 12 classes, 8 picks each.
+    gen = torch.Generator().manual_seed(0)
+    points = torch.randn(3, 60, 3, generator=gen, dtype=torch.float64)
+    labels = torch.randint(12, (3, 60), generator=gen)
+    counts = torch.stack([torch.bincount(row, minlength=12) for row in labels])
+    budgets = torch.zeros(3, 12, dtype=torch.long)
+    for row in range(3):
+        present = torch.nonzero(counts[row]).flatten()
+        chosen = present[torch.randperm(len(present), generator=gen)[:7]]
+        budgets[row, chosen] = 1
+        budgets[row, chosen[0]] += 1  # one class with two picks
+    selection = facility_location(points, 8, labels, knn=knn, budgets=budgets)
+    for row in range(3):
+        picked: dict[int, float] = {}
+        for cls in torch.nonzero(budgets[row]).flatten().tolist():
+            members = torch.nonzero(labels[row] == cls).flatten()
+            sim = _similarity_matrix(points[row, members].numpy())
+            local = torch.tensor(_reference_greedy(sim, int(budgets[row, cls])))
+            owners = _ownership(points[row, members], torch.zeros(len(members)), local)
+            picked |= dict(zip(members[local].tolist(), owners.tolist()))
+        got = dict(zip(selection.indices[row].tolist(), selection.weights[row].tolist()))
+        assert got == picked
+        assert selection.weights[row].sum() == counts[row][budgets[row] > 0].sum()
+    # The proportional split, given, is the default.
+    default = facility_location(points, 20, labels)
+    given = facility_location(points, 20, labels, budgets=class_budgets(counts, 20))
+    assert torch.equal(default.indices, given.indices)
+    assert torch.equal(default.weights, given.weights)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"labels": None}, ValueError, "pass the `labels`"),
+        ({"budgets": torch.ones(4)}, TypeError, "integer tensor"),
+        ({"budgets": torch.ones(3, dtype=torch.long)}, ValueError, r"shape \(C,\) or \(P, C\)"),
+        ({"budgets": torch.tensor([2, 1, 0, 0])}, ValueError, "sum to `budget`=2"),
+        ({"budgets": torch.tensor([3, -1, 0, 0])}, ValueError, "non-negative"),
+        ({"budgets": torch.tensor([0, 0, 0, 2])}, ValueError, "class 3 2 picks in pool 0, which holds 1"),
+        ({"budgets": torch.tensor([[1, 1, 0, 0]] * 2)}, ValueError, "2 rows for 1 pools"),
+    ],
+)
+def test_bad_budgets_are_refused(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
+    options: dict[str, object] = {
+        "labels": torch.tensor([0, 0, 1, 1, 2, 3]),
+        "budgets": torch.tensor([1, 1, 0, 0]),
+    }
+    options |= kwargs
+    with pytest.raises(error, match=match):
+        facility_location(_pool(6), 2, **options)  # type: ignore[arg-type]
+
+
 def test_weights_are_cluster_sizes() -> None:
     points = _pool(40, seed=6)
     labels = torch.arange(40) % 3

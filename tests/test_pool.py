@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_crest.pool import learned_examples, stratified_quotas
+from lightning_crest.pool import learned_examples, sampled_class_budgets, stratified_quotas
 
 
 def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average() -> None:
@@ -27,6 +27,27 @@ def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average(
     # A class too small for a slot of its own still gets one, from the largest.
     quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 1000, generator)
     assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
+
+
+def test_sampled_class_budgets_give_each_class_its_share_on_average() -> None:
+    # Pools with more classes than picks: 8 picks over 12 classes, shares from 0.27 to 2.13 (two rows), each class
+    # the floor or the ceiling of its share, exactly its share on average; none more picks than members.
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.tensor([[1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 0, 0], [16, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 4]])
+    counts = rows.repeat_interleave(10_000, dim=0)
+    share = 8 * counts / counts.sum(1, keepdim=True)
+    budgets = sampled_class_budgets(counts, 8, generator)
+    assert bool((budgets.sum(1) == 8).all())
+    assert bool(
+        (budgets >= share.floor()).all() and (budgets <= share.ceil()).all() and (budgets <= counts).all()
+    )
+    for row in range(2):
+        mean = budgets[row * 10_000 : (row + 1) * 10_000].float().mean(0)
+        torch.testing.assert_close(mean, share[row * 10_000].float(), atol=0.02, rtol=0)
+    # Every class of a row of twelve equal ones is left out as often.
+    budgets = sampled_class_budgets(torch.full((12_000, 12), 5), 8, generator)
+    assert set(budgets.flatten().tolist()) == {0, 1}
+    torch.testing.assert_close(budgets.float().mean(0), torch.full((12,), 8 / 12), atol=0.02, rtol=0)
 
 
 def test_stratified_quotas_give_the_spare_slots_in_a_random_order() -> None:

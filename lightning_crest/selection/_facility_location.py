@@ -45,7 +45,8 @@ class Selection:
 
     Attributes:
         indices: ``(budget,)`` or ``(P, budget)`` int64 positions into the pool, in pick order.
-        weights: Same shape, float: cluster sizes. They sum to the pool size ``r`` for every pool.
+        weights: Same shape, float: cluster sizes. They sum to the pool size ``r`` for every pool (to the size of
+            the classes picked from, with ``budgets``).
         gains: Same shape, float64 for float64 features and float32 otherwise: the marginal gain of each pick
             when it was made.
     """
@@ -111,6 +112,7 @@ def facility_location(
     similarity: Similarity = "distance",
     knn: int | None = None,
     backend: Backend = "auto",
+    budgets: Tensor | None = None,
 ) -> Selection:
     """Pick a weighted coreset by greedy facility location, within each class.
 
@@ -138,6 +140,10 @@ def facility_location(
             greedy where it fits.
         backend: kNN search for ``knn``: ``"torch"``, ``"faiss"`` or ``"auto"`` (faiss when installed and the
             pool is large).
+        budgets: ``(C,)`` or ``(P, C)`` integer picks per class (``C`` above every label), summing to ``budget``
+            in every pool, instead of the proportional split. A class may get none (for pools with more classes
+            than picks, see :func:`~lightning_crest.pool.sampled_class_budgets`): its points are then left
+            uncovered, and the weights sum to the size of the classes picked from.
 
     Returns:
         A :class:`Selection`. Picks are in greedy order: by decreasing marginal gain, which is the order a greedy
@@ -149,8 +155,9 @@ def facility_location(
 
     Raises:
         TypeError: If ``features`` is not floating point, ``labels`` not integer or ``budget`` not an ``int``.
-        ValueError: On wrong shapes, a ``budget`` outside ``[number of classes present, r]``, non-finite
-            features, an unknown ``similarity``/``backend`` or a dense problem too large for memory.
+        ValueError: On wrong shapes, a ``budget`` outside ``[number of classes present, r]``, ``budgets`` that do
+            not sum to it or exceed a class's size, non-finite features, an unknown ``similarity``/``backend`` or a
+            dense problem too large for memory.
         ImportError: If ``backend="faiss"`` and faiss is not installed.
     """
     _validate(features, budget, labels, similarity, knn, backend)
@@ -169,26 +176,44 @@ def facility_location(
     else:
         classes = labels.detach().cpu().numpy().astype(np.int64, copy=False).reshape(num_pools, r)
     num_classes = int(classes.max()) + 1
-    if num_classes > classes.size:  # sparse class ids (dataset-wide ones): tables sized by the ids present
+    if budgets is not None:
+        num_classes = _check_budgets(budgets, budget, num_classes, labels is not None)
+    elif num_classes > classes.size:  # sparse class ids (dataset-wide ones): tables sized by the ids present
         classes = np.unique(classes, return_inverse=True)[1].reshape(num_pools, r)
         num_classes = int(classes.max()) + 1
     flat_ids = (classes + num_classes * np.arange(num_pools)[:, None]).ravel()
     counts = np.bincount(flat_ids, minlength=num_pools * num_classes).reshape(num_pools, num_classes)
-    present = int((counts > 0).sum(1).max())
-    if present > budget:
-        raise ValueError(
-            f"`budget`={budget} is smaller than the {present} classes present in a pool; every "
-            f"class needs at least one pick so that each point has a pick of its own class. Raise the budget."
-        )
+    if budgets is None:
+        present = int((counts > 0).sum(1).max())
+        if present > budget:
+            raise ValueError(
+                f"`budget`={budget} is smaller than the {present} classes present in a pool; every "
+                f"class needs at least one pick so that each point has a pick of its own class. Raise the budget, "
+                "or pass `budgets` that leave some classes out."
+            )
+        per_class = _class_budgets(counts, budget)
+    else:
+        if budgets.ndim == 2 and len(budgets) != num_pools:
+            raise ValueError(
+                f"`budgets` has {len(budgets)} rows for {num_pools} pools; pass one row per pool, or one for all."
+            )
+        per_class = np.broadcast_to(budgets.detach().cpu().long().numpy(), counts.shape)
+        excess = per_class > counts
+        if bool(excess.any()):
+            pool, cls = (int(i) for i in np.argwhere(excess)[0])
+            raise ValueError(
+                f"`budgets` gives class {cls} {int(per_class[pool, cls])} picks in pool {pool}, which holds "
+                f"{int(counts[pool, cls])} of its points; a class gets at most as many picks as points."
+            )
     if knn is None:
-        result = _dense_selection(pools, flat_ids, counts, budget, similarity)
+        result = _dense_selection(pools, flat_ids, counts, per_class, budget, similarity)
     else:
         search = get_backend(backend, device=pools.device, pool_size=pools.shape[1])
         parts = [
             _sparse_selection(
-                pool, torch.from_numpy(cls).to(pool.device), count, budget, similarity, knn, search
+                pool, torch.from_numpy(cls).to(pool.device), picks, budget, similarity, knn, search
             )
-            for pool, cls, count in zip(pools, classes, counts)
+            for pool, cls, picks in zip(pools, classes, per_class)
         ]
         result = Selection(*(torch.stack(field) for field in zip(*(_fields(p) for p in parts))))
     result = Selection(result.indices, result.weights, result.gains.to(work_dtype))
@@ -237,20 +262,25 @@ def _similarity(dist: Tensor, diameter: Tensor | float, similarity: str, dim: in
 
 
 def _dense_selection(
-    pools: Tensor, flat_ids: np.ndarray[Any, Any], counts: np.ndarray[Any, Any], budget: int, similarity: str
+    pools: Tensor,
+    flat_ids: np.ndarray[Any, Any],
+    counts: np.ndarray[Any, Any],
+    per_class: np.ndarray[Any, Any],
+    budget: int,
+    similarity: str,
 ) -> Selection:
-    """Greedy on one dense similarity block per (pool, class), all blocks advanced together.
+    """Greedy on one dense similarity block per (pool, class) with picks, all blocks advanced together.
 
-    ``flat_ids`` ``(P * r,)`` numbers each point's (pool, class) pair ``pool * C + class``; ``counts`` ``(P, C)``.
-    Index bookkeeping is done in numpy; only the similarity blocks and the greedy run on ``pools.device``.
+    ``flat_ids`` ``(P * r,)`` numbers each point's (pool, class) pair ``pool * C + class``; ``counts`` ``(P, C)``,
+    and ``per_class`` ``(P, C)`` the picks of each. Index bookkeeping is done in numpy; only the similarity blocks
+    and the greedy run on ``pools.device``.
     """
     num_pools, r, dim = pools.shape
     num_classes = counts.shape[1]
     device = pools.device
-    block_budgets = _class_budgets(counts, budget).ravel()
+    block_budgets = per_class.ravel()
     flat_counts = counts.ravel()
-    # Every class present has a pick (class_budgets), so the blocks are exactly the non-empty classes.
-    block_ids = np.flatnonzero(flat_counts)
+    block_ids = np.flatnonzero(block_budgets)
     num_blocks = len(block_ids)
     size = int(flat_counts.max())
     if 2 * num_blocks * size * size * pools.element_size() > MAX_DENSE_BYTES:
@@ -505,16 +535,15 @@ def _greedy_order(indices: Tensor, weights: Tensor, gains: Tensor, budget: int) 
 def _sparse_selection(
     pool: Tensor,
     classes: Tensor,
-    counts: np.ndarray[Any, Any],
+    budgets: np.ndarray[Any, Any],
     budget: int,
     similarity: str,
     knn: int,
     search: KnnBackend,
 ) -> Selection:
-    """Greedy on each class's k-nearest-neighbour graph of one pool ``(r, d)`` with class sizes ``counts``."""
-    budgets = _class_budgets(counts, budget)
+    """Greedy on each class's k-nearest-neighbour graph of one pool ``(r, d)``, ``budgets`` ``(C,)`` picks per class."""
     steps = int(budgets.max())
-    shape = (1, len(counts), steps)
+    shape = (1, len(budgets), steps)
     indices = torch.zeros(shape, dtype=torch.long)
     weights = torch.zeros(shape, dtype=torch.float32)
     gains = torch.full(shape, -torch.inf, dtype=torch.float64)
@@ -611,6 +640,26 @@ def _sparse_greedy(sim: Tensor, neighbours: Tensor, budget: int) -> tuple[Tensor
         gains.index_add_(0, neighbours[rows].reshape(-1), (after - before).reshape(-1))
         coverage[rows] = values
     return picks, pick_gains
+
+
+def _check_budgets(budgets: object, budget: int, num_classes: int, labelled: bool) -> int:
+    """Raise unless ``budgets`` is a valid per-class split of ``budget``; return its number of classes."""
+    if not labelled:
+        raise ValueError("`budgets` gives picks per class: pass the `labels` they refer to.")
+    if not isinstance(budgets, Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
+        kind = f"dtype {budgets.dtype}" if isinstance(budgets, Tensor) else type(budgets).__name__
+        raise TypeError(f"`budgets` must be an integer tensor of picks per class, got {kind}.")
+    if budgets.ndim not in (1, 2) or budgets.shape[-1] < num_classes:
+        raise ValueError(
+            f"`budgets` must have shape (C,) or (P, C) with C above every label ({num_classes - 1}), got "
+            f"{tuple(budgets.shape)}."
+        )
+    sums = budgets.sum(-1).flatten().tolist()
+    if int(budgets.min()) < 0 or any(total != budget for total in sums):
+        raise ValueError(
+            f"`budgets` must be non-negative and sum to `budget`={budget} in every pool, got sums {sums}."
+        )
+    return int(budgets.shape[-1])
 
 
 def _validate(
