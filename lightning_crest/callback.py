@@ -1361,10 +1361,11 @@ class CrestCallback(Callback):
 
     def _check_last_layer(self, owner: torch.nn.Module, outputs: list[Any], logits: Tensor) -> None:
         """Warn when the module whose parameters ``hessian_params='last_layer'`` models does not give the logits."""
+        # A head whose output is reshaped into the logits (a 1x1 convolution's (B, C, 1, 1), flattened) gives them.
         if not any(
             isinstance(out, Tensor)
-            and out.shape == logits.shape
-            and torch.equal(out.detach().to(logits.dtype), logits.detach())
+            and out.numel() == logits.numel()
+            and torch.equal(out.detach().reshape(logits.shape).to(logits.dtype), logits.detach())
             for out in outputs
         ):
             rank_zero_warn(

@@ -514,6 +514,18 @@ class ActivationLast(TinyClassifier):
         return self.net[2](self.act(self.net[1](self.net[0](inputs))))  # type: ignore[no-any-return]
 
 
+class ConvHead(TinyClassifier):
+    """The output layer a 1x1 convolution, its (B, C, 1, 1) output flattened into the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Conv2d(32, 4, 1)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        hidden = self.net[1](self.net[0](inputs))
+        return self.head(hidden[:, :, None, None]).flatten(1)  # type: ignore[no-any-return]
+
+
 def test_last_layer_that_does_not_give_the_logits_is_warned_once_per_fit() -> None:
     with pytest.warns(
         UserWarning,
@@ -538,6 +550,9 @@ def test_last_layer_that_does_not_give_the_logits_is_warned_once_per_fit() -> No
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*output is not the logits")
         fit(CrestCallback(random_subset_size=0.1, hessian_params="last_layer"), max_epochs=1)
+        fit(
+            CrestCallback(random_subset_size=0.1, hessian_params="last_layer"), model=ConvHead(), max_epochs=1
+        )
         fit(CrestCallback(random_subset_size=0.1, hessian_params="all"), model=ActivationLast(), max_epochs=1)
 
 
