@@ -30,7 +30,15 @@ def check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         integral = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
         hint = conversion_hint(value) if integral else ""
+        if isinstance(value, float) and value.is_integer() and value >= 1:
+            hint = f"; pass {int(value)}"
         raise ValueError(f"`{name}` must be a positive int, got {value!r}{hint}.")
+
+
+def check_finite(name: str, value: float, consequence: str) -> None:
+    """Refuse an infinite value (its range is checked apart), saying what it would do."""
+    if isinstance(value, float) and math.isinf(value):
+        raise ValueError(f"`{name}` must be finite, got {value!r}: {consequence}.")
 
 
 def check_flag(name: str, value: object) -> None:

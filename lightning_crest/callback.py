@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from typing_extensions import override
 
 from lightning_crest._checks import (
+    check_finite,
     check_flag,
     check_positive_int,
     check_range,
@@ -244,6 +245,12 @@ class CrestCallback(Callback):
             check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
         elif random_subset_size < 1:
             raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
+        check_finite(
+            "tau",
+            tau,
+            "the check could never fail, so the whole run would train on the first selection's coresets; a large "
+            "finite `tau` re-selects rarely",
+        )
         check_range("tau", tau, 0.0, math.inf)
         if check_size is not None:
             check_positive_int("check_size", check_size)
@@ -262,6 +269,11 @@ class CrestCallback(Callback):
                 f"`coreset_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
                 f"subsets), got {coreset_mul!r}."
             )
+        check_finite(
+            "drop_threshold",
+            drop_threshold,
+            "every example scored would count as learned; to exclude none, pass drop_learned=False",
+        )
         check_range("drop_threshold", drop_threshold, 0.0, math.inf)
         check_positive_int("drop_interval", drop_interval)
         check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
@@ -833,6 +845,11 @@ class CrestCallback(Callback):
         check_proxy_dtype(self.proxy_dtype, trainer)
         num_classes = int(labels.max()) + 1
         present = int((torch.bincount(labels) > 0).sum())
+        if present < 2:
+            raise ValueError(
+                f"The training set holds one class (label {int(labels[0])}, all {n} examples): there is nothing to "
+                "classify. Check how it was split (a `Subset` of the first items of data sorted by class?)."
+            )
         # With more classes than picks not every class can have one: each coreset's picks then go to classes drawn
         # in proportion to their sizes in its subset (see _pick).
         self._per_class = present <= global_batch
@@ -895,7 +912,13 @@ class CrestCallback(Callback):
                 self._started_epoch += shift
 
     def _check_crest_sizes(self, subset: int, global_batch: int, world_size: int) -> None:
-        """Warn about, or refuse, random subsets and check samples that CREST cannot use."""
+        """Warn about, or refuse, random subsets, check samples and probes that CREST cannot use."""
+        if self.second_order and self.hessian_subsample >= global_batch:
+            raise ValueError(
+                f"`hessian_subsample`={self.hessian_subsample} is at least the global batch of {global_batch}: each "
+                "Hutchinson probe would use only the coreset's first pick. Lower it below the global batch "
+                "(every k-th pick is probed; the benchmark uses 4)."
+            )
         if subset <= global_batch:
             rank_zero_warn(
                 f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, no "

@@ -471,7 +471,8 @@ def _read_labels(dataset: Dataset[Any]) -> Tensor:
     if labels.is_floating_point() or labels.dtype == torch.bool or labels.ndim != 1:
         raise TypeError(
             f"`train_dataset.targets` must be a 1-d sequence of integer classes, got dtype {labels.dtype} and "
-            f"shape {tuple(labels.shape)}."
+            f"shape {tuple(labels.shape)}. Make it hold the class index of each item (one-hot rows: their argmax; "
+            "whole-number floats: `.long()`)."
         )
     if int(labels.min()) < 0:
         raise ValueError(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_crest._checks import check_range
 from lightning_crest.selection._gradients import check_logits_and_targets
 
 
@@ -28,15 +30,19 @@ def weighted_cross_entropy(
         A scalar tensor.
 
     Raises:
-        ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``, or ``label_smoothing`` is outside
-            ``[0, 1]``.
+        TypeError: If ``targets`` is not an integer tensor or ``weights`` not a tensor.
+        ValueError: If the shapes are not ``(B, C)``, ``(B,)`` and ``(B,)``, or ``label_smoothing`` is not a number
+            in ``[0, 1]``.
     """
     check_logits_and_targets(logits, targets, rows="B")
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"`targets` must be an integer tensor of class indices, got dtype {targets.dtype}.")
+    if not isinstance(weights, Tensor):
+        raise TypeError(f"`weights` must be a tensor of shape (B,), got {type(weights).__name__}.")
     if weights.shape != targets.shape:
         raise ValueError(
             f"`weights` must have the shape of `targets` {tuple(targets.shape)}, got {tuple(weights.shape)}."
         )
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"`label_smoothing` must lie in [0, 1], got {label_smoothing!r}.")
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     return (weights.to(losses.dtype) * losses).mean()

@@ -208,6 +208,17 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
             "--embedding-proxy must be a non-negative int (0: the logits' gradient only), got -1",
         ),
         (["--tau", "-1"], "--tau must lie in [0.0, inf], got -1.0"),
+        (["--tau", "inf"], "--tau must be finite, got inf"),
+        (
+            ["--seeds", "1.5"],
+            "argument --seeds: must be an integer, got '1.5'",
+        ),  # it named a private function
+        (["--check-size", "1.5"], "argument --check-size: must be an integer, got '1.5'"),
+        (["--budget", "x"], "argument --budget: must be a number, got 'x'"),
+        (
+            ["--seeds", "2", "--seed-offset", "4294967295"],  # the second seed's run failed after the first's
+            "--seed-offset 4294967295 with --seeds 2 reaches seed 4294967296, beyond Lightning's largest seed",
+        ),
         (["--random-subset-size", "2.5"], "a fraction in (0, 1] or a whole count such as 300, got 2.5"),
         (["--check-size", "0"], "argument --check-size: must be a positive integer, got 0"),
         (["--seeds", "0"], "argument --seeds: must be a positive integer, got 0"),

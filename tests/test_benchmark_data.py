@@ -352,12 +352,14 @@ def test_weights_reach_the_batches_of_a_dataset_with_getitems() -> None:
     # InMemoryVisionDataset loads batches through __getitems__, a path of its own in WeightedDataset.
     dataset = InMemoryVisionDataset(torch.randn(64, 1, 4, 4), torch.arange(64) % 4)
     dm = CrestDataModule(dataset, batch_size=8)
-    dm.plan.replace([(torch.arange(8, 16), torch.linspace(0.5, 1.5, 8))])
+    # Picks come in greedy order, not sorted: each keeps its own weight and place.
+    picks = torch.tensor([13, 8, 15, 9, 12, 10, 14, 11])
+    dm.plan.replace([(picks, torch.linspace(0.5, 1.5, 8))])
     dm.use_plan(1)
     ((inputs, targets, weights),) = list(dm.train_dataloader())
     torch.testing.assert_close(weights, torch.linspace(0.5, 1.5, 8))
-    assert torch.equal(targets, torch.arange(8, 16) % 4)
-    assert torch.equal(inputs, torch.stack([dataset[i][0] for i in range(8, 16)]))
+    assert torch.equal(targets, picks % 4)
+    assert torch.equal(inputs, torch.stack([dataset[i][0] for i in picks.tolist()]))
 
 
 def test_step_cost_script_prints_both_layouts(fashion_dir: Path) -> None:

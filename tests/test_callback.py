@@ -90,8 +90,9 @@ def test_coresets_are_facility_location_picks_at_the_weights_of_their_step() -> 
             torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6)
 
 
-def test_more_classes_than_picks_selects_over_the_whole_subset() -> None:
-    # 40 classes, global batch 16: not every class can have a pick, so the greedy runs without the labels.
+def test_more_classes_than_picks_picks_within_the_classes_drawn() -> None:
+    # 40 classes, global batch 16: not every class can have a pick. Each subset's picks go to classes drawn in
+    # proportion to their sizes, and are the greedy's within each of them (from the module's own proxies).
     callback = Recorder(random_subset_size=0.1)
     data = blobs(num_classes=40)
     trainer, _ = fit(callback, data=data, model=TinyClassifier(num_classes=40), batch_size=16, max_epochs=1)
@@ -100,11 +101,13 @@ def test_more_classes_than_picks_selects_over_the_whole_subset() -> None:
     for _, subsets, logits, targets, coresets, weights in callback.picks:
         for subset, z, y, coreset, weight in zip(subsets, logits, targets, coresets, weights):
             assert len(y.unique()) > 16
-            reference = facility_location(gradient_proxy(z, y), 16)
+            budgets = torch.bincount(data.targets[coreset], minlength=40)
+            reference = facility_location(gradient_proxy(z, y), 16, y, budgets=budgets)
             assert torch.equal(coreset, subset[reference.indices])
-            torch.testing.assert_close(
-                weight, reference.weights.float() * 16 / len(subset), rtol=0, atol=1e-6
-            )
+            # Every class here has a share below one pick (at most 15 of its members in 120): each pick stands for
+            # r / m examples, so all weigh alike.
+            assert int(torch.bincount(y).max()) < len(subset) / 16
+            torch.testing.assert_close(weight, torch.ones(16), rtol=0, atol=1e-6)
 
 
 def test_tau_zero_reselects_at_every_check() -> None:
@@ -154,6 +157,22 @@ def test_adaptive_interval_and_coresets_follow_the_formulas(
     assert max(intervals) > 1
     # Each selection plans the P = b T1 coresets of its own interval.
     assert [len(plan) for plan in callback.plans] == [p for _, p, *_ in callback.adaptations]
+
+
+def test_the_interval_is_measured_from_the_sharpest_curvature_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A curvature that rises from 1 to 4, then falls to 2: T1 = ceil(h * 4 / 2) = 6 at h = 3, where the paper's
+    # reference, the first selection's curvature, would give ceil(3 * 1 / 2) = 2.
+    callback = Recorder(random_subset_size=0.1, tau=0.0, interval_mul=3.0, coreset_mul=1)
+    norms = [1.0, 4.0, 2.0]
+    monkeypatch.setattr(
+        crest_callback.QuadraticModel,
+        "curvature_norm",
+        lambda self: norms[min(callback._selections, len(norms) - 1)],
+    )
+    fit(callback, max_epochs=2)
+    intervals = [interval for interval, *_ in callback.adaptations]
+    assert intervals[:3] == [1, 3, 6]  # the first T1 is 1; then ceil(3 * 4 / 4) and ceil(3 * 4 / 2)
+    assert set(intervals[2:]) == {6}
 
 
 class AnchorRecorder(Recorder):
@@ -1628,6 +1647,12 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
         ({"selection": "craig"}, "`selection` must be 'crest' or 'random', got 'craig'"),
         ({"knn": -3}, "`knn` must be a positive int, got -3"),
         ({"check_size": 0}, "`check_size` must be a positive int, got 0"),
+        ({"check_size": 128.0}, "`check_size` must be a positive int, got 128.0; pass 128"),
+        ({"tau": math.inf}, "`tau` must be finite, got inf: the check could never fail"),
+        (
+            {"drop_threshold": math.inf},
+            "`drop_threshold` must be finite, got inf: every example scored would",
+        ),
         (
             {"proxy_dtype": torch.float32},
             r"`proxy_dtype` must be torch.bfloat16, torch.float16 or None \(the trainer's precision\), "
@@ -1638,6 +1663,22 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
 def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CrestCallback(**kwargs)
+
+
+@pytest.mark.parametrize("selection", ["crest", "random"])
+def test_a_training_set_of_one_class_is_refused_before_training(selection: str) -> None:
+    data = blobs()
+    one_class = type(data)(data.tensors[0], torch.full_like(data.targets, 2))
+    with pytest.raises(ValueError, match=r"The training set holds one class \(label 2, all 1200 examples\)"):
+        fit(CrestCallback(selection=selection), data=one_class, max_epochs=1)  # type: ignore[arg-type]
+
+
+def test_a_hessian_subsample_of_the_global_batch_or_more_is_refused_before_training() -> None:
+    # Every k-th pick from the first: k >= the batch probes the first pick alone.
+    with pytest.raises(ValueError, match="`hessian_subsample`=32 is at least the global batch of 32: each"):
+        fit(CrestCallback(random_subset_size=0.1, hessian_subsample=32), max_epochs=1)
+    fit(CrestCallback(random_subset_size=0.1, hessian_subsample=32, second_order=False), max_epochs=1)
+    fit(CrestCallback(hessian_subsample=32, selection="random"), max_epochs=1)
 
 
 def test_an_int_too_large_for_a_float_is_checked_as_a_number() -> None:
@@ -2173,9 +2214,9 @@ def test_logits_of_the_wrong_shape() -> None:
 
 
 def test_a_single_logit_is_refused() -> None:
-    # One logit and labels all 0 pass the class count, but softmax over one logit is constant: every proxy and
+    # A binary classifier with one logit (as for a BCE loss): softmax over one logit is constant, so every proxy and
     # every loss would be 0, and the check's relative error 0 / 0.
-    ones = blobs(num_classes=1)
+    ones = blobs(num_classes=2)
     with pytest.raises(
         ValueError, match=r"returned 1 logit per example: .* Give a binary classifier two logits"
     ):

@@ -432,7 +432,11 @@ def test_targets_attribute_longer_than_the_data_set() -> None:
             TypeError,
             r"1-d sequence of integer classes, got dtype torch.int64 and shape",
         ),
-        (lambda t: t.float(), TypeError, "got dtype torch.float32"),
+        (
+            lambda t: t.float(),
+            TypeError,
+            r"got dtype torch.float32 and shape \(40,\). Make it hold the class index",
+        ),
         (lambda t: t > 1, TypeError, "got dtype torch.bool"),
         (lambda t: torch.where(t == 2, -1, t), ValueError, "non-negative class indices, got -1"),
         (
@@ -622,6 +626,14 @@ def test_labels_of_a_concatenation_come_from_the_targets_of_its_parts() -> None:
         [first, torch.utils.data.TensorDataset(*blobs(n=30, seed=2).tensors)]
     )
     assert torch.equal(CrestDataModule(plain).labels, torch.cat([first.targets, blobs(n=30, seed=2).targets]))
+    # A part whose `targets` are fewer than its items (those of another split, say): every item is read. Joined,
+    # the targets would be 8 labels for 10 items that agree with them at the spot checks (0, 4 and 7).
+    short = LabelledTensors(torch.zeros(6, 2), torch.tensor([0, 1, 0, 1, 0, 2]))
+    short.targets = torch.tensor([0, 1, 0, 1])
+    joined = torch.utils.data.ConcatDataset(
+        [short, LabelledTensors(torch.zeros(4, 2), torch.tensor([0, 1, 2, 1]))]
+    )
+    assert CrestDataModule(joined).labels.tolist() == [0, 1, 0, 1, 0, 2, 0, 1, 2, 1]
 
 
 class Halved(CountingReads):

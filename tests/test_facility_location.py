@@ -284,6 +284,51 @@ def test_class_budgets_refuse_negative_counts_and_empty_pools() -> None:
         class_budgets(torch.tensor([0, 0]), 0)
 
 
+def test_class_budgets_refuse_counts_and_budgets_of_other_types() -> None:
+    with pytest.raises(
+        TypeError, match=r"`counts` must be an integer tensor of class sizes, got dtype torch\.float32"
+    ):
+        class_budgets(torch.tensor([2.7, 3.9]), 3)  # they were truncated to [2, 3]
+    with pytest.raises(TypeError, match="`counts` must be an integer tensor of class sizes, got list"):
+        class_budgets([3, 4], 3)  # type: ignore[arg-type]
+    for bad in (2.5, math.nan, True):
+        with pytest.raises(TypeError, match=f"`budget` must be an int, got {bad!r}"):
+            class_budgets(torch.tensor([3, 4]), bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"similarity": "cosine"},
+            ValueError,
+            "`similarity` must be one of",
+        ),  # it computed the exp objective
+        (
+            {"indices": torch.tensor([0, -1])},
+            ValueError,
+            r"positions in \[0, 20\), got \[0, -1\]",
+        ),  # it wrapped
+        ({"indices": torch.tensor([0, 20])}, ValueError, r"positions in \[0, 20\)"),
+        ({"indices": torch.tensor([3, 3])}, ValueError, "distinct picks"),
+        ({"indices": torch.tensor([0.0, 1.0])}, TypeError, "`indices` must be an integer tensor"),
+        (
+            {"labels": torch.zeros(5, dtype=torch.long)},
+            ValueError,
+            "`labels` must have shape",
+        ),  # 5 points counted
+        ({"features": torch.full((20, 3), math.nan)}, ValueError, "NaN"),  # it returned nan
+        ({"features": torch.randn(2, 20, 3)}, ValueError, "one pool of shape"),
+    ],
+)
+def test_the_objective_refuses_bad_input(
+    kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    args: dict[str, object] = {"features": _pool(20), "indices": torch.tensor([0, 5]), **kwargs}
+    with pytest.raises(error, match=match):
+        facility_location_objective(**args)  # type: ignore[arg-type]
+
+
 def test_sparse_class_ids_give_the_same_selection_as_compact_ones() -> None:
     # Dataset-wide class ids (here up to 10**9) must not size the per-class tables: the selection depends only on
     # the ids' order, so it equals the one with ids 0, 1, 2.

@@ -48,9 +48,28 @@ def test_weighted_cross_entropy_with_label_smoothing() -> None:
     torch.testing.assert_close(value, (weights * -(smoothed * log_probs).sum(1)).mean())
     uniform = weighted_cross_entropy(logits, targets, torch.ones(8, dtype=torch.float64), label_smoothing=0.1)
     torch.testing.assert_close(uniform, F.cross_entropy(logits, targets, label_smoothing=0.1))
-    for bad in (-0.1, 1.5):
-        with pytest.raises(ValueError, match=rf"`label_smoothing` must lie in \[0, 1\], got {bad}"):
+    # At 1 every target is uniform, as torch takes it.
+    full = weighted_cross_entropy(logits, targets, weights, label_smoothing=1.0)
+    torch.testing.assert_close(
+        full, (weights * F.cross_entropy(logits, targets, reduction="none", label_smoothing=1.0)).mean()
+    )
+    for bad in (-0.1, 1.5, 1.0001):
+        with pytest.raises(ValueError, match=rf"`label_smoothing` must lie in \[0.0, 1.0\], got {bad}"):
             weighted_cross_entropy(logits, targets, weights, label_smoothing=bad)
+    # True passed the range check as 1.0: targets all uniform, a loss that no longer depends on the labels.
+    for bad in (True, "0.1"):
+        with pytest.raises(ValueError, match=f"`label_smoothing` must be a Python int or float, got {bad!r}"):
+            weighted_cross_entropy(logits, targets, weights, label_smoothing=bad)  # type: ignore[arg-type]
+
+
+def test_weighted_cross_entropy_refuses_float_targets_and_weights_of_another_type() -> None:
+    logits, targets, weights = _batch(seed=3)
+    with pytest.raises(
+        TypeError, match=r"`targets` must be an integer tensor of class indices, got dtype torch\.float"
+    ):
+        weighted_cross_entropy(logits, targets.float(), weights)
+    with pytest.raises(TypeError, match="`weights` must be a tensor of shape \\(B,\\), got list"):
+        weighted_cross_entropy(logits, targets, weights.tolist())  # type: ignore[arg-type]
 
 
 def test_weighted_cross_entropy_gradients_reach_weights_and_logits() -> None:

@@ -295,10 +295,23 @@ def test_resuming_with_another_random_subset_size_picks_the_restored_subsets_at_
     pending = [idx for idx, w in zip(state["plan_indices"], state["plan_weights"]) if w.numel() == 0]
     assert pending
     assert {len(idx) for idx in pending} == {N // 10}
-    resumed = crest(random_subset_size=0.2)
+    resolved: list[tuple[int, Tensor]] = []  # (subset size, weights) of every coreset picked when reached
+    resumed = crest(random_subset_size=0.2, tau=1e9)  # no check fails before they are reached
+    resolve = resumed._resolve
+
+    def recorded(subset: Tensor) -> tuple[Tensor, Tensor]:
+        indices, weights = resolve(subset)
+        resolved.append((len(subset), weights))
+        return indices, weights
+
+    resumed._resolve = recorded  # type: ignore[method-assign]
     trainer, _ = run(resumed, ckpt_path=ckpt, max_epochs=2)
     assert trainer.global_step == 2 * STEPS
     assert resumed._subset == N // 5
+    # The restored subsets' coresets weigh as any other: their cluster sizes sum to their own r, not this run's.
+    assert N // 10 in {size for size, _ in resolved}
+    for _, weights in resolved:
+        assert weights.sum().item() == pytest.approx(BATCH)
     sizes = {len(w) for _, w in resumed.coresets}
     assert sizes == {BATCH}
     for _, weights in resumed.coresets:

@@ -308,8 +308,23 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# Parsed here, not by argparse: its own message names the type function ("invalid _positive_int value").
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
 def _fraction_or_count(text: str) -> float | int:
-    value = float(text)
+    value = _float(text)
     if value >= 1 and value.is_integer() and "." not in text:
         return int(value)
     if not 0 < value <= 1:
@@ -322,28 +337,28 @@ def _optional_count(text: str) -> int | None:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def _budget(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a fraction of full training in (0, 1], got {text}")
     return value
@@ -357,6 +372,8 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
             return action.help
         return super()._get_help_string(action)
 
+
+_MAX_SEED = 2**32 - 1  # the largest seed `L.seed_everything` takes
 
 # CrestCallback's errors name its arguments; the benchmark's user passed these flags.
 _FLAGS = (
@@ -523,6 +540,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is False); use --device cpu"
+        )
+    last_seed = args.seed_offset + args.seeds - 1
+    if last_seed > _MAX_SEED:  # Lightning's seed_everything would refuse it, after the earlier seeds' runs
+        parser.error(
+            f"--seed-offset {args.seed_offset} with --seeds {args.seeds} reaches seed {last_seed}, beyond Lightning's "
+            f"largest seed {_MAX_SEED}; lower --seed-offset"
         )
     try:  # CrestCallback checks its options; a bad one is reported now, not after the full-data run
         for method in args.methods:

@@ -73,8 +73,19 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
 
     Returns:
         ``(..., C)`` int64 budgets summing to ``budget`` along the last dimension.
+
+    Raises:
+        TypeError: If ``counts`` is not an integer tensor or ``budget`` not an int.
+        ValueError: If ``counts`` has a negative size, or ``budget`` is outside the range above.
     """
-    return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), budget)).to(counts.device)
+    if not isinstance(counts, Tensor) or counts.is_floating_point() or counts.dtype == torch.bool:
+        kind = f"dtype {counts.dtype}" if isinstance(counts, Tensor) else type(counts).__name__
+        raise TypeError(f"`counts` must be an integer tensor of class sizes, got {kind}.")
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
+    return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), int(budget))).to(
+        counts.device
+    )
 
 
 def _class_budgets(counts: np.ndarray[Any, Any], budget: int) -> np.ndarray[Any, Any]:
@@ -235,7 +246,22 @@ def facility_location_objective(
 
     Returns:
         The objective value, computed in float64.
+
+    Raises:
+        TypeError, ValueError: As :func:`facility_location` for its arguments; also for ``indices`` that are not
+            distinct integer positions in ``[0, r)`` and for a ``features`` batch of pools.
     """
+    if isinstance(features, Tensor) and features.ndim == 3:
+        raise ValueError(f"`features` must be one pool of shape (r, d), got {tuple(features.shape)}.")
+    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+        kind = f"dtype {indices.dtype}" if isinstance(indices, Tensor) else type(indices).__name__
+        raise TypeError(f"`indices` must be an integer tensor of pool positions, got {kind}.")
+    _validate(features, 1, labels, similarity, None, "auto")
+    r = len(features)
+    if indices.ndim != 1 or (indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < r):
+        raise ValueError(f"`indices` must be a 1-d tensor of positions in [0, {r}), got {indices.tolist()}.")
+    if len(set(indices.tolist())) != indices.numel():
+        raise ValueError(f"`indices` must be distinct picks, got {indices.tolist()}.")
     features = features.double()
     labels = torch.zeros(len(features), dtype=torch.long) if labels is None else labels.cpu().long()
     picked = torch.zeros(len(features), dtype=torch.bool)
