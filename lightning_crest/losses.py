@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,6 +45,9 @@ def weighted_cross_entropy(
         raise ValueError(
             f"`weights` must have the shape of `targets` {tuple(targets.shape)}, got {tuple(weights.shape)}."
         )
-    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    # Any real number (NumPy's too, as torch takes them); a bool would pass as 0 or 1.
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise ValueError(f"`label_smoothing` must be a number in [0, 1], got {label_smoothing!r}.")
+    check_range("label_smoothing", float(label_smoothing), 0.0, 1.0)
     losses = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
     return (weights.to(losses.dtype) * losses).mean()

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 
-def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Generator) -> Tensor:
+def stratified_quotas(
+    counts: Tensor, size: int, count: int, generator: torch.Generator, *, every_class: bool = True
+) -> Tensor:
     """Class sizes of ``count`` class-stratified random subsets of ``size`` from a pool with class sizes ``counts``.
 
     Each class gets the floor or the ceiling of its share ``size * n_c / n``, exactly its share on average (but for
@@ -16,7 +18,8 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
     over the classes in a random order, drawn anew for every subset. Largest-remainder rounding would give the spare
     slots to the same classes every time (with ten equal classes and batches of 128, the last two classes would get
     12 examples in every batch, the others 13). A class present in the pool that rounds to zero takes one slot from
-    the largest, as in :func:`~lightning_crest.selection.class_budgets`.
+    the largest, as in :func:`~lightning_crest.selection.class_budgets`, unless ``every_class`` is False (for
+    coresets that cannot hold every class anyway: then every class gets exactly its share on average).
 
     Returns:
         ``(count, C)`` int64 quotas; every row sums to ``size``.
@@ -31,7 +34,8 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
     # Slot boundaries at offset + j * total: a class gets a spare slot when one falls inside its fraction.
     spare = (ends + offset) // total - (ends - remainders[order] + offset) // total
     quotas = base + torch.zeros_like(spare).scatter_(1, order, spare)
-    for row, cls in torch.nonzero((quotas == 0) & (counts > 0)).tolist():
+    starved = (quotas == 0) & (counts > 0) if every_class else torch.zeros_like(quotas, dtype=torch.bool)
+    for row, cls in torch.nonzero(starved).tolist():
         quotas[row, quotas[row].argmax()] -= 1
         quotas[row, cls] = 1
     return quotas

@@ -102,6 +102,8 @@ def test_more_classes_than_picks_picks_within_the_classes_drawn() -> None:
         for subset, z, y, coreset, weight in zip(subsets, logits, targets, coresets, weights):
             assert len(y.unique()) > 16
             budgets = torch.bincount(data.targets[coreset], minlength=40)
+            share = torch.bincount(y, minlength=40) * 16 / len(subset)
+            assert bool((budgets >= share.floor()).all() and (budgets <= share.ceil()).all())
             reference = facility_location(gradient_proxy(z, y), 16, y, budgets=budgets)
             assert torch.equal(coreset, subset[reference.indices])
             # Every class here has a share below one pick (at most 15 of its members in 120): each pick stands for
@@ -1679,6 +1681,11 @@ def test_a_hessian_subsample_of_the_global_batch_or_more_is_refused_before_train
         fit(CrestCallback(random_subset_size=0.1, hessian_subsample=32), max_epochs=1)
     fit(CrestCallback(random_subset_size=0.1, hessian_subsample=32, second_order=False), max_epochs=1)
     fit(CrestCallback(hessian_subsample=32, selection="random"), max_epochs=1)
+
+
+def test_infinite_settings_that_are_not_used_are_accepted() -> None:
+    assert CrestCallback(drop_threshold=math.inf, drop_learned=False).drop_threshold == math.inf
+    assert CrestCallback(tau=math.inf, selection="random").tau == math.inf
 
 
 def test_an_int_too_large_for_a_float_is_checked_as_a_number() -> None:

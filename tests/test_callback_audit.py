@@ -559,3 +559,27 @@ def test_with_more_classes_than_picks_each_class_keeps_its_share_of_the_weight()
             ratios = totals / stands_for
             torch.testing.assert_close(ratios, torch.full_like(ratios, float(ratios[0])), rtol=1e-5, atol=0)
     assert len(callback.picks) >= 3
+
+
+def test_with_more_classes_than_picks_rare_classes_weigh_their_share_of_the_training_set() -> None:
+    # 20 classes of 300 and 80 of 3, subsets of 200, coresets of 64: the 80 rare classes are 3.8% of the training
+    # set. With the one slot that a class too small for one gets where every class has picks, each rare class was in
+    # every subset, and they took 10 times their share of the coresets' weight.
+    sizes = torch.tensor([300] * 20 + [3] * 80)
+    targets = torch.repeat_interleave(torch.arange(100), sizes)
+    data = blobs(n=len(targets), num_classes=100)
+    data = type(data)(data.tensors[0], targets)
+    callback = Recorder(
+        fraction=0.05, random_subset_size=200, hessian_probes=None, tau=0.0, drop_learned=False
+    )
+    fit(callback, data=data, model=TinyClassifier(num_classes=100), batch_size=64, max_epochs=2)
+    assert not callback._per_class
+    rare = total = 0.0
+    coresets = 0
+    for _, _, _, _, picked, weights in callback.picks:
+        for coreset, weight in zip(picked, weights):
+            rare += float(weight[targets[coreset] >= 20].sum())
+            total += float(weight.sum())
+            coresets += 1
+    assert coresets >= 40
+    assert rare / total == pytest.approx(240 / 6240, abs=0.015)

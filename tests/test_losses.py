@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,10 @@ def test_weighted_cross_entropy_with_label_smoothing() -> None:
     torch.testing.assert_close(value, (weights * -(smoothed * log_probs).sum(1)).mean())
     uniform = weighted_cross_entropy(logits, targets, torch.ones(8, dtype=torch.float64), label_smoothing=0.1)
     torch.testing.assert_close(uniform, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    # NumPy numbers pass, as torch takes them.
+    torch.testing.assert_close(
+        weighted_cross_entropy(logits, targets, weights, label_smoothing=np.float32(0.1)), value
+    )
     # At 1 every target is uniform, as torch takes it.
     full = weighted_cross_entropy(logits, targets, weights, label_smoothing=1.0)
     torch.testing.assert_close(
@@ -58,7 +63,9 @@ def test_weighted_cross_entropy_with_label_smoothing() -> None:
             weighted_cross_entropy(logits, targets, weights, label_smoothing=bad)
     # True passed the range check as 1.0: targets all uniform, a loss that no longer depends on the labels.
     for bad in (True, "0.1"):
-        with pytest.raises(ValueError, match=f"`label_smoothing` must be a Python int or float, got {bad!r}"):
+        with pytest.raises(
+            ValueError, match=f"`label_smoothing` must be a number in \\[0, 1\\], got {bad!r}"
+        ):
             weighted_cross_entropy(logits, targets, weights, label_smoothing=bad)  # type: ignore[arg-type]
 
 

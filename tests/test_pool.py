@@ -29,6 +29,15 @@ def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average(
     assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
 
 
+def test_stratified_quotas_without_a_slot_for_every_class_are_exact_on_average() -> None:
+    # For coresets that cannot hold every class: a class too small for a slot gets one only by its share's chance.
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.tensor([90, 5, 5, 0])
+    quotas = stratified_quotas(counts, 10, 20_000, generator, every_class=False)
+    assert bool((quotas.sum(1) == 10).all())
+    torch.testing.assert_close(quotas.float().mean(0), torch.tensor([9.0, 0.5, 0.5, 0.0]), atol=0.02, rtol=0)
+
+
 def test_sampled_class_budgets_give_each_class_its_share_on_average() -> None:
     # Pools with more classes than picks: 8 picks over 12 classes, shares from 0.27 to 2.13 (two rows), each class
     # the floor or the ceiling of its share, exactly its share on average; none more picks than members.

@@ -1127,3 +1127,21 @@ def test_a_deep_copy_of_a_fitted_callback_carries_its_state() -> None:
     with pytest.raises(RuntimeError, match=r"pickled after a fit.*copy\.deepcopy"):
         pickle.loads(pickle.dumps(source)).state_dict()
     assert copy.deepcopy(crest()).state_dict() == {}
+
+
+def test_a_deep_copy_taken_inside_a_step_is_not_warned_about_as_a_checkpoint() -> None:
+    source = crest()
+    copies: list[CrestCallback] = []
+
+    class Copying(L.Callback):  # listed before CrestCallback: its batch end runs inside CREST's step
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == 5:
+                copies.append(copy.deepcopy(source))
+
+    torch.manual_seed(0)
+    trainer = make_trainer([Copying(), source], max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*saved inside a training step")
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(blobs(n=N), batch_size=BATCH))
+    assert copies
+    assert copies[0].state_dict()["epoch_step"] == 4  # the step in progress is not counted yet
