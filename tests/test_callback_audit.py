@@ -503,6 +503,7 @@ def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does(
         count = int(torch.randint(1, 6, (1,), generator=gen))
         callback = CrestCallback()
         callback._pool, callback._labels, callback._num_classes = pool, labels, num_classes
+        callback._per_class = trial % 2 == 0  # without it, no slot for a class too small for one
         callback._generator = torch.Generator().manual_seed(trial)
         drawn = callback._draw(count, size)
         # The reference replays the draw's random numbers: the shuffle, then the quotas.
@@ -513,7 +514,9 @@ def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does(
         counts = torch.tensor([len(m) for m in by_class])
         if int((counts > 0).sum()) > size:
             continue  # uniform subsets, not stratified
-        quotas = crest_callback.stratified_quotas(counts, size, count, replay)
+        quotas = crest_callback.stratified_quotas(
+            counts, size, count, replay, every_class=callback._per_class
+        )
         taken = [0] * num_classes
         expected = []
         for k in range(count):
