@@ -117,3 +117,17 @@ def test_what_crest_selects() -> None:
     assert re.search(r"^weights: min [0-9.]+, median [0-9.]+, max [0-9.]+", text, re.M)
     assert re.search(r"^excluded \d+ of 1500 examples", text, re.M)
     assert figures(nb) >= 5
+    if "data: Fashion-MNIST" in text:  # what the text says of the run, which it observed on Fashion-MNIST
+        heavy = re.search(
+            r"^mean loss at selection: weight > 1: ([0-9.]+), weight <= 1: ([0-9.]+)$", text, re.M
+        )
+        assert heavy is not None
+        assert float(heavy[1]) < float(heavy[2])  # heavier picks stand for easier examples
+        excluded = re.search(
+            r"^excluded (\d+) of 1500 examples; .*: excluded ([0-9.]+), still in the pool ([0-9.]+)$",
+            text,
+            re.M,
+        )
+        assert excluded is not None
+        assert int(excluded[1]) > 0
+        assert float(excluded[2]) < float(excluded[3])
