@@ -355,7 +355,8 @@ class CrestCallback(Callback):
     def coresets(self) -> list[tuple[Tensor, Tensor]]:
         """The global batches of the current selection, ``(indices, weights)`` of shape ``(global_batch,)`` each.
 
-        Indices point into the training set; weights average 1 within a coreset. Empty before the first selection.
+        Indices point into the training set; weights average 1 within a coreset (over coresets, with more classes
+        than the global batch holds: see the README's "Details and limits"). Empty before the first selection.
         A selection's coresets after the first are picked when first trained on, so they appear one by one.
         """
         return [] if self._dm is None else [(i, w) for i, w in self._dm.plan.batches if w.numel() > 0]
@@ -1137,15 +1138,16 @@ class CrestCallback(Callback):
             )
         indices = picked.indices.cpu()
         coresets = subsets.gather(1, indices)
-        # Cluster sizes sum to r per coreset; scaled to average 1 so the loss keeps the scale of a plain mean.
         weights = picked.weights.cpu().float()
-        if shares is None:
-            return coresets, weights * (self._global_batch / size), losses
-        # A class whose share is below one pick has one with that probability: it then stands for its size over its
-        # share (r / m examples), so that every class keeps its share of the weight on average (up to a bias of order
-        # 1 / m from scaling each coreset to average 1: 0.8% at m = 8).
-        weights = weights / shares.gather(1, rows.cpu().gather(1, indices)).clamp(max=1.0).float()
-        return coresets, weights * (self._global_batch / weights.sum(1, keepdim=True)), losses
+        if shares is not None:
+            # A class whose share is below one pick has one with that probability: it then stands for its size over
+            # its share (r / m examples), so that every class keeps its share of the weight on average. (Scaling
+            # each coreset to its own total instead would leave a rare class's pick about m / (m + 1) of its weight
+            # in the coresets that hold one: 8/9 at m = 8.)
+            weights = weights / shares.gather(1, rows.cpu().gather(1, indices)).clamp(max=1.0).float()
+        # Cluster sizes sum to r per coreset (on average, as above); scaled to average 1 so the loss keeps the scale of
+        # a plain mean.
+        return coresets, weights * (self._global_batch / size), losses
 
     def _resolve(self, subset: Tensor) -> tuple[Tensor, Tensor]:
         with self._timed(selection=True):
