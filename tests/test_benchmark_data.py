@@ -362,6 +362,30 @@ def test_weights_reach_the_batches_of_a_dataset_with_getitems() -> None:
     assert torch.equal(inputs, torch.stack([dataset[i][0] for i in picks.tolist()]))
 
 
+def test_many_classes_script_prints_every_run_and_the_means(fashion_dir: Path) -> None:
+    script = Path(__file__).parents[1] / "benchmarks" / "many_classes.py"
+    args = ["--data-dir", str(fashion_dir), "--seeds", "1", "--epochs", "1", "--per-class", "100"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| ")]
+    runs = [[cell.strip() for cell in row] for row in rows if len(row) == 7 and row[2].strip() == "0"]
+    assert [(r[0], r[1]) for r in runs] == [
+        ("balanced", "crest"),
+        ("balanced", "random"),
+        ("longtail", "crest"),
+        ("longtail", "random"),
+    ]
+    for variant, method, _, accuracy, selections, tail_weight, tail_data in runs:
+        assert 0 < float(accuracy) <= 100
+        assert (int(selections) >= 1) if method == "crest" else selections == "-"
+        # 100 images of each class; the long tail keeps 3 of each of its five classes.
+        assert float(tail_data) == pytest.approx(0.5 if variant == "balanced" else 15 / 515, abs=1e-4)
+        assert 0 < float(tail_weight) < 1
+    assert len(re.findall(r"^\| \w+ \| \w+ \| [0-9.]+ ± [0-9.]+ \|$", done.stdout, re.M)) == 4
+
+
 def test_step_cost_script_prints_both_layouts(fashion_dir: Path) -> None:
     script = Path(__file__).parents[1] / "benchmarks" / "step_cost.py"
     args = ["--data-dir", str(fashion_dir), "--rounds", "1", "--batch", "32", "--subset", "70"]
