@@ -311,9 +311,18 @@ def test_subset_of_in_memory_dataset_loads_batches(fashion: tuple[Dataset[Any], 
     assert torch.equal(y, sub.targets[:64])
 
 
+def run_benchmark_script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name>`` with ``args``; return what it printed."""
+    script = Path(__file__).parents[1] / "benchmarks" / name
+    done = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_gpu_check_script_runs_on_cpu() -> None:
     # The GPU check is run by hand on a GPU; its code path is exercised here on CPU and small sizes.
-    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
     args = [
         "--device",
         "cpu",
@@ -330,11 +339,8 @@ def test_gpu_check_script_runs_on_cpu() -> None:
         "--fit-knn",
         "8",
     ]
-    done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()]
+    out = run_benchmark_script("gpu_check.py", *args)
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines()]
     rows = {row[0]: row[1] for row in cells if len(row) == 2}
     assert rows["device"] == "cpu"
     assert rows["strategy, processes, process group"] == "ddp, 1, gloo"
@@ -363,13 +369,18 @@ def test_weights_reach_the_batches_of_a_dataset_with_getitems() -> None:
 
 
 def test_many_classes_script_prints_every_run_and_the_means(fashion_dir: Path) -> None:
-    script = Path(__file__).parents[1] / "benchmarks" / "many_classes.py"
-    args = ["--data-dir", str(fashion_dir), "--seeds", "1", "--epochs", "1", "--per-class", "100"]
-    done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    out = run_benchmark_script(
+        "many_classes.py",
+        "--data-dir",
+        str(fashion_dir),
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--per-class",
+        "100",
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| ")]
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
     runs = [[cell.strip() for cell in row] for row in rows if len(row) == 7 and row[2].strip() == "0"]
     assert [(r[0], r[1]) for r in runs] == [
         ("balanced", "crest"),
@@ -383,17 +394,14 @@ def test_many_classes_script_prints_every_run_and_the_means(fashion_dir: Path) -
         # 100 images of each class; the long tail keeps 3 of each of its five classes.
         assert float(tail_data) == pytest.approx(0.5 if variant == "balanced" else 15 / 515, abs=1e-4)
         assert 0 < float(tail_weight) < 1
-    assert len(re.findall(r"^\| \w+ \| \w+ \| [0-9.]+ ± [0-9.]+ \|$", done.stdout, re.M)) == 4
+    assert len(re.findall(r"^\| \w+ \| \w+ \| [0-9.]+ ± [0-9.]+ \|$", out, re.M)) == 4
 
 
 def test_step_cost_script_prints_both_layouts(fashion_dir: Path) -> None:
-    script = Path(__file__).parents[1] / "benchmarks" / "step_cost.py"
-    args = ["--data-dir", str(fashion_dir), "--rounds", "1", "--batch", "32", "--subset", "70"]
-    done = subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=300, check=False
+    out = run_benchmark_script(
+        "step_cost.py", "--data-dir", str(fashion_dir), "--rounds", "1", "--batch", "32", "--subset", "70"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.strip("|").split("|") for line in done.stdout.splitlines() if line.startswith("| c")]
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| c")]
     assert [row[0].strip() for row in rows] == ["contiguous", "channels_last"]
     for _, step, forward, ratio in rows:
         assert float(step) > 0
