@@ -8,6 +8,8 @@ import numbers
 import os
 from typing import Any
 
+import torch
+
 
 def conversion_hint(value: object) -> str:
     """``"; pass int(...)"`` or ``"; pass float(...)"`` for a number of another type (NumPy's), else ``""``: such a
@@ -39,6 +41,14 @@ def check_finite(name: str, value: float, consequence: str) -> None:
     """Refuse an infinite value (its range is checked apart), saying what it would do."""
     if isinstance(value, float) and math.isinf(value):
         raise ValueError(f"`{name}` must be finite, got {value!r}: {consequence}.")
+
+
+def check_integer_tensor(name: str, value: object, what: str) -> torch.Tensor:
+    """``value``, or a ``TypeError`` naming the argument unless it is a tensor of integers (bool excluded)."""
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+        kind = f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"`{name}` must be an integer tensor of {what}, got {kind}.")
+    return value
 
 
 def check_flag(name: str, value: object) -> None:

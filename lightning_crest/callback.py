@@ -245,12 +245,13 @@ class CrestCallback(Callback):
             check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
         elif random_subset_size < 1:
             raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
-        check_finite(
-            "tau",
-            tau if selection == "crest" else 0.0,  # random mini-batches make no checks
-            "the check could never fail, so the whole run would train on the first selection's coresets; a large "
-            "finite `tau` re-selects rarely",
-        )
+        if selection == "crest":  # random mini-batches make no checks
+            check_finite(
+                "tau",
+                tau,
+                "the check could never fail, so the whole run would train on the first selection's coresets; a "
+                "large finite `tau` re-selects rarely",
+            )
         check_range("tau", tau, 0.0, math.inf)
         if check_size is not None:
             check_positive_int("check_size", check_size)
@@ -269,11 +270,12 @@ class CrestCallback(Callback):
                 f"`coreset_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
                 f"subsets), got {coreset_mul!r}."
             )
-        check_finite(
-            "drop_threshold",
-            drop_threshold if drop_learned else 0.0,
-            "every example scored would count as learned; to exclude none, pass drop_learned=False",
-        )
+        if drop_learned:
+            check_finite(
+                "drop_threshold",
+                drop_threshold,
+                "every example scored would count as learned; to exclude none, pass drop_learned=False",
+            )
         check_range("drop_threshold", drop_threshold, 0.0, math.inf)
         check_positive_int("drop_interval", drop_interval)
         check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
@@ -1122,8 +1124,9 @@ class CrestCallback(Callback):
         budgets = shares = None
         if not self._per_class:
             # More classes than picks: each subset's picks go to classes drawn in proportion to their sizes there.
+            host_rows = rows.cpu()
             counts = torch.zeros(count, self._num_classes, dtype=torch.long)
-            counts.scatter_add_(1, rows.cpu(), torch.ones(count, size, dtype=torch.long))
+            counts.scatter_add_(1, host_rows, torch.ones(count, size, dtype=torch.long))
             budgets = sampled_class_budgets(counts, self._global_batch, self._generator)
             shares = counts * (self._global_batch / size)
         with self._timed("greedy"):
@@ -1144,7 +1147,7 @@ class CrestCallback(Callback):
             # its share (r / m examples), so that every class keeps its share of the weight on average. (Scaling
             # each coreset to its own total instead would leave a rare class's pick about m / (m + 1) of its weight
             # in the coresets that hold one: 8/9 at m = 8.)
-            weights = weights / shares.gather(1, rows.cpu().gather(1, indices)).clamp(max=1.0).float()
+            weights = weights / shares.gather(1, host_rows.gather(1, indices)).clamp(max=1.0).float()
         # Cluster sizes sum to r per coreset (on average, as above); scaled to average 1 so the loss keeps the scale of
         # a plain mean.
         return coresets, weights * (self._global_batch / size), losses

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numbers
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_crest._checks import check_range
+from lightning_crest._checks import check_integer_tensor, check_range
 from lightning_crest.selection._gradients import check_logits_and_targets
 
 
@@ -37,8 +36,7 @@ def weighted_cross_entropy(
             in ``[0, 1]``.
     """
     check_logits_and_targets(logits, targets, rows="B")
-    if targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"`targets` must be an integer tensor of class indices, got dtype {targets.dtype}.")
+    check_integer_tensor("targets", targets, "class indices")
     if not isinstance(weights, Tensor):
         raise TypeError(f"`weights` must be a tensor of shape (B,), got {type(weights).__name__}.")
     if weights.shape != targets.shape:

@@ -25,15 +25,9 @@ def stratified_quotas(
         ``(count, C)`` int64 quotas; every row sums to ``size``.
     """
     total = int(counts.sum())
-    base = size * counts // total
-    # Fractional parts, in units of 1 / total; they sum to a multiple of total.
-    remainders = size * counts % total
     order = torch.rand(count, len(counts), generator=generator).argsort(dim=1)
-    ends = remainders[order].cumsum(dim=1)
     offset = torch.randint(total, (count, 1), generator=generator)
-    # Slot boundaries at offset + j * total: a class gets a spare slot when one falls inside its fraction.
-    spare = (ends + offset) // total - (ends - remainders[order] + offset) // total
-    quotas = base + torch.zeros_like(spare).scatter_(1, order, spare)
+    quotas = _rounded(counts, size, total, order, offset)
     starved = (quotas == 0) & (counts > 0) if every_class else torch.zeros_like(quotas, dtype=torch.bool)
     for row, cls in torch.nonzero(starved).tolist():
         quotas[row, quotas[row].argmax()] -= 1
@@ -50,19 +44,25 @@ def sampled_class_budgets(counts: Tensor, budget: int, generator: torch.Generato
     no slot to give it). Every row sums to ``budget``; no class gets more picks than members.
     """
     total = counts.sum(1, keepdim=True)
-    base = budget * counts // total
-    remainders = budget * counts % total
     order = torch.rand(counts.shape, generator=generator).argsort(dim=1)
-    ordered = remainders.gather(1, order)
-    ends = ordered.cumsum(dim=1)
-    # One uniform offset per row in [0, r): its slot boundaries fall inside a class's fraction with that fraction's
-    # probability.
+    # One uniform offset per row in [0, r).
     offset = (
         (torch.rand(len(counts), 1, generator=generator, dtype=torch.float64) * total)
         .long()
         .clamp(max=total - 1)
     )
-    spare = (ends + offset) // total - (ends - ordered + offset) // total
+    return _rounded(counts, budget, total, order, offset)
+
+
+def _rounded(counts: Tensor, size: int, total: Tensor | int, order: Tensor, offset: Tensor) -> Tensor:
+    """``size * counts / total`` per row ``(P, C)``, rounded systematically: the floor, and a spare slot for a class
+    whose fractional part (the classes laid end to end in ``order``) holds one of the boundaries ``offset + j *
+    total``, which happens with that fraction's probability for an offset uniform in ``[0, total)``."""
+    base = size * counts // total
+    # Fractional parts, in units of 1 / total; they sum to a multiple of total.
+    remainders = (size * counts % total).expand_as(order).gather(1, order)
+    ends = remainders.cumsum(dim=1)
+    spare = (ends + offset) // total - (ends - remainders + offset) // total
     return base + torch.zeros_like(spare).scatter_(1, order, spare)
 
 

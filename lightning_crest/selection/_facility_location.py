@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_crest._checks import check_integer_tensor
 from lightning_crest.selection.knn import KnnBackend, get_backend, knn_graph
 
 Similarity = Literal["distance", "exp"]
@@ -78,11 +79,8 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
         TypeError: If ``counts`` is not an integer tensor or ``budget`` not an int.
         ValueError: If ``counts`` has a negative size, or ``budget`` is outside the range above.
     """
-    if not isinstance(counts, Tensor) or counts.is_floating_point() or counts.dtype == torch.bool:
-        kind = f"dtype {counts.dtype}" if isinstance(counts, Tensor) else type(counts).__name__
-        raise TypeError(f"`counts` must be an integer tensor of class sizes, got {kind}.")
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
+    check_integer_tensor("counts", counts, "class sizes")
+    _check_budget_type(budget)
     return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), int(budget))).to(
         counts.device
     )
@@ -253,9 +251,7 @@ def facility_location_objective(
     """
     if isinstance(features, Tensor) and features.ndim == 3:
         raise ValueError(f"`features` must be one pool of shape (r, d), got {tuple(features.shape)}.")
-    if not isinstance(indices, Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
-        kind = f"dtype {indices.dtype}" if isinstance(indices, Tensor) else type(indices).__name__
-        raise TypeError(f"`indices` must be an integer tensor of pool positions, got {kind}.")
+    check_integer_tensor("indices", indices, "pool positions")
     _validate(features, 1, labels, similarity, None, "auto")
     r = len(features)
     if indices.ndim != 1 or (indices.numel() and not 0 <= int(indices.min()) <= int(indices.max()) < r):
@@ -668,13 +664,17 @@ def _sparse_greedy(sim: Tensor, neighbours: Tensor, budget: int) -> tuple[Tensor
     return picks, pick_gains
 
 
+def _check_budget_type(budget: object) -> int:
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
+        raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
+    return int(budget)
+
+
 def _check_budgets(budgets: object, budget: int, num_classes: int, labelled: bool) -> int:
     """Raise unless ``budgets`` is a valid per-class split of ``budget``; return its number of classes."""
     if not labelled:
         raise ValueError("`budgets` gives picks per class: pass the `labels` they refer to.")
-    if not isinstance(budgets, Tensor) or budgets.is_floating_point() or budgets.dtype == torch.bool:
-        kind = f"dtype {budgets.dtype}" if isinstance(budgets, Tensor) else type(budgets).__name__
-        raise TypeError(f"`budgets` must be an integer tensor of picks per class, got {kind}.")
+    budgets = check_integer_tensor("budgets", budgets, "picks per class")
     if budgets.ndim not in (1, 2) or budgets.shape[-1] < num_classes:
         raise ValueError(
             f"`budgets` must have shape (C,) or (P, C) with C above every label ({num_classes - 1}), got "
@@ -700,10 +700,9 @@ def _validate(
         raise ValueError(
             f"`features` must have shape (r, d) or (P, r, d) with P, r, d >= 1, got {tuple(features.shape)}."
         )
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral):
-        raise TypeError(f"`budget` must be an int, got {budget!r} ({type(budget).__name__}).")
+    budget = _check_budget_type(budget)
     r = features.shape[-2]
-    if not 1 <= int(budget) <= r:
+    if not 1 <= budget <= r:
         raise ValueError(
             f"`budget` must lie in [1, r] = [1, {r}] for features of shape {tuple(features.shape)}, got {budget}."
         )
@@ -725,9 +724,7 @@ def _validate(
             f"distances (max |f| * sqrt(d) must stay below {limit:.3g}); scale the features down."
         )
     if labels is not None:
-        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-            kind = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
-            raise TypeError(f"`labels` must be an integer tensor of classes, got {kind}.")
+        labels = check_integer_tensor("labels", labels, "classes")
         if labels.shape != features.shape[:-1]:
             raise ValueError(
                 f"`labels` must have shape {tuple(features.shape[:-1])} to match `features` "

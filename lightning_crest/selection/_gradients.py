@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_crest._checks import check_integer_tensor
+
 
 def gradient_proxy(logits: Tensor, targets: Tensor) -> Tensor:
     """Gradient of the cross-entropy loss with respect to the logits, one row per example.
@@ -28,8 +30,7 @@ def gradient_proxy(logits: Tensor, targets: Tensor) -> Tensor:
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"`logits` must be a floating-point tensor, got {_describe(logits)}.")
-    if not isinstance(targets, Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
-        raise TypeError(f"`targets` must be an integer tensor of class indices, got {_describe(targets)}.")
+    check_integer_tensor("targets", targets, "class indices")
     check_logits_and_targets(logits, targets, rows="r")
     num_classes = logits.shape[1]
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
