@@ -1182,9 +1182,7 @@ class CrestCallback(Callback):
             # More classes than slots: plain uniform subsets, in the shuffled order (not the class-sorted one).
             positions = (torch.arange(count).unsqueeze(1) * size + torch.arange(size)) % len(shuffled)
             return shuffled[positions]
-        # A class too small for a slot of its own gets one, but only where every class has picks: else its share of
-        # the subsets is its share of the coresets' weight, which the one slot would raise tenfold for rare classes.
-        quotas = stratified_quotas(counts, size, count, self._generator, every_class=self._per_class)
+        quotas = stratified_quotas(counts, size, count, self._generator)
         # Each class's members in turn: subset k takes the next quotas[k, c] of class c, from where k - 1 stopped
         # (wrapping round a class with fewer members than its quotas). All classes at once, class by class.
         starts = counts.cumsum(0) - counts

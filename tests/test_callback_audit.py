@@ -467,14 +467,17 @@ def test_a_training_set_of_exactly_one_global_batch_is_accepted() -> None:
     assert trainer.global_step == 2
 
 
-def test_random_batches_as_large_as_the_class_count_hold_one_example_per_class() -> None:
+def test_random_batches_as_large_as_the_class_count_hold_each_class_by_its_share() -> None:
+    # Four classes of about 300 in batches of 4: each class's share of a batch, near 1, rounded up or down.
     data = blobs()
     callback = RecordedDraws(selection="random")
     fit(callback, data=data, batch_size=4, max_epochs=1)
+    share = 4 * torch.bincount(data.targets, minlength=4) / len(data.targets)
     assert callback.draws
     for _, drawn in callback.draws:
         for batch in drawn:
-            assert torch.bincount(data.targets[batch], minlength=4).tolist() == [1, 1, 1, 1]
+            counts = torch.bincount(data.targets[batch], minlength=4)
+            assert bool((counts >= share.floor()).all() and (counts <= share.ceil()).all())
 
 
 def test_the_random_baseline_draws_fresh_batches_every_epoch_and_excludes_nothing() -> None:
@@ -503,7 +506,6 @@ def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does(
         count = int(torch.randint(1, 6, (1,), generator=gen))
         callback = CrestCallback()
         callback._pool, callback._labels, callback._num_classes = pool, labels, num_classes
-        callback._per_class = trial % 2 == 0  # without it, no slot for a class too small for one
         callback._generator = torch.Generator().manual_seed(trial)
         drawn = callback._draw(count, size)
         # The reference replays the draw's random numbers: the shuffle, then the quotas.
@@ -514,9 +516,7 @@ def test_random_subsets_take_each_class_in_turn_as_a_loop_over_the_classes_does(
         counts = torch.tensor([len(m) for m in by_class])
         if int((counts > 0).sum()) > size:
             continue  # uniform subsets, not stratified
-        quotas = crest_callback.stratified_quotas(
-            counts, size, count, replay, every_class=callback._per_class
-        )
+        quotas = crest_callback.stratified_quotas(counts, size, count, replay)
         taken = [0] * num_classes
         expected = []
         for k in range(count):
@@ -566,8 +566,8 @@ def test_with_more_classes_than_picks_each_class_keeps_its_share_of_the_weight()
 
 def test_with_more_classes_than_picks_rare_classes_weigh_their_share_of_the_training_set() -> None:
     # 20 classes of 300 and 80 of 3, subsets of 200, coresets of 64: the 80 rare classes are 3.8% of the training
-    # set. With the one slot that a class too small for one gets where every class has picks, each rare class was in
-    # every subset, and they took 10 times their share of the coresets' weight.
+    # set. With a slot in every subset for a class too small for one, they took 10 times their share of the
+    # coresets' weight.
     sizes = torch.tensor([300] * 20 + [3] * 80)
     targets = torch.repeat_interleave(torch.arange(100), sizes)
     data = blobs(n=len(targets), num_classes=100)
@@ -586,3 +586,41 @@ def test_with_more_classes_than_picks_rare_classes_weigh_their_share_of_the_trai
             coresets += 1
     assert coresets >= 40
     assert rare / total == pytest.approx(240 / 6240, abs=0.015)
+
+
+def long_tailed_blobs() -> Any:
+    # Three classes of 600 and one of 6: the small one is 0.33% of the training set, a third of a slot in subsets of
+    # 100 and 5% of one in batches of 16.
+    targets = torch.repeat_interleave(torch.arange(4), torch.tensor([600, 600, 600, 6]))
+    data = blobs(n=len(targets))
+    return type(data)(data.tensors[0], targets)
+
+
+def test_a_class_too_small_for_a_slot_weighs_its_share_where_every_class_has_picks() -> None:
+    # Four classes, coresets of 16: every class present in a subset has picks. A slot in every subset for the small
+    # class gave it three times its share of the coresets' weight (1/100 of every coreset against 0.33%).
+    data = long_tailed_blobs()
+    callback = Recorder(
+        fraction=0.5, random_subset_size=100, hessian_probes=None, tau=0.0, drop_learned=False
+    )
+    fit(callback, data=data, batch_size=16, max_epochs=2)
+    assert callback._per_class
+    rare = total = 0.0
+    coresets = 0
+    for _, _, _, _, picked, weights in callback.picks:
+        for coreset, weight in zip(picked, weights):
+            rare += float(weight[data.targets[coreset] == 3].sum())
+            total += float(weight.sum())
+            coresets += 1
+    assert coresets >= 100
+    assert rare / total == pytest.approx(6 / 1806, abs=0.0017)
+
+
+def test_random_batches_hold_a_class_too_small_for_a_slot_in_proportion() -> None:
+    # One slot in every batch of 16 gave the small class 1/16 of the random baseline's examples, 19 times its share.
+    data = long_tailed_blobs()
+    callback = RecordedDraws(selection="random", fraction=0.5)
+    fit(callback, data=data, batch_size=16, max_epochs=3)
+    batches = torch.cat([drawn.flatten() for _, drawn in callback.draws])
+    assert len(batches) > 2500
+    assert float((data.targets[batches] == 3).float().mean()) == pytest.approx(6 / 1806, abs=0.002)

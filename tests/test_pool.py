@@ -24,18 +24,18 @@ def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average(
     quotas = stratified_quotas(torch.full((10,), 6000), 128, 20_000, generator)
     assert set(quotas.flatten().tolist()) == {12, 13}
     torch.testing.assert_close(quotas.float().mean(0), torch.full((10,), 12.8), atol=0.02, rtol=0)
-    # A class too small for a slot of its own still gets one, from the largest.
-    quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 1000, generator)
-    assert bool((quotas[:, 1:3] == 1).all() and (quotas[:, 0] == 8).all() and (quotas[:, 3] == 0).all())
 
 
-def test_stratified_quotas_without_a_slot_for_every_class_are_exact_on_average() -> None:
-    # For coresets that cannot hold every class: a class too small for a slot gets one only by its share's chance.
+def test_stratified_quotas_give_a_class_too_small_for_a_slot_one_by_its_shares_chance() -> None:
+    # A slot in every subset would give the two small classes twice their share, and a class of 30 among 60,000
+    # examples 15 times its share in batches of 128.
     generator = torch.Generator().manual_seed(0)
-    counts = torch.tensor([90, 5, 5, 0])
-    quotas = stratified_quotas(counts, 10, 20_000, generator, every_class=False)
+    quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 20_000, generator)
     assert bool((quotas.sum(1) == 10).all())
+    assert set(quotas[:, 1:3].flatten().tolist()) == {0, 1}
     torch.testing.assert_close(quotas.float().mean(0), torch.tensor([9.0, 0.5, 0.5, 0.0]), atol=0.02, rtol=0)
+    quotas = stratified_quotas(torch.tensor([59_970, 30]), 128, 20_000, generator)
+    assert float(quotas[:, 1].float().mean()) == pytest.approx(128 * 30 / 60_000, abs=0.01)
 
 
 def test_sampled_class_budgets_give_each_class_its_share_on_average() -> None:
