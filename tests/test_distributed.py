@@ -320,3 +320,13 @@ def test_the_data_module_releases_the_group_at_teardown(monkeypatch: pytest.Monk
     dm.trainer = trainer
     dm.teardown("fit")
     assert released == [trainer]
+
+
+def test_a_forked_worker_registers_its_own_release(
+    process_group: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A forked worker (ddp_notebook) inherits its parent's flag but not its finalizer (multiprocessing clears them).
+    monkeypatch.setattr(distributed, "_released_at_exit_by", os.getpid() + 1)
+    release_process_group(_trainer(2))
+    assert process_group == [("at exit", None, distributed._destroy_at_exit, 0)]
+    assert distributed._released_at_exit_by == os.getpid()

@@ -251,3 +251,17 @@ def test_last_layer_sketch_bad_input() -> None:
         last_layer_sketch(logits, targets, embeddings, 0)
     with pytest.raises(ValueError, match=r"`targets` must lie in \[0, 3\)"):
         last_layer_sketch(logits, targets + 3, embeddings, 8)
+
+
+@pytest.mark.parametrize("dim", [9, 20])
+def test_last_layer_sketch_is_exact_on_the_class_side_when_the_classes_fit(dim: int) -> None:
+    # C * C <= dim: the class side is the proxy itself, not a projection of it. With one embedding for both rows,
+    # <s_i, s_j> = <p_i, p_j> |h B|^2, so the ratios of inner products are those of the proxies.
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(2, 3, generator=gen), torch.tensor([0, 2])
+    embeddings = torch.randn(1, 5, generator=gen).expand(2, 5)
+    proxy = gradient_proxy(logits, targets)
+    sketch = last_layer_sketch(logits, targets, embeddings, dim, torch.Generator().manual_seed(1))[:, 3:]
+    assert sketch.shape == (2, 3 * (dim // 3))
+    ratio = (sketch[0] @ sketch[1]) / (sketch[0] @ sketch[0])
+    torch.testing.assert_close(ratio, (proxy[0] @ proxy[1]) / (proxy[0] @ proxy[0]), rtol=1e-5, atol=1e-6)

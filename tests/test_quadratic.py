@@ -605,3 +605,13 @@ def test_to_moves_every_stored_vector() -> None:
     state = model.state_dict()
     for name in ("grad_avg", "hess_sq_avg", "w0"):
         assert state[name].device.type == "meta", name
+
+
+def test_hutchinson_frees_the_double_backward_graph_unless_asked_to_keep_it() -> None:
+    w = torch.randn(5, generator=_gen(0), requires_grad=True)
+    (grad,) = torch.autograd.grad((w**4).sum(), [w], create_graph=True)
+    gen = _gen(1)
+    hutchinson_diagonal([grad], [w], gen, retain_graph=True)
+    hutchinson_diagonal([grad], [w], gen)  # the graph kept once more, then freed
+    with pytest.raises(RuntimeError, match=r"backward through the graph a second time"):
+        hutchinson_diagonal([grad], [w], gen)

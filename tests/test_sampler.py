@@ -140,3 +140,54 @@ def test_a_planned_batch_of_the_wrong_size_is_an_error() -> None:
     sampler = CoresetSampler(list(range(20)), 4, num_replicas=2, rank=0, plan=plan, steps_per_epoch=1)
     with pytest.raises(RuntimeError, match="A planned batch holds 10 examples, expected 2 x batch_size=4"):
         list(sampler)
+
+
+def test_a_random_subset_is_resolved_once_and_its_coreset_served_on_every_round() -> None:
+    plan = CoresetPlan()
+    plan.replace([(torch.arange(10), torch.empty(0)), (torch.arange(20, 24), torch.ones(4))])
+    calls = []
+
+    def resolve(subset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(subset.tolist())
+        return subset[:4] + 100 * len(calls), torch.full((4,), 2.0)
+
+    plan.resolve = resolve
+    served = [plan.next(4)[0].tolist() for _ in range(4)]
+    assert calls == [list(range(10))]
+    assert served == [[100, 101, 102, 103], [20, 21, 22, 23]] * 2
+
+
+def test_batches_given_back_no_longer_count_as_served() -> None:
+    plan = _plan(3, 4)
+    for _ in range(3):
+        plan.next(3)
+    assert plan.served_since(0) == []
+    plan.unserve(0)
+    assert plan.replay == []
+    assert plan.served == 3
+    plan.unserve(2)
+    assert plan.served == 1
+    assert [int(indices[0]) for indices, _ in plan.served_since(1)] == [0]
+    assert [int(indices[0]) for indices, _ in plan.replay] == [4, 8]
+
+
+def test_a_restart_forgets_the_batches_served_before() -> None:
+    plan = _plan(3, 4)
+    plan.next(3)
+    plan.restart()
+    plan.next(3)
+    with pytest.raises(RuntimeError, match=r"read ahead"):
+        plan.served_since(2)
+
+
+def test_a_resumed_epoch_starts_at_its_step_without_epoch_start_and_the_next_epoch_is_whole() -> None:
+    plan = _plan(8, 2)
+    started: list[int] = []
+    plan.on_epoch_start = started.append
+    sampler = CoresetSampler(list(range(16)), 2, plan=plan, steps_per_epoch=4)
+    plan.resume_step = 3
+    assert len(list(sampler)) == 2
+    assert started == []
+    sampler.set_epoch(1)
+    assert len(list(sampler)) == 8
+    assert started == [1]
