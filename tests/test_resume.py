@@ -926,6 +926,34 @@ def test_a_state_from_another_version_is_refused_with_the_key_it_lacks() -> None
         crest().load_state_dict(state)
 
 
+def test_a_state_that_fails_to_load_leaves_the_callback_as_it_was() -> None:
+    # The keys are read in turn: one missing halfway through left the pool, generator and quadratic model of the
+    # broken state in place, and a fresh callback with a pool but no plan ("pickled after a fit").
+    other = crest(seed=1)
+    run(other, max_epochs=2)
+    broken = other.state_dict()
+    del broken["stale"]
+    fresh = crest()
+    with pytest.raises(ValueError, match=r"lacks 'stale'"):
+        fresh.load_state_dict(broken)
+    assert fresh.state_dict() == {}
+    callback = crest()
+    run(callback, max_epochs=1)
+    before = callback.state_dict()
+    with pytest.raises(ValueError, match=r"lacks 'stale'"):
+        callback.load_state_dict(broken)
+    after = callback.state_dict()
+    assert after.keys() == before.keys()
+    for key in ("pool", "window_max_loss", "rng_state", "check_indices"):
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert after["quadratic"].keys() == before["quadratic"].keys()
+    assert (after["interval"], after["selections"], after["checks"]) == (
+        before["interval"],
+        before["selections"],
+        before["checks"],
+    )
+
+
 def test_numpy_float_settings_are_kept_as_python_floats_for_weights_only_checkpoints(tmp_path: Path) -> None:
     callback = crest(fraction=np.float64(FRACTION), random_subset_size=np.float64(0.1))
     assert type(callback.fraction) is float
