@@ -16,7 +16,7 @@ def stratified_quotas(counts: Tensor, size: int, count: int, generator: torch.Ge
     for every subset. Largest-remainder rounding would give the spare slots to the same classes every time (with ten
     equal classes and batches of 128, the last two classes would get 12 examples in every batch, the others 13). A
     class whose share is below one slot is in a subset with that probability: a slot in every subset would give it
-    its share's inverse times its weight (a class of 30 among 60,000 examples, 15 times in batches of 128).
+    its share's inverse times its weight (a class of 30 among 60,000 examples, about 16 times in batches of 128).
 
     Returns:
         ``(count, C)`` int64 quotas; every row sums to ``size``.

@@ -338,7 +338,7 @@ def test_random_subsets_many_times_a_coreset_with_few_picks_per_class_warn(
     if warns:
         assert "r=120 examples for coresets of 4 over 4 classes" in found[0]
         assert "each standing for about 30 examples" in found[0]
-        assert "to about 8 to 12" in found[0]
+        assert "of about 8 to 12" in found[0]
 
 
 def test_a_training_set_smaller_than_a_global_batch_is_refused_with_the_fix() -> None:

@@ -28,7 +28,7 @@ def test_stratified_quotas_round_each_share_up_or_down_and_are_exact_on_average(
 
 def test_stratified_quotas_give_a_class_too_small_for_a_slot_one_by_its_shares_chance() -> None:
     # A slot in every subset would give the two small classes twice their share, and a class of 30 among 60,000
-    # examples 15 times its share in batches of 128.
+    # examples about 16 times its share in batches of 128.
     generator = torch.Generator().manual_seed(0)
     quotas = stratified_quotas(torch.tensor([90, 5, 5, 0]), 10, 20_000, generator)
     assert bool((quotas.sum(1) == 10).all())

@@ -277,6 +277,18 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
     )
     assert len(refused.pool) == N + 10
     assert refused.statistics["selections"] == len(refused.selections)  # its own, none of the checkpoint's
+    # Likewise a callback with a fit of its own behind it: the refusal drops that fit's state too (the module's
+    # weights are the checkpoint's by then).
+    fitted, module = crest(fraction=0.5), TinyClassifier()
+    data = CrestDataModule(blobs(n=N), batch_size=BATCH)
+    make_trainer([fitted], max_epochs=1).fit(module, datamodule=data)
+    with pytest.raises(ValueError, match=r"trained with CrestCallback\(fraction="):
+        make_trainer([fitted], max_epochs=EPOCHS).fit(module, datamodule=data, ckpt_path=ckpt)
+    assert fitted.state_dict() == {}
+    earlier = len(fitted.selections)
+    assert earlier > 0
+    make_trainer([fitted], max_epochs=1).fit(module, datamodule=data)
+    assert fitted.statistics["selections"] == len(fitted.selections) - earlier
     # The same settings resume.
     resumed = crest()
     resume(resumed)
@@ -932,15 +944,15 @@ def test_a_state_that_fails_to_load_leaves_the_callback_as_it_was() -> None:
     other = crest(seed=1)
     run(other, max_epochs=2)
     broken = other.state_dict()
-    del broken["stale"]
+    del broken["global_batch"]  # among the last keys read
     fresh = crest()
-    with pytest.raises(ValueError, match=r"lacks 'stale'"):
+    with pytest.raises(ValueError, match=r"lacks 'global_batch'"):
         fresh.load_state_dict(broken)
     assert fresh.state_dict() == {}
     callback = crest()
     run(callback, max_epochs=1)
     before = callback.state_dict()
-    with pytest.raises(ValueError, match=r"lacks 'stale'"):
+    with pytest.raises(ValueError, match=r"lacks 'global_batch'"):
         callback.load_state_dict(broken)
     after = callback.state_dict()
     assert after.keys() == before.keys()
