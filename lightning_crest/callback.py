@@ -90,9 +90,9 @@ class CrestCallback(Callback):
     Args:
         fraction: Share of full training's backprops to spend, in ``(0, 1]``.
         random_subset_size: Size ``r`` of each random subset: a fraction of the training set (float) or a count
-            (int). A fraction never yields fewer examples than the global batch. Where a coreset has fewer than
-            two picks per class (small batches, many classes), keep it near two to three times the global batch:
-            a pick standing for many examples is its class's most central one, and CREST then under-fits (the
+            (int). A fraction never yields fewer examples than the global batch. Where a coreset has at most one
+            pick per class (small batches, many classes), keep it near two to three times the global batch: a
+            pick standing for many examples is its class's most central one, and CREST can then under-fit (the
             fit warns above three times).
         tau: Tolerance of the quadratic model's relative error before re-selecting.
         check_size: Examples of the check sample, on which the loss is measured at the selection and at every check
@@ -945,10 +945,10 @@ class CrestCallback(Callback):
                 "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
                 "(about twice the global batch or more), or pass selection='random'."
             )
-        elif global_batch < 2 * classes and subset > 3 * global_batch:
+        elif global_batch <= classes and subset > 3 * global_batch:
             rank_zero_warn(
                 f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples for "
-                f"coresets of {global_batch} over {classes} classes: fewer than two picks per class, each standing "
+                f"coresets of {global_batch} over {classes} classes: at most one pick per class, each standing "
                 f"for about {subset / global_batch:.0f} examples. Facility location then picks each class's most "
                 "central examples, mostly ones already learned, and CREST can fall behind random batches (balanced "
                 "Fashion-MNIST in batches of 8: 74% with r=100, 80% with r=40, 82% with r=20, random batches 82%; "
