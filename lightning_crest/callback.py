@@ -174,9 +174,8 @@ class CrestCallback(Callback):
     _pool: Tensor | None
     _check_batches: list[Any] | None
     _labels: Tensor  # the training set's classes, from the fit's setup on
-    _per_class: (
-        bool  # every class in a subset has picks in its coreset (not when there are more classes than picks)
-    )
+    # Every class in a subset has picks in its coreset (not when there are more classes than picks).
+    _per_class: bool
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
     _loaded_state: dict[str, Any]  # the state that `_restored_plan` came with, while it waits for a fit

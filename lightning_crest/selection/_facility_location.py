@@ -80,10 +80,8 @@ def class_budgets(counts: Tensor, budget: int) -> Tensor:
         ValueError: If ``counts`` has a negative size, or ``budget`` is outside the range above.
     """
     check_integer_tensor("counts", counts, "class sizes")
-    _check_budget_type(budget)
-    return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), int(budget))).to(
-        counts.device
-    )
+    budget = _check_budget_type(budget)
+    return torch.from_numpy(_class_budgets(counts.detach().cpu().long().numpy(), budget)).to(counts.device)
 
 
 def _class_budgets(counts: np.ndarray[Any, Any], budget: int) -> np.ndarray[Any, Any]:
