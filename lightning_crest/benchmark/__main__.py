@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import math
@@ -15,17 +16,20 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from lightning_crest import CrestCallback, CrestDataModule
-from lightning_crest.benchmark.data import DATASET_NAMES, load_dataset, subset
+from lightning_crest.benchmark.data import DATASET_NAMES, LabelledSubset, load_dataset, subset
 from lightning_crest.benchmark.models import MODEL_NAMES, build_model
 from lightning_crest.benchmark.module import Classifier
+from lightning_crest.datamodule import _read_labels
 
 METHODS = ("full", "random", "crest", "crest-no-drop", "crest-first-order")
 DEFAULT_MODEL = {"fashion-mnist": "small-cnn", "cifar10": "resnet20", "cifar100": "resnet18"}
@@ -78,8 +82,7 @@ def run_one(
     """Train and test one (method, budget, seed) and return its record."""
     train, test, num_classes = data
     L.seed_everything(seed, workers=True, verbose=False)
-    in_channels, size = train[0][0].shape[0], train[0][0].shape[-1]
-    model = build_model(args.model, num_classes, in_channels, image_size=size)
+    model = make_model(args.model, num_classes, train)
     module = Classifier(model, num_classes, lr=args.lr, memory_format=MEMORY_FORMATS[args.memory_format])
     callback = make_callback(method, budget, seed, args)
     trace = SelectionTrace(callback) if callback is not None and method.startswith("crest") else None
@@ -124,6 +127,83 @@ def run_one(
         "crest_time_s": callback.timings if callback is not None and method.startswith("crest") else {},
         "selection_trace": [] if trace is None else trace.trace,
     }
+
+
+class UsageError(ValueError):
+    """A ``--dataset`` or ``--model`` of the user's own that cannot be used (errors inside it propagate as they are)."""
+
+
+def import_object(spec: str, flag: str) -> Callable[..., Any]:
+    """The function that ``module:name`` names, for a ``--dataset`` or ``--model`` of the user's own."""
+    module_name, _, name = spec.partition(":")
+    builtins = DATASET_NAMES if flag == "--dataset" else MODEL_NAMES
+    if not module_name or not name:
+        raise UsageError(
+            f"{flag} {spec!r} is neither a built-in ({', '.join(builtins)}) nor module:function naming one of "
+            "your own (my_workload:data, say)"
+        )
+    try:
+        found: Any = importlib.import_module(module_name)
+    except ImportError as error:
+        raise UsageError(
+            f"{flag} {spec}: cannot import {module_name} ({error}); run the benchmark from the folder that holds "
+            "it, or add that folder to PYTHONPATH"
+        ) from error
+    for part in name.split("."):
+        if not hasattr(found, part):
+            raise UsageError(f"{flag} {spec}: {module_name} has no {name!r}")
+        found = getattr(found, part)
+    if not callable(found):
+        raise UsageError(f"{flag} {spec} is not a function but {found!r}")
+    return found  # type: ignore[no-any-return]
+
+
+def make_model(spec: str, num_classes: int, train: Dataset[Any]) -> nn.Module:
+    """A fresh network: a built-in sized by the first training image, or ``function(num_classes)`` of one's own."""
+    if spec in MODEL_NAMES:
+        image = train[0][0]
+        return build_model(spec, num_classes, image.shape[0], image_size=image.shape[-1])
+    model = import_object(spec, "--model")(num_classes)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_own_dataset(spec: str) -> tuple[Dataset[Any], Dataset[Any], int]:
+    """Call the function ``--dataset module:function`` names: ``(train, test)`` or ``(train, test, num_classes)``.
+
+    Splits without a ``targets`` attribute get one, read from their items once here (the benchmark draws
+    class-stratified subsets of them, and every run's data module reads the training labels)."""
+    loaded = import_object(spec, "--dataset")()
+    if not isinstance(loaded, tuple | list) or len(loaded) not in (2, 3):
+        raise UsageError(
+            f"--dataset {spec} returned {type(loaded).__name__}"
+            f"{f' of {len(loaded)}' if isinstance(loaded, tuple | list) else ''}; return (train, test) or (train, "
+            "test, num_classes): datasets of (input, class index) items"
+        )
+    splits = []
+    for which, dataset in zip(("train", "test"), loaded[:2], strict=True):
+        if getattr(dataset, "targets", None) is not None:
+            splits.append(dataset)
+            continue
+        try:
+            labels = (
+                _read_labels(dataset)
+                if which == "train"
+                else torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+            )
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--dataset {spec}: its {which} split: {error}") from error
+        splits.append(LabelledSubset(dataset, range(len(labels)), labels))
+    train, test = splits
+    largest = max(int(torch.as_tensor(split.targets).max()) for split in splits)
+    num_classes = loaded[2] if len(loaded) == 3 else largest + 1
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= largest:
+        raise UsageError(
+            f"--dataset {spec} gave num_classes={num_classes!r}, but its labels go up to {largest}; return an int "
+            f"above {largest}, or (train, test) alone to count the classes from the labels"
+        )
+    return train, test, num_classes
 
 
 @contextlib.contextmanager
@@ -424,12 +504,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=_HelpWithDefaults,
     )
     parser.add_argument(
-        "--dataset", default="fashion-mnist", choices=DATASET_NAMES, help="training and test data"
+        "--dataset",
+        default="fashion-mnist",
+        help=f"training and test data: {', '.join(DATASET_NAMES)}, or module:function of your own, returning "
+        "(train, test) or (train, test, num_classes) datasets of (input, class index) items",
     )
     parser.add_argument(
         "--model",
-        choices=MODEL_NAMES,
-        help="network (default: small-cnn, resnet20 or resnet18, by --dataset)",
+        help=f"network: {', '.join(MODEL_NAMES)} (default: by --dataset), or module:function of your own, taking "
+        "num_classes and returning a torch.nn.Module whose forward maps a batch of inputs to (B, num_classes) logits",
     )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}"
@@ -567,6 +650,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--output {args.output}: cannot create its folder ({error})")
         if not os.access(folder, os.W_OK):
             parser.error(f"--output {args.output}: its folder {folder} is not writable")
+    for flag, spec, builtins in (
+        ("--dataset", args.dataset, DATASET_NAMES),
+        ("--model", args.model, MODEL_NAMES),
+    ):
+        if spec is not None and spec not in builtins:
+            try:  # a typo or a module off the path is found now, not after the first runs
+                import_object(spec, flag)
+            except UsageError as error:
+                parser.error(str(error))
+    if args.dataset not in DATASET_NAMES:
+        if args.model is None:
+            parser.error(
+                f"--dataset {args.dataset} is a data set of your own: name its network with --model "
+                f"({', '.join(MODEL_NAMES)}, or module:function of your own)"
+            )
+        if args.download:
+            parser.error(
+                f"--download fetches the built-in data sets, not --dataset {args.dataset}; leave it out"
+            )
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     if args.quick:
         args.epochs, args.seeds = min(args.epochs, 5), 1
@@ -578,8 +680,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     try:
-        train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
-    except FileNotFoundError as error:
+        if args.dataset in DATASET_NAMES:
+            train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
+        else:
+            train, test, num_classes = load_own_dataset(args.dataset)
+        if args.model not in MODEL_NAMES:  # one of the wrong kind is found before the runs
+            make_model(args.model, num_classes, train)
+    except (FileNotFoundError, UsageError) as error:
         sys.exit(f"python -m lightning_crest.benchmark: error: {error}")
     except (OSError, RuntimeError) as error:  # torchvision's download: URLError, or its own RuntimeError
         if not args.download:

@@ -30,10 +30,11 @@ def step_schedule(
 
 
 class Classifier(L.LightningModule):
-    """Image classifier trained on ``(inputs, targets, weights)`` batches with SGD and :func:`step_schedule`.
+    """Classifier trained on ``(inputs, targets, weights)`` batches with SGD and :func:`step_schedule`.
 
     Args:
-        model: Network whose forward returns ``(B, C)`` logits.
+        model: Network whose forward takes a batch of inputs (a tensor, or what the items' inputs collate to) and
+            returns ``(B, C)`` logits.
         num_classes: Number of classes.
         lr: Peak learning rate.
         momentum: SGD momentum.
@@ -58,8 +59,9 @@ class Classifier(L.LightningModule):
         self.model = model.to(memory_format=memory_format)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        if inputs.ndim == 4:
+    def forward(self, inputs: Any) -> Tensor:
+        # Inputs as the items hold them: one tensor, or a tuple or dict of them for a model of one's own.
+        if isinstance(inputs, Tensor) and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=self.memory_format)
         return self.model(inputs)  # type: ignore[no-any-return]
 
