@@ -25,7 +25,9 @@ def check_range(name: str, value: object, low: float, high: float, *, low_open: 
     too_low = value <= low if low_open else value < low
     if too_low or value > high or (isinstance(value, float) and math.isnan(value)):
         bracket = "(" if low_open else "["
-        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}.")
+        # A share given as a percentage: 10 for 10%.
+        hint = f"; for {value:g}% pass {value / 100:g}" if high == 1.0 and 1 < value <= 100 else ""
+        raise ValueError(f"`{name}` must lie in {bracket}{low}, {high}], got {value!r}{hint}.")
 
 
 def check_positive_int(name: str, value: object) -> None:

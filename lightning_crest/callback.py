@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Iterator
@@ -180,6 +181,7 @@ class CrestCallback(Callback):
     _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
     _loaded_state: dict[str, Any]  # the state that `_restored_plan` came with, while it waits for a fit
     _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
+    _restored_digest: str  # of the labels of the training set a restored checkpoint was trained on
     _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until a step shows that its loss weights each example
@@ -537,19 +539,24 @@ class CrestCallback(Callback):
         epoch = max(epoch, self._epoch_floor)
         if epoch == self._started_epoch:
             return
+        # Batches a restore has still to serve belong to the epoch before (read ahead beyond the last step of an epoch
+        # cut short): forgotten, as that epoch's own run forgot them, before a selection would count them as stale.
+        self._dm.plan.replay.clear()
         # Counted by CREST, not read from the Trainer's epoch: a fit again with a fresh Trainer starts that at 0.
+        dropped = False
         if self._window_epochs >= self.drop_interval:
             if self._dropping:
-                self._drop_learned_examples()
+                dropped = self._drop_learned_examples() > 0
             self._window_epochs = 0
-        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
+        # After a drop the plan's coresets, and the random subsets of those still to be picked, hold examples that
+        # have left the pool: select anew from it.
+        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch or dropped:
             self._select(self._steps_per_epoch)
         # Started once its work is done: a checkpoint saved after that work failed (Ctrl-C) has it redone.
         self._window_epochs += 1
         self._started_epoch = epoch
         self._epoch_ended = False
         self._epoch_step = 0
-        self._dm.plan.replay.clear()
 
     @override
     def on_train_batch_start(
@@ -673,6 +680,7 @@ class CrestCallback(Callback):
             "in_flight_weights": [w for _, w in in_flight],
             "global_batch": self._global_batch,
             "steps_per_epoch": self._steps_per_epoch,
+            "labels_digest": _digest(self._labels),
             "fraction": self.fraction,
             "selection": self.selection,
             "seed": self._seed,
@@ -753,6 +761,7 @@ class CrestCallback(Callback):
             list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
         )
         self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
+        self._restored_digest = str(state_dict["labels_digest"])
         self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
         if self.seed is None:  # the run's seed is the checkpoint's
             self._seed = int(state_dict["seed"])
@@ -837,6 +846,7 @@ class CrestCallback(Callback):
         self._epoch_floor = 0
         self._restored_plan, self._loaded_state = None, {}
         self._restored_shape = (0, 0)
+        self._restored_digest = ""
         self._restored_settings = {}
         self._restored_epoch_ended = False
         self._restored_started = -1
@@ -853,6 +863,13 @@ class CrestCallback(Callback):
             # another module or training set starts afresh. Fitting the same ones again goes on where it stopped.
             self._reset_state()
         check_trainer(trainer, pl_module)
+        crests = [c for c in trainer.callbacks if isinstance(c, CrestCallback)]  # type: ignore[attr-defined]
+        if len(crests) > 1:
+            raise ValueError(
+                f"The Trainer has {len(crests)} CrestCallbacks ({', '.join(type(c).__name__ for c in crests)}): "
+                "each would plan the data module's batches in turn and check its quadratic model against the "
+                "others' coresets. Keep one."
+            )
         n = len(labels)
         check_data_module(dm, n, trainer.world_size)
         global_batch = dm.batch_size * trainer.world_size
@@ -944,6 +961,13 @@ class CrestCallback(Callback):
                 "CREST trains on random batches and still pays for its selections. Raise `random_subset_size` "
                 "(about twice the global batch or more), or pass selection='random'."
             )
+        elif subset < 2 * global_batch:
+            rank_zero_warn(
+                f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, less "
+                f"than twice the global batch of {global_batch}: each coreset keeps {global_batch} of its subset's "
+                f"{subset} examples, so CREST selects little and still pays for its selections. Raise "
+                "`random_subset_size` (about twice the global batch or more), or pass selection='random'."
+            )
         elif global_batch <= classes and subset > 3 * global_batch:
             rank_zero_warn(
                 f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples for "
@@ -1024,6 +1048,14 @@ class CrestCallback(Callback):
             raise ValueError(
                 f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
                 f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
+            )
+        if self._restored_digest != _digest(self._labels):
+            # Its pool, plan and check sample are positions in the training set: they would be other examples' here.
+            raise ValueError(
+                f"The checkpoint was trained on a training set of {len(self._labels)} examples with other labels, "
+                "in order, than this run's: another split or order of the data (a `random_split` without a seeded "
+                "`generator`, say). Resume with the checkpoint's training set, in its order, or start afresh "
+                "without `ckpt_path`."
             )
 
     def _subset_size(self, n: int, global_batch: int) -> int:
@@ -1541,7 +1573,11 @@ class CrestCallback(Callback):
                         f"on ({sum(p.numel() for p in params)} values of {type(module).__name__}); the quadratic "
                         "model would be flat. With 'last_layer', register the output layer last, or pass 'all'."
                     )
-                grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+                # A sparse gradient (`nn.Embedding(sparse=True)`) as the dense one the model's values are laid out by.
+                grads = tuple(
+                    torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g
+                    for g, p in zip(grads, params, strict=True)
+                )
                 if graph:
                     # The probe estimates the Hessian of the sample's own mean loss.
                     try:
@@ -1641,8 +1677,9 @@ class CrestCallback(Callback):
             )
             self._window_max_loss[idx] = torch.fmax(self._window_max_loss[idx], largest)
 
-    def _drop_learned_examples(self) -> None:
-        """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``."""
+    def _drop_learned_examples(self) -> int:
+        """Drop pool examples whose every loss recorded in the window was at most ``drop_threshold``; returns how
+        many."""
         assert self._pool is not None
         with self._timed("exclusion"):
             dropped = learned_examples(
@@ -1656,6 +1693,7 @@ class CrestCallback(Callback):
             )
             self._pool[dropped] = False
             self._window_max_loss.fill_(math.nan)
+        return len(dropped)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
 
@@ -1790,6 +1828,11 @@ class CrestCallback(Callback):
         pl_module.log_dict(
             metrics, on_step=not epoch, on_epoch=epoch, batch_size=self._global_batch, sync_dist=epoch
         )
+
+
+def _digest(labels: Tensor) -> str:
+    """A fingerprint of the training set's labels, in order, that a checkpoint keeps."""
+    return hashlib.sha256(labels.to(torch.int64).numpy().tobytes()).hexdigest()
 
 
 def _ceil_share(fraction: float, total: int, per: int = 1) -> int:

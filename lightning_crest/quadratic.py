@@ -132,7 +132,9 @@ def hutchinson_diagonal(
             materialize_grads=True,
         )
         for k, i in enumerate(in_idx):
-            out[i] = (zs[i] * hz[k]).detach().to(torch.float32)
+            # A sparse product (through `nn.Embedding(sparse=True)`) as the dense one, laid out as its parameter.
+            product = hz[k].to_dense() if hz[k].is_sparse else hz[k]
+            out[i] = (zs[i] * product).detach().to(torch.float32)
 
     return [
         o if o is not None else torch.zeros(p.shape, dtype=torch.float32, device=p.device)

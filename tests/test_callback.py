@@ -907,12 +907,13 @@ class ExclusionRecorder(CrestCallback):
         super()._record_losses(indices, losses)
         self.window.append((indices.clone(), losses.clone()))
 
-    def _drop_learned_examples(self) -> None:
+    def _drop_learned_examples(self) -> int:
         before = self.pool
-        super()._drop_learned_examples()
+        dropped = super()._drop_learned_examples()
         assert self._trainer is not None
         self.drops.append((self._trainer.current_epoch, before, self.pool, self.window))
         self.window = []
+        return dropped
 
     def _draw(self, count: int, size: int) -> Tensor:
         subsets = super()._draw(count, size)
@@ -1088,6 +1089,32 @@ def test_drop_learned_switch(drop_learned: bool) -> None:
     fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=seeded_classifier(lr=0.2))
     assert bool(callback.pool.all()) is not drop_learned
     assert (callback.timings["exclusion"] > 0) is drop_learned
+
+
+def test_no_example_dropped_as_learned_is_trained_after_its_exclusion() -> None:
+    # Checks that always pass keep a selection's coresets in turn across epochs; those picked, and the random subsets
+    # still to be picked from, were drawn before an exclusion. The exclusion selects anew from the pool.
+    class Trained(ExclusionRecorder):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.trained: list[tuple[int, Tensor]] = []  # (epoch, inputs)
+
+        def on_train_batch_end(
+            self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+        ) -> None:
+            self.trained.append((trainer.current_epoch, batch[0].clone()))
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+
+    data = blobs(n=1200, noise=0.3)
+    callback = Trained(random_subset_size=0.2, drop_interval=1, tau=1e9)
+    fit(callback, data=data, max_epochs=3, model=seeded_classifier(lr=0.2))
+    pools = {epoch: after for epoch, before, after, _ in callback.drops}
+    assert [int((~pool).sum()) > 0 for pool in pools.values()] == [True, True]  # drops at epochs 1 and 2
+    rows = data.tensors[0]
+    for epoch, inputs in callback.trained:
+        if epoch in pools:
+            indices = (inputs[:, None, :] == rows[None]).all(-1).float().argmax(1)
+            assert bool(pools[epoch][indices].all()), epoch
 
 
 def test_a_fresh_trainer_goes_on_with_the_exclusion_window_of_the_last_fit() -> None:
@@ -1569,6 +1596,8 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     [
         ({"fraction": 0.0}, r"`fraction` must lie in \(0.0, 1.0\], got 0.0"),
         ({"fraction": 1.5}, r"`fraction` must lie in \(0.0, 1.0\], got 1.5"),
+        ({"fraction": 10}, r"`fraction` must lie in \(0.0, 1.0\], got 10; for 10% pass 0.1\.$"),
+        ({"fraction": 250}, r"`fraction` must lie in \(0.0, 1.0\], got 250\.$"),
         ({"tau": -1.0}, r"`tau` must lie in \[0.0, inf\], got -1.0"),
         ({"tau": math.nan}, r"`tau` must lie in \[0.0, inf\], got nan"),
         ({"fraction": math.nan}, r"`fraction` must lie in \(0.0, 1.0\], got nan"),
@@ -1673,6 +1702,51 @@ def test_a_training_set_of_one_class_is_refused_before_training(selection: str) 
     one_class = type(data)(data.tensors[0], torch.full_like(data.targets, 2))
     with pytest.raises(ValueError, match=r"The training set holds one class \(label 2, all 1200 examples\)"):
         fit(CrestCallback(selection=selection), data=one_class, max_epochs=1)  # type: ignore[arg-type]
+
+
+class TokenClassifier(TinyClassifier):
+    """Mean of token embeddings, then a linear layer; the embedding's gradient is sparse with ``sparse=True``."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__(lr=0.0)  # the weights stay those of the first selection
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Embedding(48, 8, sparse=sparse), nn.Tanh(), nn.Linear(8, 4))
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        embedded = self.net[1](self.net[0](inputs)).mean(1)
+        return self.net[2](embedded)  # type: ignore[no-any-return]
+
+
+def test_a_sparse_embedding_is_modelled_as_the_dense_one() -> None:
+    # nn.Embedding(sparse=True) gives the coreset gradient and the Hutchinson probe sparse tensors.
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, 4, (1200,), generator=generator)
+    tokens = torch.randint(0, 40, (1200, 6), generator=generator)
+    tokens[:, 0] = 40 + 2 * targets + torch.randint(0, 2, (1200,), generator=generator)
+    data = LabelledTensors(tokens, targets)
+    states = []
+    for sparse in (False, True):
+        callback = CrestCallback(random_subset_size=0.1, tau=1e9, seed=0)
+        fit(callback, data=data, model=TokenClassifier(sparse), max_epochs=1)
+        assert callback._selections == 1
+        states.append(callback._quadratic.state_dict())
+    for key in ("grad_avg", "hess_sq_avg", "w0"):
+        torch.testing.assert_close(states[1][key], states[0][key])
+    assert bool(states[1]["hess_sq_avg"][: 48 * 8].abs().sum() > 0)  # the embedding's own curvature
+
+
+def test_a_second_crest_callback_is_refused_before_training() -> None:
+    # Lightning refuses two callbacks with one state key; a subclass has its own and would plan the batches in turn.
+    class MyCrest(CrestCallback):
+        pass
+
+    trainer = make_trainer([CrestCallback(), MyCrest()])
+    model = TinyClassifier()
+    with pytest.raises(
+        ValueError, match=r"The Trainer has 2 CrestCallbacks \(CrestCallback, MyCrest\): each would"
+    ):
+        trainer.fit(model, datamodule=CrestDataModule(blobs(), batch_size=32))
+    assert trainer.global_step == 0
 
 
 def test_a_hessian_subsample_of_the_global_batch_or_more_is_refused_before_training() -> None:

@@ -320,6 +320,22 @@ def test_random_subsets_no_larger_than_the_global_batch_warn_that_crest_selects_
     assert not [m for m in messages if "no more than the global batch" in m]
 
 
+@pytest.mark.parametrize(("size", "warns"), [(33, True), (63, True), (64, False)])
+def test_random_subsets_under_twice_the_global_batch_warn_that_crest_selects_little(
+    size: int, warns: bool
+) -> None:
+    # A coreset of 32 from 40 examples is nearly the whole subset: CREST pays for a selection it barely makes.
+    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, tau=1e9))
+    found = [m for m in messages if "less than twice the global batch" in m]
+    assert len(found) == warns
+    if warns:
+        assert (
+            f"r={size} examples, less than twice the global batch of 32: each coreset keeps 32 of" in found[0]
+        )
+    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, selection="random"))
+    assert not [m for m in messages if "less than twice the global batch" in m]
+
+
 @pytest.mark.parametrize(
     ("batch_size", "size", "selection", "warns"),
     [(4, 120, "crest", True), (4, 12, "crest", False), (5, 120, "crest", False), (4, 120, "random", False)],

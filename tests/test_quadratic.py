@@ -150,6 +150,26 @@ def test_hutchinson_mean_matches_brute_force_hessian_of_tiny_mlp() -> None:
     assert diag.abs().max() > 1e-2  # the target is not trivially zero
 
 
+def test_hutchinson_through_a_sparse_embedding_is_the_dense_ones() -> None:
+    # nn.Embedding(sparse=True) gives sparse gradients, and a sparse H z: returned dense, as with sparse=False.
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 12, (16, 5))
+    targets = torch.randint(0, 3, (16,))
+    probes = []
+    for sparse in (False, True):
+        torch.manual_seed(1)
+        embedding, head = nn.Embedding(12, 4, sparse=sparse), nn.Linear(4, 3)
+        params = [embedding.weight, *head.parameters()]
+        loss = nn.functional.cross_entropy(head(torch.tanh(embedding(tokens)).mean(1)), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        assert grads[0].is_sparse is sparse
+        probes.append(hutchinson_diagonal(grads, params, torch.Generator().manual_seed(2)))
+    for dense, from_sparse in zip(*probes, strict=True):
+        assert not from_sparse.is_sparse
+        torch.testing.assert_close(from_sparse, dense)
+    assert bool(probes[1][0].abs().sum() > 0)
+
+
 def test_hutchinson_validates_inputs() -> None:
     w = torch.zeros(3, requires_grad=True)
     with pytest.raises(ValueError, match="got 0 gradients for 1 parameters"):
