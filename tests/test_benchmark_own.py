@@ -31,17 +31,23 @@ def own_workload(monkeypatch: pytest.MonkeyPatch) -> Any:
     return own_workload
 
 
-def test_every_method_trains_and_tests_a_model_of_ones_own_on_data_of_ones_own(
-    own_workload: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    built: list[int] = []
+@pytest.fixture
+def built(own_workload: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``num_classes`` of every model that ``own_workload:model`` builds."""
+    sizes: list[int] = []
     original = own_workload.model
 
     def model(num_classes: int) -> nn.Module:
-        built.append(num_classes)
+        sizes.append(num_classes)
         return original(num_classes)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(own_workload, "model", model)
+    return sizes
+
+
+def test_every_method_trains_and_tests_a_model_of_ones_own_on_data_of_ones_own(
+    built: list[int], tmp_path: Path
+) -> None:
     output = tmp_path / "own.json"
     result = bench.main([*OWN, *SHORT, "--methods", "full,random,crest", "--output", str(output)])
     runs = {run["method"]: run for run in result["runs"]}
@@ -58,17 +64,7 @@ def test_every_method_trains_and_tests_a_model_of_ones_own_on_data_of_ones_own(
     assert output.with_suffix(".png").is_file()
 
 
-def test_a_given_number_of_classes_sizes_the_model(
-    own_workload: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    built: list[int] = []
-    original = own_workload.model
-
-    def model(num_classes: int) -> nn.Module:
-        built.append(num_classes)
-        return original(num_classes)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(own_workload, "model", model)
+def test_a_given_number_of_classes_sizes_the_model(built: list[int]) -> None:
     argv = ["--dataset", "own_workload:data_with_classes", "--model", "own_workload:model", *SHORT]
     bench.main([*argv, "--methods", "random", "--epochs", "1"])
     assert built == [6] * 3

@@ -305,19 +305,25 @@ def _warnings_of_fit(callback: CrestCallback) -> list[str]:
     return [str(w.message) for w in record]
 
 
+def _subset_warnings(phrase: str, size: float) -> tuple[list[str], list[str]]:
+    """The warnings holding ``phrase`` of a CREST fit and of a random-baseline fit with ``random_subset_size=size``."""
+    found = []
+    for selection in ("crest", "random"):
+        callback = CrestCallback(fraction=0.1, random_subset_size=size, tau=1e9, selection=selection)
+        found.append([m for m in _warnings_of_fit(callback) if phrase in m])
+    return found[0], found[1]
+
+
 @pytest.mark.parametrize(("size", "warns"), [(0.01, True), (32, True), (33, False)])
 def test_random_subsets_no_larger_than_the_global_batch_warn_that_crest_selects_nothing(
     size: float, warns: bool
 ) -> None:
     # 1% of 1200 is 12, raised to the global batch of 32: every coreset would be its whole subset.
-    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, tau=1e9))
-    found = [m for m in messages if "no more than the global batch" in m]
+    found, random = _subset_warnings("no more than the global batch", size)
     assert len(found) == warns
     if warns:
         assert f"`random_subset_size`={size} gives random subsets of r=32 examples" in found[0]
-    # The random baseline selects nothing anyway.
-    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, selection="random"))
-    assert not [m for m in messages if "no more than the global batch" in m]
+    assert not random  # the random baseline selects nothing anyway
 
 
 @pytest.mark.parametrize(("size", "warns"), [(33, True), (63, True), (64, False)])
@@ -325,15 +331,13 @@ def test_random_subsets_under_twice_the_global_batch_warn_that_crest_selects_lit
     size: int, warns: bool
 ) -> None:
     # A coreset of 32 from 40 examples is nearly the whole subset: CREST pays for a selection it barely makes.
-    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, tau=1e9))
-    found = [m for m in messages if "less than twice the global batch" in m]
+    found, random = _subset_warnings("less than twice the global batch", size)
     assert len(found) == warns
     if warns:
         assert (
             f"r={size} examples, less than twice the global batch of 32: each coreset keeps 32 of" in found[0]
         )
-    messages = _warnings_of_fit(CrestCallback(fraction=0.1, random_subset_size=size, selection="random"))
-    assert not [m for m in messages if "less than twice the global batch" in m]
+    assert not random
 
 
 @pytest.mark.parametrize(
