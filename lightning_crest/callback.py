@@ -543,14 +543,13 @@ class CrestCallback(Callback):
         # cut short): forgotten, as that epoch's own run forgot them, before a selection would count them as stale.
         self._dm.plan.replay.clear()
         # Counted by CREST, not read from the Trainer's epoch: a fit again with a fresh Trainer starts that at 0.
-        dropped = False
         if self._window_epochs >= self.drop_interval:
-            if self._dropping:
-                dropped = self._drop_learned_examples() > 0
+            if self._dropping and self._drop_learned_examples() > 0:
+                # The plan's coresets, and the random subsets of those still to be picked, hold examples that have
+                # left the pool: select anew from it (saved as such, should a checkpoint come before the selection).
+                self._select_next_epoch = True
             self._window_epochs = 0
-        # After a drop the plan's coresets, and the random subsets of those still to be picked, hold examples that
-        # have left the pool: select anew from it.
-        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch or dropped:
+        if self.selection == "random" or len(self._dm.plan) == 0 or self._select_next_epoch:
             self._select(self._steps_per_epoch)
         # Started once its work is done: a checkpoint saved after that work failed (Ctrl-C) has it redone.
         self._window_epochs += 1
@@ -761,7 +760,8 @@ class CrestCallback(Callback):
             list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
         )
         self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
-        self._restored_digest = str(state_dict["labels_digest"])
+        # Checkpoints saved before the fingerprint was kept have none: their training set is taken on trust.
+        self._restored_digest = str(state_dict.get("labels_digest", ""))
         self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
         if self.seed is None:  # the run's seed is the checkpoint's
             self._seed = int(state_dict["seed"])
@@ -966,7 +966,8 @@ class CrestCallback(Callback):
                 f"`random_subset_size`={self.random_subset_size} gives random subsets of r={subset} examples, less "
                 f"than twice the global batch of {global_batch}: each coreset keeps {global_batch} of its subset's "
                 f"{subset} examples, so CREST selects little and still pays for its selections. Raise "
-                "`random_subset_size` (about twice the global batch or more), or pass selection='random'."
+                "`random_subset_size` (about twice the global batch or more) or lower the batch size, or pass "
+                "selection='random'."
             )
         elif global_batch <= classes and subset > 3 * global_batch:
             rank_zero_warn(
@@ -1049,7 +1050,7 @@ class CrestCallback(Callback):
                 f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
                 f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
             )
-        if self._restored_digest != _digest(self._labels):
+        if self._restored_digest and self._restored_digest != _digest(self._labels):
             # Its pool, plan and check sample are positions in the training set: they would be other examples' here.
             raise ValueError(
                 f"The checkpoint was trained on a training set of {len(self._labels)} examples with other labels, "

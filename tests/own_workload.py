@@ -32,6 +32,23 @@ def too_few_classes() -> tuple[Dataset[tuple[Tensor, Tensor]], Dataset[tuple[Ten
     return (*data(), 3)
 
 
+def numpy_classes() -> tuple[Dataset[tuple[Tensor, Tensor]], Dataset[tuple[Tensor, Tensor]], object]:
+    import numpy as np
+
+    return (*data(), np.int64(4))
+
+
+def float_test_labels() -> tuple[Dataset[tuple[Tensor, Tensor]], Dataset[tuple[Tensor, Tensor]]]:
+    features, labels = _blobs(200, seed=2)
+    return data()[0], TensorDataset(features, labels.float())
+
+
+def negative_test_label() -> tuple[Dataset[tuple[Tensor, Tensor]], Dataset[tuple[Tensor, Tensor]]]:
+    features, labels = _blobs(200, seed=2)
+    labels[5] = -1
+    return data()[0], TensorDataset(features, labels)
+
+
 def model(num_classes: int) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, num_classes))
 

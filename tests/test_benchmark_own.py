@@ -92,8 +92,8 @@ def test_inputs_that_are_not_one_tensor_reach_the_model_as_collated(own_workload
         ),
         (
             ["--dataset", "no_such_module_anywhere:data", "--model", "small-cnn"],
-            "cannot import no_such_module_anywhere (No module named 'no_such_module_anywhere'); run the "
-            "benchmark from the folder that holds it, or add that folder to PYTHONPATH",
+            "cannot find module no_such_module_anywhere; run the benchmark from the folder that holds it, or add "
+            "that folder to PYTHONPATH",
         ),
         (["--dataset", "own_workload:missing", "--model", "small-cnn"], "own_workload has no 'missing'"),
         (
@@ -101,6 +101,10 @@ def test_inputs_that_are_not_one_tensor_reach_the_model_as_collated(own_workload
             "--model own_workload:NOT_A_FUNCTION is not a function but 3",
         ),
         (["--dataset", "own_workload:data"], "is a data set of your own: name its network with --model"),
+        (
+            ["--dataset", "own_workload.py:data", "--model", "small-cnn"],
+            "--dataset own_workload.py:data names a file; name its module: own_workload:data",
+        ),
         ([*OWN, "--download"], "--download fetches the built-in data sets, not --dataset own_workload:data"),
     ],
 )
@@ -127,6 +131,18 @@ def test_a_workload_that_cannot_be_used_is_a_usage_error(
         (
             ["--dataset", "own_workload:data", "--model", "own_workload:not_a_model"],
             "--model own_workload:not_a_model returned a str, not a torch.nn.Module",
+        ),
+        (
+            ["--dataset", "own_workload:float_test_labels", "--model", "own_workload:model"],
+            "its test split: item 0 has target tensor(",
+        ),
+        (
+            ["--dataset", "own_workload:negative_test_label", "--model", "own_workload:model"],
+            "its test split: targets must be non-negative class indices, got -1",
+        ),
+        (
+            ["--dataset", "own_workload:data", "--model", "small-cnn"],
+            "--model small-cnn takes images, (channels, height, width) tensors, but the first training input is (8,)",
         ),
         (
             ["--dataset", "fashion-mnist", "--data-dir", "{tmp}", "--model", "own_workload:model"],
@@ -161,3 +177,31 @@ def test_the_command_imports_the_workload_from_the_current_folder() -> None:
     assert completed.returncode == 0, completed.stderr
     assert "own_workload:data / own_workload:model: 640 train, 200 test" in completed.stdout
     assert "random" in completed.stdout.splitlines()[-1] or "| random" in completed.stdout
+
+
+def test_a_number_of_classes_from_numpy_is_taken(built: list[int]) -> None:
+    argv = ["--dataset", "own_workload:numpy_classes", "--model", "own_workload:model", *SHORT]
+    bench.main([*argv, "--methods", "random", "--epochs", "1"])
+    assert built == [4] * 3
+
+
+def test_a_module_that_fails_to_import_something_else_is_not_taken_for_a_missing_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found, but its own import fails: the user's environment, told as it is, not "run from the folder that holds it".
+    (tmp_path / "needs_a_package.py").write_text("import no_such_package_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_anywhere"):
+        bench.parse_args(["--dataset", "needs_a_package:data", "--model", "small-cnn"])
+
+
+def test_an_error_inside_a_model_of_ones_own_is_not_taken_for_a_failed_download(
+    own_workload: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def model(num_classes: int) -> nn.Module:
+        raise RuntimeError("the model's own bug")
+
+    monkeypatch.setattr(own_workload, "model", model)
+    monkeypatch.setattr(bench, "load_dataset", lambda *args, **kwargs: (*own_workload.data(), 4))
+    with pytest.raises(RuntimeError, match="the model's own bug"):
+        bench.main(["--download", "--model", "own_workload:model", "--methods", "random"])

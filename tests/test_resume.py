@@ -260,6 +260,15 @@ def test_resuming_with_another_global_batch_or_epoch_length_is_refused(
         ValueError, match=r"training set of 1200 examples with other labels, in order, than this"
     ):
         resume(crest(), seed=1)
+    # A checkpoint saved before the labels' fingerprint was kept resumes as it did then.
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["callbacks"]["Tracer"]["labels_digest"]
+    torch.save(saved, tmp_path / "without_digest.ckpt")
+    make_trainer([crest()], max_epochs=EPOCHS).fit(
+        TinyClassifier(),
+        datamodule=CrestDataModule(blobs(n=N, seed=1), batch_size=BATCH),
+        ckpt_path=str(tmp_path / "without_digest.ckpt"),
+    )
     by_hand = crest()  # loaded before `fit`, the state waits for the fit's `setup`
     by_hand.load_state_dict(torch.load(ckpt, weights_only=True)["callbacks"]["Tracer"])
     with pytest.raises(ValueError, match=r"training set of 1200 examples; this run's has 1210\. Resume with"):
@@ -707,11 +716,14 @@ def test_interrupt_before_an_epochs_first_step_resumes_without_redoing_its_start
 
 
 class InterruptedAtEpochStart(Tracer):
-    """Raises KeyboardInterrupt (as Ctrl-C would) inside the start-of-epoch work of the epoch at step ``at``."""
+    """Raises KeyboardInterrupt (as Ctrl-C would) inside the start-of-epoch work of the epoch at step ``at``: at its
+    first draw or exclusion, or (``after_drop``) in the selection that an exclusion forces."""
 
-    def __init__(self, at: int = -1, **kwargs: Any) -> None:
+    def __init__(self, at: int = -1, after_drop: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.at = at
+        self.after_drop = after_drop
+        self.dropped = 0
 
     def _interrupt(self) -> None:
         if self._trainer is not None and self._trainer.global_step == self.at:
@@ -719,24 +731,37 @@ class InterruptedAtEpochStart(Tracer):
             raise KeyboardInterrupt
 
     def _draw(self, count: int, size: int) -> Tensor:
-        self._interrupt()
+        if not self.after_drop or self.dropped:
+            self._interrupt()
         return super()._draw(count, size)
 
     def _drop_learned_examples(self) -> int:
-        self._interrupt()
-        return super()._drop_learned_examples()
+        if not self.after_drop:
+            self._interrupt()
+        self.dropped = super()._drop_learned_examples()
+        return self.dropped
 
 
-@pytest.mark.parametrize("selection", ["crest", "random"])
-def test_an_interrupt_inside_an_epochs_start_has_that_start_redone(tmp_path: Path, selection: str) -> None:
-    # Resumed from an epoch's last step, the next epoch's start-of-epoch work (CREST's exclusion of learned examples,
-    # or the epoch's random batches) runs when the sampler reads its first batch. Interrupted inside that work, the
-    # checkpoint must not count it as done, or the resumed run would skip it.
+@pytest.mark.parametrize(
+    ("selection", "after_drop", "tau"),
+    [("crest", False, 0.02), ("random", False, 0.02), ("crest", True, 1e9)],
+)
+def test_an_interrupt_inside_an_epochs_start_has_that_start_redone(
+    tmp_path: Path, selection: str, after_drop: bool, tau: float
+) -> None:
+    # Resumed from an epoch's last step, the next epoch's start-of-epoch work (CREST's exclusion of learned examples
+    # and the selection it forces, or the epoch's random batches) runs when the sampler reads its first batch.
+    # Interrupted inside that work, the checkpoint must not count it as done, or the resumed run would skip it. With
+    # checks that always pass, only the exclusion calls for a selection at that epoch's start.
     steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=STEPS, save_top_k=-1)
     # One class for all three runs: a checkpoint's callback state is keyed by the class's name.
-    full = crest(InterruptedAtEpochStart, selection=selection)
+    full = crest(InterruptedAtEpochStart, selection=selection, tau=tau)
     _, reference = run(full, extra=[steps], enable_checkpointing=True)
-    interrupted = crest(InterruptedAtEpochStart, selection=selection, at=STEPS)
+    if after_drop:
+        assert (STEPS, "epoch_start") in [(step, hook) for step, hook, _ in full.selections]
+    interrupted = crest(
+        InterruptedAtEpochStart, selection=selection, at=STEPS, after_drop=after_drop, tau=tau
+    )
     run_interrupted(
         interrupted,
         ckpt_path=str(tmp_path / f"step={STEPS}.ckpt"),
@@ -745,7 +770,7 @@ def test_an_interrupt_inside_an_epochs_start_has_that_start_redone(tmp_path: Pat
     )
     assert isinstance(interrupted, InterruptedAtEpochStart)
     assert interrupted.at == -1  # it fired
-    resumed = crest(InterruptedAtEpochStart, selection=selection)
+    resumed = crest(InterruptedAtEpochStart, selection=selection, tau=tau)
     trainer, model = run(resumed, ckpt_path=str(tmp_path / "interrupted.ckpt"))
     assert trainer.global_step == EPOCHS * STEPS
     assert interrupted.trained + resumed.trained == full.trained[STEPS:]

@@ -9,6 +9,7 @@ import importlib
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import resource
@@ -29,7 +30,7 @@ from lightning_crest import CrestCallback, CrestDataModule
 from lightning_crest.benchmark.data import DATASET_NAMES, LabelledSubset, load_dataset, subset
 from lightning_crest.benchmark.models import MODEL_NAMES, build_model
 from lightning_crest.benchmark.module import Classifier
-from lightning_crest.datamodule import _read_labels
+from lightning_crest.datamodule import _is_class_index, _read_labels
 
 METHODS = ("full", "random", "crest", "crest-no-drop", "crest-first-order")
 DEFAULT_MODEL = {"fashion-mnist": "small-cnn", "cifar10": "resnet20", "cifar100": "resnet18"}
@@ -142,12 +143,16 @@ def import_object(spec: str, flag: str) -> Callable[..., Any]:
             f"{flag} {spec!r} is neither a built-in ({', '.join(builtins)}) nor module:function naming one of "
             "your own (my_workload:data, say)"
         )
+    if module_name.endswith(".py"):
+        raise UsageError(f"{flag} {spec} names a file; name its module: {module_name[:-3]}:{name}")
     try:
         found: Any = importlib.import_module(module_name)
-    except ImportError as error:
+    except ModuleNotFoundError as error:
+        if error.name is None or not (module_name + ".").startswith(error.name + "."):
+            raise  # the module was found, and something it imports was not: the user's environment
         raise UsageError(
-            f"{flag} {spec}: cannot import {module_name} ({error}); run the benchmark from the folder that holds "
-            "it, or add that folder to PYTHONPATH"
+            f"{flag} {spec}: cannot find module {module_name}; run the benchmark from the folder that holds it, or "
+            "add that folder to PYTHONPATH"
         ) from error
     for part in name.split("."):
         if not hasattr(found, part):
@@ -162,7 +167,16 @@ def make_model(spec: str, num_classes: int, train: Dataset[Any]) -> nn.Module:
     """A fresh network: a built-in sized by the first training image, or ``function(num_classes)`` of one's own."""
     if spec in MODEL_NAMES:
         image = train[0][0]
-        return build_model(spec, num_classes, image.shape[0], image_size=image.shape[-1])
+        if not isinstance(image, torch.Tensor) or image.ndim != 3:
+            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise UsageError(
+                f"--model {spec} takes images, (channels, height, width) tensors, but the first training input is "
+                f"{shape}; name a model of your own (module:function)"
+            )
+        try:
+            return build_model(spec, num_classes, image.shape[0], image_size=image.shape[-1])
+        except ValueError as error:
+            raise UsageError(f"--model {spec}: {error}") from error
     model = import_object(spec, "--model")(num_classes)
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
@@ -181,29 +195,48 @@ def load_own_dataset(spec: str) -> tuple[Dataset[Any], Dataset[Any], int]:
             f"{f' of {len(loaded)}' if isinstance(loaded, tuple | list) else ''}; return (train, test) or (train, "
             "test, num_classes): datasets of (input, class index) items"
         )
-    splits = []
+    splits, largest = [], 0
     for which, dataset in zip(("train", "test"), loaded[:2], strict=True):
-        if getattr(dataset, "targets", None) is not None:
-            splits.append(dataset)
-            continue
         try:
-            labels = (
-                _read_labels(dataset)
-                if which == "train"
-                else torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
-            )
+            labels = _read_labels(dataset) if which == "train" else _test_labels(dataset)
         except (TypeError, ValueError) as error:
             raise UsageError(f"--dataset {spec}: its {which} split: {error}") from error
-        splits.append(LabelledSubset(dataset, range(len(labels)), labels))
-    train, test = splits
-    largest = max(int(torch.as_tensor(split.targets).max()) for split in splits)
+        if getattr(dataset, "targets", None) is None:
+            dataset = LabelledSubset(dataset, range(len(labels)), labels)
+        splits.append(dataset)
+        largest = max(largest, int(labels.max()) if len(labels) else 0)
     num_classes = loaded[2] if len(loaded) == 3 else largest + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= largest:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise UsageError(f"--dataset {spec} gave num_classes={num_classes!r}; return an int")
+    if num_classes <= largest:
         raise UsageError(
             f"--dataset {spec} gave num_classes={num_classes!r}, but its labels go up to {largest}; return an int "
             f"above {largest}, or (train, test) alone to count the classes from the labels"
         )
-    return train, test, num_classes
+    return splits[0], splits[1], int(num_classes)
+
+
+def _test_labels(dataset: Dataset[Any]) -> torch.Tensor:
+    """The class of every item of a test split: its ``targets``, else its items', as non-negative integers."""
+    found = getattr(dataset, "targets", None)
+    targets = found if found is not None else [dataset[i][1] for i in range(len(dataset))]  # type: ignore[arg-type]
+    if found is None:
+        for index, target in enumerate(targets):
+            if not _is_class_index(target):
+                raise TypeError(
+                    f"item {index} has target {target!r}; targets must be integer class indices (scalars)"
+                )
+    labels = torch.as_tensor(targets)
+    if labels.ndim != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(
+            f"`targets` must be a 1-d sequence of integer classes, got dtype {labels.dtype} and shape "
+            f"{tuple(labels.shape)}"
+        )
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(
+            f"targets must be non-negative class indices, got {int(labels.min())}; number them from 0"
+        )
+    return labels.long()
 
 
 @contextlib.contextmanager
@@ -684,8 +717,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             train, test, num_classes = load_dataset(args.dataset, args.data_dir, download=args.download)
         else:
             train, test, num_classes = load_own_dataset(args.dataset)
-        if args.model not in MODEL_NAMES:  # one of the wrong kind is found before the runs
-            make_model(args.model, num_classes, train)
     except (FileNotFoundError, UsageError) as error:
         sys.exit(f"python -m lightning_crest.benchmark: error: {error}")
     except (OSError, RuntimeError) as error:  # torchvision's download: URLError, or its own RuntimeError
@@ -695,6 +726,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"python -m lightning_crest.benchmark: error: could not download {args.dataset} into {args.data_dir} "
             f"({error}). Download it where there is a network and pass its folder as --data-dir."
         )
+    try:  # a model of the wrong kind is found before the runs
+        make_model(args.model, num_classes, train)
+    except UsageError as error:
+        sys.exit(f"python -m lightning_crest.benchmark: error: {error}")
     if args.quick:
         if isinstance(args.random_subset_size, float):
             # The full set's r, so that coresets are still picked from subsets larger than a batch.
