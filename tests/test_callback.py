@@ -764,14 +764,14 @@ def test_embedding_proxy_must_be_a_non_negative_int(value: Any) -> None:
         CrestCallback(embedding_proxy=value)
 
 
-@pytest.mark.parametrize(("limit", "steps"), [(3, 3), (4, 4), (10, 4), (0.5, 2), (1.0, 4)])
+@pytest.mark.parametrize(("limit", "steps"), [(3, 3), (4, 4), (10, 4), (0.5, 2), (1.0, 4), (0, 0), (0.0, 0)])
 def test_limit_train_batches_warns_only_when_it_cuts_crest_epochs(limit: float, steps: int) -> None:
     # CREST's epochs here have ceil(0.1 * 1200 / 32) = 4 steps.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = fit(CrestCallback(random_subset_size=0.1), max_epochs=1, limit_train_batches=limit)
     assert trainer.global_step == steps
-    assert any("cuts CREST's epochs" in str(w.message) for w in caught) == (steps < 4)
+    assert any("cuts CREST's epochs" in str(w.message) for w in caught) == (0 < steps < 4)
 
 
 def test_max_steps_without_max_epochs_warns() -> None:
