@@ -127,7 +127,7 @@ def check_epoch_settings(trainer: L.Trainer, steps_per_epoch: int, fraction: flo
         limit is not None
         and not getattr(trainer, "fast_dev_run", False)  # set by the Trainer, not declared
         # 0 turns training off (validation only), which cuts nothing short.
-        and 0 < limit
+        and limit > 0
         and (limit < steps_per_epoch if isinstance(limit, int) else limit < 1.0)
     ):
         rank_zero_warn(
