@@ -51,3 +51,25 @@ def test_selection_sketch_runs() -> None:
     picked = namespace["sel"]
     assert len(picked.indices) == 128  # type: ignore[attr-defined]
     assert float(picked.weights.sum()) == 300  # type: ignore[attr-defined]  # cluster sizes cover the subset
+
+
+def argument_table(caption: str) -> dict[str, str]:
+    """Argument name -> default as written, from the table under ``caption`` in the README's Arguments section."""
+    section = README.split("### Arguments\n", 1)[1].split("\n### ", 1)[0]
+    table = section.split(caption, 1)[1].split("\n\n", 2)[1]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    return {name.strip("| `"): default.strip("`") for name, default, *_ in rows}
+
+
+@pytest.mark.parametrize("cls", ["CrestCallback", "CrestDataModule"])
+def test_argument_tables_match_the_signatures(cls: str) -> None:
+    import inspect
+
+    import lightning_crest
+
+    parameters = inspect.signature(getattr(lightning_crest, cls)).parameters
+    table = argument_table(f"`{cls}`")
+    assert list(table) == list(parameters)  # every argument, in the signature's order
+    for name, parameter in parameters.items():
+        expected = "(required)" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
+        assert table[name] == expected.replace("'", '"'), name
