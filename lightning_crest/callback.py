@@ -65,6 +65,20 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
 _MAX_MUL = 1000
+# The keys of a saved state that only a fit reads, when it takes the state (see _apply_restored_plan).
+_TAKEN_BY_A_FIT = (
+    "epoch_started",
+    "epoch_ended",
+    "plan_indices",
+    "plan_weights",
+    "plan_cursor",
+    "in_flight_indices",
+    "in_flight_weights",
+    "global_batch",
+    "steps_per_epoch",
+    "fraction",
+    "selection",
+)
 # Steps on which the check that the loss weights each example may stay undecided before it gives up with a warning.
 _WEIGHT_CHECK_STEPS = 20
 
@@ -178,11 +192,7 @@ class CrestCallback(Callback):
     # Every class in a subset has picks in its coreset (not when there are more classes than picks).
     _per_class: bool
     _anchor_stats: list[Tensor]  # the normalisation statistics at the selection (see _running_stats)
-    _restored_plan: tuple[list[tuple[Tensor, Tensor]], int, list[tuple[Tensor, Tensor]]] | None
-    _loaded_state: dict[str, Any]  # the state that `_restored_plan` came with, while it waits for a fit
-    _restored_shape: tuple[int, int]  # global batch and steps per epoch of a restored checkpoint
-    _restored_digest: str  # of the labels of the training set a restored checkpoint was trained on
-    _restored_settings: dict[str, Any]  # fraction, selection and seed of a restored checkpoint
+    _loaded_state: dict[str, Any] | None  # as loaded, until a fit takes it (see _apply_restored_plan)
     _check_seed: int | None  # the seed the check sample's items are read under
     _weights_probe: Tensor | None  # until a step shows that its loss weights each example
     _undecided_weight_steps: int  # steps that could not tell whether the loss weights each example
@@ -204,8 +214,6 @@ class CrestCallback(Callback):
     _started_epoch: int  # the epoch whose start-of-epoch work ran (-1: none yet in this fit)
     _iterator_epoch: int  # the epoch the last data iterator started (-1: none yet in this fit)
     _epoch_ended: bool  # its end-of-epoch hook ran: a stop inside the epoch also ends it
-    _restored_epoch_ended: bool  # a restored checkpoint was saved after such an end
-    _restored_started: int  # the epoch whose start-of-epoch work a restored checkpoint had done (-1: none)
     _epoch_floor: int  # after a restore: the earliest epoch that can start
     _modelled: tuple[str, ...]  # names of the parameters the quadratic model describes
 
@@ -620,7 +628,7 @@ class CrestCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._pool is None:
             return {}
-        if self._restored_plan is not None:
+        if self._loaded_state is not None:
             # Loaded by hand and not yet applied to a fit: the data module's plan is not this state's.
             return dict(self._loaded_state)
         if self._dm is None:
@@ -722,7 +730,6 @@ class CrestCallback(Callback):
             ) from None
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
-        self._loaded_state = dict(state_dict)
         self._pool = state_dict["pool"].clone()
         self._window_max_loss = state_dict["window_max_loss"].clone()
         self._generator = torch.Generator()
@@ -749,20 +756,12 @@ class CrestCallback(Callback):
         self._undecided_weight_steps = int(state_dict["undecided_weight_steps"])
         self._epoch_step = int(state_dict["epoch_step"])
         self._epoch_floor = int(state_dict["epoch"]) + bool(state_dict["epoch_done"])
-        # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
-        started = bool(state_dict["epoch_started"]) and not state_dict["epoch_done"]
-        self._restored_started = int(state_dict["epoch"]) if started else -1
         self._epoch_ended = False
-        self._restored_epoch_ended = bool(state_dict["epoch_ended"]) and not state_dict["epoch_done"]
-        self._restored_plan = (
-            list(zip(state_dict["plan_indices"], state_dict["plan_weights"])),
-            int(state_dict["plan_cursor"]),
-            list(zip(state_dict["in_flight_indices"], state_dict["in_flight_weights"])),
-        )
-        self._restored_shape = (int(state_dict["global_batch"]), int(state_dict["steps_per_epoch"]))
-        # Checkpoints saved before the fingerprint was kept have none: their training set is taken on trust.
-        self._restored_digest = str(state_dict.get("labels_digest", ""))
-        self._restored_settings = {name: state_dict[name] for name in ("fraction", "selection", "seed")}
+        # Read when a fit takes the state, and looked up now: a state that lacks one is refused here.
+        for key in _TAKEN_BY_A_FIT:
+            if key not in state_dict:
+                raise KeyError(key)
+        self._loaded_state = dict(state_dict)
         if self.seed is None:  # the run's seed is the checkpoint's
             self._seed = int(state_dict["seed"])
         # Lightning restores callbacks inside `fit`, after `setup`: the plan goes to the data module at once. Loaded by
@@ -788,7 +787,7 @@ class CrestCallback(Callback):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        if self._dm is not None and self._pool is not None and self._restored_plan is None:
+        if self._dm is not None and self._pool is not None and self._loaded_state is None:
             # The plan lives in the data module, which the copy does not share: the copy holds this state as one
             # loaded by hand, saved as it is and taken up by its next fit. (A copy is no checkpoint: the warning
             # about a state saved inside a step does not apply.)
@@ -844,18 +843,13 @@ class CrestCallback(Callback):
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
         self._epoch_floor = 0
-        self._restored_plan, self._loaded_state = None, {}
-        self._restored_shape = (0, 0)
-        self._restored_digest = ""
-        self._restored_settings = {}
-        self._restored_epoch_ended = False
-        self._restored_started = -1
+        self._loaded_state = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = crest_data_module(trainer)
         labels = dm.labels
         if (
-            self._restored_plan is None
+            self._loaded_state is None
             and self._module is not None
             and (self._module is not pl_module or not torch.equal(self._labels, labels))
         ):
@@ -890,7 +884,7 @@ class CrestCallback(Callback):
         self._per_class = present <= global_batch
         steps_per_epoch = _ceil_share(self.fraction, n, global_batch)
         check_epoch_settings(trainer, steps_per_epoch, self.fraction)
-        if self.seed is None and self._module is None and self._restored_plan is None:
+        if self.seed is None and self._module is None and self._loaded_state is None:
             # A fresh start follows the global seed as of this fit, process 0's: every process draws the same.
             self._seed = global_seed(trainer)
             self._generator = torch.Generator().manual_seed(self._seed)
@@ -913,20 +907,20 @@ class CrestCallback(Callback):
         self._epoch_ended = False
         # Fitting again with the same Trainer goes on from its epoch; the sampler may start reading it first. A fresh
         # Trainer counts from 0 again (a restore sets the floor later; one loaded by hand is moved below).
-        if self._restored_plan is None:
+        if self._loaded_state is None:
             self._epoch_floor = trainer.current_epoch
-        fresh = self._pool is None or (self._restored_plan is None and len(self._pool) != n)
+        fresh = self._pool is None or (self._loaded_state is None and len(self._pool) != n)
         if fresh:
             self._pool = torch.ones(n, dtype=torch.bool)
             self._window_max_loss = torch.full((n,), math.nan)
         # A fresh start: batches an earlier fit left in the data module's plan are not this run's. Going on with
         # another batch size: the last fit's coresets do not fit it, and the next step selects.
         if fresh or (
-            self._restored_plan is None and any(len(w) not in (0, global_batch) for _, w in dm.plan.batches)
+            self._loaded_state is None and any(len(w) not in (0, global_batch) for _, w in dm.plan.batches)
         ):
             dm.plan.replace([])
             dm.plan.replay.clear()
-        if self._restored_plan is not None:  # loaded by hand before `fit`
+        if self._loaded_state is not None:  # loaded by hand before `fit`
             self._apply_restored_plan(dm)
             step = dm.plan.resume_step % self._steps_per_epoch
             if step and trainer.current_epoch > 0 and dm.num_workers > 0:
@@ -997,7 +991,8 @@ class CrestCallback(Callback):
 
     def _apply_restored_plan(self, dm: CrestDataModule) -> None:
         """Serve the restored coresets from the restored cursor, the epoch's iterator from the restored step."""
-        assert self._restored_plan is not None
+        state = self._loaded_state
+        assert state is not None
         try:
             self._refuse_another_run(dm)
         except ValueError:
@@ -1005,26 +1000,30 @@ class CrestCallback(Callback):
             self._release_data_module()
             self._reset_state()
             raise
-        batches, cursor, in_flight = self._restored_plan
         epoch_step = self._epoch_step
         assert self._trainer is not None
-        if self._restored_epoch_ended and self._trainer.max_steps == -1:
+        if state["epoch_ended"] and not state["epoch_done"] and self._trainer.max_steps == -1:
             # Saved at the end of an epoch that a stop cut short: Lightning goes on with the next epoch, whole
             # (with `max_steps` set it finishes the stopped one instead, from the checkpoint's step).
             epoch_step = self._steps_per_epoch
             self._epoch_floor += 1
-        self._started_epoch = self._restored_started
-        dm.plan.replace(batches, cursor)
+        # Its start-of-epoch work (a selection, the exclusion of learned examples) is not repeated on resume.
+        started = state["epoch_started"] and not state["epoch_done"]
+        self._started_epoch = int(state["epoch"]) if started else -1
+        dm.plan.replace(list(zip(state["plan_indices"], state["plan_weights"])), int(state["plan_cursor"]))
         dm.plan.resume_step = epoch_step
-        dm.plan.replay = list(in_flight)
-        self._restored_plan, self._loaded_state = None, {}
+        dm.plan.replay = list(zip(state["in_flight_indices"], state["in_flight_weights"]))
+        self._loaded_state = None
 
     def _refuse_another_run(self, dm: CrestDataModule) -> None:
         """Raise if the restored checkpoint was trained with other settings, batches, epochs or training set."""
-        global_batch, steps_per_epoch = self._restored_shape
+        state = self._loaded_state
+        assert state is not None
+        global_batch, steps_per_epoch = int(state["global_batch"]), int(state["steps_per_epoch"])
         trainer = self._trainer
         assert trainer is not None
-        for name, saved in self._restored_settings.items():
+        for name in ("fraction", "selection", "seed"):
+            saved = state[name]
             if getattr(self, name) is not None and saved != getattr(self, name):
                 raise ValueError(
                     f"The checkpoint was trained with CrestCallback({name}={saved!r}); this run's has "
@@ -1050,7 +1049,9 @@ class CrestCallback(Callback):
                 f"The checkpoint was trained on a training set of {len(self._pool)} examples; this run's has "
                 f"{len(self._labels)}. Resume with the checkpoint's training set, or start afresh without `ckpt_path`."
             )
-        if self._restored_digest and self._restored_digest != _digest(self._labels):
+        # Checkpoints saved before the fingerprint was kept have none: their training set is taken on trust.
+        digest = state.get("labels_digest")
+        if digest and digest != _digest(self._labels):
             # Its pool, plan and check sample are positions in the training set: they would be other examples' here.
             raise ValueError(
                 f"The checkpoint was trained on a training set of {len(self._labels)} examples with other labels, "
