@@ -621,7 +621,7 @@ class CrestCallback(Callback):
         self._in_step = False  # a step skipped by `on_train_batch_start` returning -1 has no batch end
         self._epoch_ended = True
         # The epoch's last values, which the loggers write at the epoch's end whatever `log_every_n_steps` is.
-        if self._pool is not None and not trainer.barebones:  # barebones Trainers refuse `log`
+        if not trainer.barebones:  # barebones Trainers refuse `log`
             self._log_statistics(pl_module, epoch=True)
 
     @override
@@ -649,11 +649,8 @@ class CrestCallback(Callback):
         in_flight = plan.served_since(plan.served - self._trained) + plan.replay
         # Lightning's epoch may be shorter than CREST's (`limit_train_batches`); once it is over, the next one starts
         # from its first step.
-        trainer = self._trainer
-        epoch_length = (
-            min(self._steps_per_epoch, trainer.num_training_batches) if trainer else self._steps_per_epoch
-        )
-        epoch_done = self._epoch_step >= epoch_length
+        assert self._trainer is not None  # set with the data module
+        epoch_done = self._epoch_step >= min(self._steps_per_epoch, self._trainer.num_training_batches)
         epoch, epoch_step, epoch_ended = self._started_epoch, self._epoch_step, self._epoch_ended
         if self._started_epoch < self._epoch_floor:
             # In this fit the epoch due next has not started yet (after a restore, or fitting again): saved as such.
@@ -1161,6 +1158,7 @@ class CrestCallback(Callback):
         else:
             proxies = last_layer_sketch(logits, targets, embeddings, self.embedding_proxy, self._generator)
         if not bool(torch.isfinite(proxies).all()):
+            assert self._trainer is not None
             hint = (
                 f" They were scored under proxy_dtype={self.proxy_dtype}, whose range may have overflowed; try "
                 "torch.bfloat16 or None."
@@ -1169,8 +1167,7 @@ class CrestCallback(Callback):
             )
             raise FloatingPointError(
                 "Non-finite gradient proxies while picking a coreset at global step "
-                f"{self._trainer.global_step if self._trainer else '?'}: the model's logits contain NaN or inf."
-                + hint
+                f"{self._trainer.global_step}: the model's logits contain NaN or inf." + hint
             )
         self._record_losses(flat, losses)
         rows = targets.view(count, size)
