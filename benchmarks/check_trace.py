@@ -3,9 +3,9 @@
 At every check it records the loss on the check sample (``actual``), the anchor loss ``L0``, the model's first-
 and second-order terms ``g.delta`` and ``delta.diag(H).delta / 2`` with the smoothed gradient ``g``, and the
 first-order term with the gradient of the selection's probed coreset instead (the last of them with
-``hessian_probes=None``). It prints, by phase of the learning-rate
-schedule, how many checks failed and the median relative error of three predictions: the model as built, the loss
-staying at ``L0``, and the model with the selection's own gradient.
+``hessian_probes=None``), and the smoothed curvature's norm, which sets ``T1``. It prints, by phase of the
+learning-rate schedule, how many checks failed and the median relative error of three predictions: the model as
+built, the loss staying at ``L0``, and the model with the selection's own gradient.
 
 With ``--wide N`` it also measures, at every selection and check, the loss on one fixed random sample of ``N``
 training examples (under the same normalisation statistics as the check), and prints how far that loss moved and
@@ -97,6 +97,7 @@ class TracedCallback(CrestCallback):
             "first_order": float(model.gradient @ delta),
             "own_first_order": float(self._own_gradient @ delta),
             "second_order": float(0.5 * (model.hessian * delta * delta).sum()),
+            "curvature_norm": model.curvature_norm(),
         }
         self._check_loss = None
         failed = super()._check()
@@ -202,6 +203,13 @@ def main(argv: list[str]) -> None:
     print("\nThe check over training (rho: the quadratic model's relative error):\n")
     rows = traced.rows
     print(summarize(rows, runs[0]["steps"]))
+    if rows:
+        norms = [r["curvature_norm"] for r in rows]
+        top = max(range(len(rows)), key=norms.__getitem__)
+        print(
+            f"\nSmoothed curvature norm ||H_t|| (it sets T1): {norms[0]:.3g} at the first check, largest "
+            f"{norms[top]:.3g} at step {rows[top]['step']}, smallest {min(norms):.3g}, {norms[-1]:.3g} at the last."
+        )
     if args.wide:
         print(f"\nThe check sample against a fixed sample of {args.wide} training examples:\n")
         print(summarize_wide(rows, runs[0]["steps"], result["config"]["tau"]))

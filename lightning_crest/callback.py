@@ -847,11 +847,12 @@ class CrestCallback(Callback):
         labels = dm.labels
         if (
             self._loaded_state is None
-            and self._module is not None
+            and self._pool is not None
             and (self._module is not pl_module or not torch.equal(self._labels, labels))
         ):
             # The state (quadratic model, pool, plan) belongs to the module and training set of an earlier fit;
-            # another module or training set starts afresh. Fitting the same ones again goes on where it stopped.
+            # another module or training set starts afresh. Fitting the same ones again goes on where it stopped. A
+            # copy sent to `ddp_spawn` workers (see __getstate__) cannot tell its module: it starts afresh too.
             self._reset_state()
         check_trainer(trainer, pl_module)
         crests = [c for c in trainer.callbacks if isinstance(c, CrestCallback)]  # type: ignore[attr-defined]

@@ -141,6 +141,8 @@ class CrestDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
+        # Process 0's global seed, with the process count and this process's own seed it was taken under.
+        self._process_0_seed: tuple[int, int, int] | None = None
 
     @property
     def train_dataset(self) -> Dataset[Any]:
@@ -186,7 +188,6 @@ class CrestDataModule(L.LightningDataModule):
         trainer = self.trainer
         num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         planned = self.steps_per_epoch is not None
-        seed = global_seed(trainer) if self.seed is None else self.seed  # every process shuffles alike
         sampler = CoresetSampler(
             self.train_dataset,
             self.batch_size,
@@ -194,7 +195,7 @@ class CrestDataModule(L.LightningDataModule):
             rank=rank,
             plan=self.plan if planned else None,
             steps_per_epoch=self.steps_per_epoch,
-            seed=seed,
+            seed=0 if planned else self._shuffle_seed(),  # a plan does not shuffle
         )
         if trainer is not None:  # Lightning sets it later, and workers may start reading before
             sampler.set_epoch(trainer.current_epoch)
@@ -206,6 +207,24 @@ class CrestDataModule(L.LightningDataModule):
             collate_fn=None if self.collate_fn is None else WeightedCollate(self.collate_fn),
             **self._loader_options(),
         )
+
+    def _shuffle_seed(self) -> int:
+        """The seed of plain epochs: ``seed``, else Lightning's global seed, process 0's under DDP.
+
+        Taking process 0's is a collective, so it is taken once per global seed, when Lightning builds the loader on
+        every process: a hook that builds it again on one process alone (a progress display under
+        ``rank_zero_only``, say) must not wait for the others.
+        """
+        if self.seed is not None:
+            return self.seed
+        own = global_seed()
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return own
+        cached = self._process_0_seed
+        if cached is None or cached[:2] != (trainer.world_size, own):
+            cached = self._process_0_seed = (trainer.world_size, own, global_seed(trainer))
+        return cached[2]
 
     @override
     def val_dataloader(self) -> DataLoader[Any]:

@@ -5,7 +5,7 @@ tests run this file through ``subprocess``::
 
     python tests/ddp_script.py ddp OUT_DIR          # or ddp_notebook
 
-Rank 0 writes ``OUT_DIR/result.json``. ``ddp_spawn`` tests import :class:`Audit`, :class:`TeardownSums` and :func:`setting` from here.
+Rank 0 writes ``OUT_DIR/result.json`` and ``OUT_DIR/loader_lengths``. ``ddp_spawn`` tests import :class:`Audit`, :class:`TeardownSums` and :func:`setting` from here.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,6 +55,19 @@ class TeardownSums(L.Callback):
         Path(f"{self.path}.{trainer.global_rank}").write_text(str(float(total)))
         exit_record = Path(f"{self.path}.exit.{trainer.global_rank}")
         multiprocessing.util.Finalize(None, _record_group, args=(exit_record,), exitpriority=-1)
+
+
+class LoaderLengths(L.Callback):
+    """Builds the training loader on process 0 alone at every epoch's start, as a progress display under
+    ``rank_zero_only`` might, and appends its length to ``path``: building it must not wait for the other process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @rank_zero_only
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        with self.path.open("a") as f:
+            f.write(f"{len(trainer.datamodule.train_dataloader())}\n")  # type: ignore[attr-defined]
 
 
 def _record_group(path: Path) -> None:
@@ -207,7 +221,8 @@ def main(strategy: str, out: Path) -> None:
     audit = Audit(record=str(out / "selections.json"), **options)
     torch.manual_seed(0)
     model = Classifier()
-    trainer = make_trainer([audit], strategy=strategy, devices=2, max_epochs=2)
+    lengths = out / "loader_lengths"
+    trainer = make_trainer([audit, LoaderLengths(lengths)], strategy=strategy, devices=2, max_epochs=2)
     trainer.fit(model, datamodule=dm)
     selections = float(trainer.callback_metrics["crest/selections"])
     # A test after the fit: the process group was released at the end of fit (ddp_notebook) or is reused (ddp).
@@ -221,6 +236,10 @@ def main(strategy: str, out: Path) -> None:
             "test_accuracy": accuracy(model, dm.test_dataset),
         }
         (out / "result.json").write_text(json.dumps(result))
+    # Plain shuffled epochs (no CrestCallback) of the data module, with process 0 building the loader alone again.
+    make_trainer([LoaderLengths(lengths)], strategy=strategy, devices=2, max_epochs=1).fit(
+        Classifier(), datamodule=dm
+    )
 
 
 if __name__ == "__main__":

@@ -534,6 +534,18 @@ def test_check_trace_records_the_terms_of_the_model_that_each_check_compared(
     # Every check falls in one phase of the schedule.
     assert sum(int(cells[1]) for cells in phases) == len(rows)
     assert sum(int(cells[2]) for cells in phases) == sum(row["failed"] for row in rows)
+    norms = [row["curvature_norm"] for row in rows]
+    assert min(norms) > 0
+    first, largest, step, smallest, last = re.findall(
+        r"\|\|H_t\|\| \(it sets T1\): (\S+) at the first check, largest (\S+) at step (\d+), smallest (\S+), "
+        r"(\S+) at the last",
+        out,
+    )[0]
+    assert float(first) == pytest.approx(norms[0], rel=1e-2)
+    assert float(largest) == pytest.approx(max(norms), rel=1e-2)
+    assert rows[norms.index(max(norms))]["step"] == int(step)
+    assert float(smallest) == pytest.approx(min(norms), rel=1e-2)
+    assert float(last) == pytest.approx(norms[-1], rel=1e-2)
 
 
 def test_check_trace_measures_a_wide_sample_without_changing_the_run(

@@ -7,11 +7,13 @@ import csv
 import inspect
 import itertools
 import math
+import pickle
 import re
 import subprocess
 import sys
 import time
 import warnings
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -1161,6 +1163,19 @@ def test_fitting_again_on_another_training_set_starts_afresh() -> None:
     fit(callback, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=model)
     assert torch.equal(callback.pool, kept)
     assert callback.counts[0] == selections
+
+
+def test_a_copy_sent_to_spawned_workers_starts_afresh() -> None:
+    # ddp_spawn pickles the callback for its workers without the module (see __getstate__): the copy cannot tell
+    # the module and training set of its earlier fit, so it starts afresh, not on that fit's pool and model.
+    callback = SelectionCount(random_subset_size=0.2, drop_interval=1)
+    fit(callback, data=blobs(n=1200, noise=0.3), max_epochs=3, model=seeded_classifier(lr=0.2))
+    assert not bool(callback.pool.all())
+    spawned = pickle.loads(ForkingPickler.dumps(callback))
+    spawned.counts.clear()
+    fit(spawned, data=blobs(n=1200, noise=0.3, seed=1), max_epochs=1, model=seeded_classifier(lr=0.2))
+    assert bool(spawned.pool.all())
+    assert spawned.counts[0] == 0
 
 
 def test_fitting_the_same_module_again_with_another_batch_size_selects_anew() -> None:

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -143,22 +144,34 @@ def test_launchers_that_run_the_script(strategy: str, tmp_path: Path) -> None:
     # safer in a fresh process than inside the pytest session. The script fits (audited), then tests.
     script = Path(__file__).parent / "ddp_script.py"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
+    # In a session of its own: a rank that hangs is killed with the other processes, which would hold the pipes.
+    with subprocess.Popen(
         [sys.executable, str(script), strategy, str(tmp_path)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=240,
-        check=False,
         env=env,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+            pytest.fail(
+                f"the {strategy} script did not finish in 240 s (a process waits for another?):\n{output[-3000:]}"
+            )
+    assert process.returncode == 0, output[-3000:]
     assert "terminate called" not in output  # no abort at exit in any rank (the group is released)
     report = json.loads((tmp_path / "result.json").read_text())
     assert report["selections"] >= 2
     assert report["logged_test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
     if strategy == "ddp":  # rank 0 is the parent process: its trainer ran the fit itself
         assert report["global_step"] == 2 * 10
+    # Process 0 built the training loader alone at each epoch's start without waiting for the other (the plain
+    # epochs' seed is process 0's, taken once when Lightning built the loader on both): 10 CREST steps in each of
+    # the 2 epochs, then a plain epoch of 600 examples per process in batches of 16.
+    assert (tmp_path / "loader_lengths").read_text().split() == ["10", "10", "38"]
 
 
 @pytest.mark.parametrize(
