@@ -1158,8 +1158,8 @@ class CrestCallback(Callback):
             proxies = gradient_proxy(logits, targets)
         else:
             proxies = last_layer_sketch(logits, targets, embeddings, self.embedding_proxy, self._generator)
+        assert self._trainer is not None
         if not bool(torch.isfinite(proxies).all()):
-            assert self._trainer is not None
             hint = (
                 f" They were scored under proxy_dtype={self.proxy_dtype}, whose range may have overflowed; try "
                 "torch.bfloat16 or None."
@@ -1190,9 +1190,17 @@ class CrestCallback(Callback):
                 backend=self.backend,
                 budgets=budgets,
             )
-        indices = picked.indices.cpu()
+        indices, weights = picked.indices, picked.weights.float()
+        if self._trainer.world_size > 1:
+            # Every process scores the same proxies, but a greedy on a GPU may break a near tie otherwise (its atomic
+            # sums come in no fixed order): all train process 0's picks. (On the proxies' device, as NCCL needs.)
+            indices, weights = (
+                indices.to(proxies.device).contiguous(),
+                weights.to(proxies.device).contiguous(),
+            )
+            broadcast_from_first(self._trainer, [indices, weights])
+        indices, weights = indices.cpu(), weights.cpu()
         coresets = subsets.gather(1, indices)
-        weights = picked.weights.cpu().float()
         if shares is not None:
             # A class whose share is below one pick has one with that probability: it then stands for its size over
             # its share (r / m examples), so that every class keeps its share of the weight on average. (Scaling

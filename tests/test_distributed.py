@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -13,12 +14,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from conftest import make_trainer
 from ddp_script import GLOBAL_BATCH, Audit, Classifier, TeardownSums, accuracy, setting
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+import lightning_crest.callback as crest_callback
 from lightning_crest import CrestCallback, datamodule, distributed
 from lightning_crest.distributed import gather_shares, mean_over_processes, release_process_group, share
 
@@ -105,6 +108,37 @@ def test_a_subsampled_probe_on_two_processes_is_the_one_process_probe(subsample:
         fit(devices, record, crest={"hessian_subsample": subsample, "hessian_every": 1})
         norms.append(json.loads(Path(f"{record}.curvatures").read_text())[0])
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+class PicksApart(Audit):
+    """Process 1's greedy gives its picks in reverse order, as a near tie broken otherwise on a GPU would differ.
+    The audit asserts at every step that both processes hold the same plan and train its shares."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if trainer.global_rank == 1:  # in the spawned worker's own copy of the module
+            greedy = crest_callback.facility_location
+
+            def reversed_picks(*args: Any, **kwargs: Any) -> Any:
+                picked = greedy(*args, **kwargs)
+                return dataclasses.replace(
+                    picked, indices=picked.indices.flip(-1), weights=picked.weights.flip(-1)
+                )
+
+            crest_callback.facility_location = reversed_picks  # type: ignore[assignment]
+
+
+def test_every_process_trains_process_0s_picks(tmp_path: Path) -> None:
+    dm, options = setting(GLOBAL_BATCH // 2)
+    trainer = make_trainer(
+        [PicksApart(record=str(tmp_path / "selections.json"), **options)],
+        strategy="ddp_spawn",
+        devices=2,
+        max_epochs=1,
+    )
+    torch.manual_seed(0)
+    trainer.fit(Classifier(), datamodule=dm)
+    assert float(trainer.callback_metrics["crest/selections"]) >= 2
 
 
 def test_resume_mid_epoch_on_two_processes(two_processes: Any, tmp_path: Path) -> None:
