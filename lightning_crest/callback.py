@@ -78,6 +78,7 @@ _TAKEN_BY_A_FIT = (
     "steps_per_epoch",
     "fraction",
     "selection",
+    "seed",
 )
 # Steps on which the check that the loss weights each example may stay undecided before it gives up with a warning.
 _WEIGHT_CHECK_STEPS = 20

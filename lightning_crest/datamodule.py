@@ -57,8 +57,9 @@ class CrestDataModule(L.LightningDataModule):
             pass over 600 examples took 66 ms in batches of 128 and 91 ms in batches of 512).
         pin_memory: Pin host memory in the data loaders.
         seed: Seed of the shuffle in plain epochs, in ``[0, 2**63)``; ``None`` takes Lightning's global seed
-            (``L.seed_everything``) when the loader is built, as Lightning's distributed sampler does, process 0's
-            under DDP.
+            (``L.seed_everything``) when the loader is built, as Lightning's distributed sampler does; under DDP
+            process 0's, taken when the fit starts (in :meth:`setup`: a subclass that overrides it calls
+            ``super().setup(stage)``).
         predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
             come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
@@ -141,8 +142,9 @@ class CrestDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
-        # Process 0's global seed, with the process count and this process's own seed it was taken under.
-        self._process_0_seed: tuple[int, int, int] | None = None
+        self._process_0_seed: int | None = (
+            None  # Lightning's global seed on process 0 as the last fit started
+        )
 
     @property
     def train_dataset(self) -> Dataset[Any]:
@@ -208,23 +210,25 @@ class CrestDataModule(L.LightningDataModule):
             **self._loader_options(),
         )
 
-    def _shuffle_seed(self) -> int:
-        """The seed of plain epochs: ``seed``, else Lightning's global seed, process 0's under DDP.
+    @override
+    def setup(self, stage: str) -> None:
+        # Lightning calls this on every process as a fit starts: process 0's seed, a collective, is taken here, so
+        # that a hook that builds the training loader on one process alone (a progress display under
+        # `rank_zero_only`, say) does not wait for the others.
+        trainer = self.trainer
+        if stage == "fit" and self.seed is None and trainer is not None and trainer.world_size > 1:
+            self._process_0_seed = global_seed(trainer)
 
-        Taking process 0's is a collective, so it is taken once per global seed, when Lightning builds the loader on
-        every process: a hook that builds it again on one process alone (a progress display under
-        ``rank_zero_only``, say) must not wait for the others.
-        """
+    def _shuffle_seed(self) -> int:
+        """The seed of plain epochs: ``seed``, else Lightning's global seed, process 0's under DDP."""
         if self.seed is not None:
             return self.seed
-        own = global_seed()
         trainer = self.trainer
         if trainer is None or trainer.world_size == 1:
-            return own
-        cached = self._process_0_seed
-        if cached is None or cached[:2] != (trainer.world_size, own):
-            cached = self._process_0_seed = (trainer.world_size, own, global_seed(trainer))
-        return cached[2]
+            return global_seed()
+        if self._process_0_seed is None:  # a subclass's `setup` did not call this one
+            return global_seed(trainer)
+        return self._process_0_seed
 
     @override
     def val_dataloader(self) -> DataLoader[Any]:

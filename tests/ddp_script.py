@@ -58,14 +58,21 @@ class TeardownSums(L.Callback):
 
 
 class LoaderLengths(L.Callback):
-    """Builds the training loader on process 0 alone at every epoch's start, as a progress display under
+    """Builds the training loader on process 0 alone when the fit and each epoch start, as a progress display under
     ``rank_zero_only`` might, and appends its length to ``path``: building it must not wait for the other process."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @rank_zero_only
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    @rank_zero_only
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer)
+
+    def _record(self, trainer: L.Trainer) -> None:
         with self.path.open("a") as f:
             f.write(f"{len(trainer.datamodule.train_dataloader())}\n")  # type: ignore[attr-defined]
 
@@ -236,7 +243,9 @@ def main(strategy: str, out: Path) -> None:
             "test_accuracy": accuracy(model, dm.test_dataset),
         }
         (out / "result.json").write_text(json.dumps(result))
-    # Plain shuffled epochs (no CrestCallback) of the data module, with process 0 building the loader alone again.
+    # Plain shuffled epochs (no CrestCallback) of the data module, with process 0 building the loader alone again,
+    # the processes seeded differently again (process 0's seed is taken anew).
+    os.environ["PL_GLOBAL_SEED"] = str(11 * trainer.global_rank)
     make_trainer([LoaderLengths(lengths)], strategy=strategy, devices=2, max_epochs=1).fit(
         Classifier(), datamodule=dm
     )

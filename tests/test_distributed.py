@@ -202,10 +202,10 @@ def test_launchers_that_run_the_script(strategy: str, tmp_path: Path) -> None:
     assert report["logged_test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
     if strategy == "ddp":  # rank 0 is the parent process: its trainer ran the fit itself
         assert report["global_step"] == 2 * 10
-    # Process 0 built the training loader alone at each epoch's start without waiting for the other (the plain
-    # epochs' seed is process 0's, taken once when Lightning built the loader on both): 10 CREST steps in each of
-    # the 2 epochs, then a plain epoch of 600 examples per process in batches of 16.
-    assert (tmp_path / "loader_lengths").read_text().split() == ["10", "10", "38"]
+    # Process 0 built the training loader alone as each fit and epoch started without waiting for the other (the
+    # plain epochs' seed is process 0's, taken in the data module's `setup`): 10 CREST steps in each of the 2
+    # epochs, then a plain epoch of 600 examples per process in batches of 16.
+    assert (tmp_path / "loader_lengths").read_text().split() == ["10", "10", "10", "38", "38"]
 
 
 @pytest.mark.parametrize(
