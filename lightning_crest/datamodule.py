@@ -142,9 +142,8 @@ class CrestDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.plan = CoresetPlan()
         self.steps_per_epoch: int | None = None
-        self._process_0_seed: int | None = (
-            None  # Lightning's global seed on process 0 as the last fit started
-        )
+        # Lightning's global seed on process 0 as the last fit under DDP started (see setup).
+        self._process_0_seed: int | None = None
 
     @property
     def train_dataset(self) -> Dataset[Any]:

@@ -5,7 +5,8 @@ tests run this file through ``subprocess``::
 
     python tests/ddp_script.py ddp OUT_DIR          # or ddp_notebook
 
-Rank 0 writes ``OUT_DIR/result.json`` and ``OUT_DIR/loader_lengths``. ``ddp_spawn`` tests import :class:`Audit`, :class:`TeardownSums` and :func:`setting` from here.
+Rank 0 writes ``OUT_DIR/result.json`` and ``OUT_DIR/loader_lengths``. ``ddp_spawn`` tests import :class:`Audit`,
+:class:`TeardownSums` and :func:`setting` from here.
 """
 
 from __future__ import annotations
