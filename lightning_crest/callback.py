@@ -201,7 +201,7 @@ class CrestCallback(Callback):
     _probe_is_the_weights: bool = False  # a tuple batch's weights, made to require grad themselves
     _ignore_next_state: bool  # the checkpoint being restored is not a fit's (see on_load_checkpoint)
     _in_step: bool  # between this callback's on_train_batch_start and on_train_batch_end
-    _floor_probed: bool = False  # per_example_loss was checked for a floor above drop_threshold
+    _floor_probed: bool = False  # per_example_loss was checked in this fit for a floor above drop_threshold
     _logits_probed: bool = False  # compute_logits was checked in this fit for probabilities instead of logits
     # In this fit, the module that 'last_layer' models was seen to give the logits.
     _last_layer_checked: bool = False
@@ -889,7 +889,7 @@ class CrestCallback(Callback):
             self._generator = torch.Generator().manual_seed(self._seed)
         self._trainer, self._module, self._dm = trainer, pl_module, dm
         # Checked once per fit: the module may have changed since the last.
-        self._last_layer_checked = self._logits_probed = False
+        self._last_layer_checked = self._logits_probed = self._floor_probed = False
         self._labels = labels
         self._num_classes = num_classes
         self._global_batch = global_batch

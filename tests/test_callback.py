@@ -964,6 +964,17 @@ def test_a_loss_with_a_floor_above_the_threshold_warns_before_the_first_step() -
             fit(quiet, max_epochs=1)
 
 
+def test_the_loss_floor_is_probed_again_in_each_fit() -> None:
+    # A threshold raised above the floor keeps the first fit quiet; lowered under it before the next fit, it warns.
+    callback = Smoothed(random_subset_size=0.2, drop_threshold=0.4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*stays above `drop_threshold`")
+        fit(callback, max_epochs=1)
+    callback.drop_threshold = 0.1
+    with pytest.warns(UserWarning, match=r"stays above `drop_threshold`=0\.1"):
+        fit(callback, max_epochs=1)
+
+
 def test_the_loss_floor_probe_changes_nothing_in_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
 
     runs = []
