@@ -7,7 +7,13 @@ class) and ``longtail`` (the same for classes 0-4, 3% of it for classes 5-9). Pr
 accuracy, selections, the tail classes' share of the training weight against their share of the data) and the
 means; it never asserts on time or accuracy.
 
+With ``--drop-interval T2`` CREST excludes learned examples every ``T2`` epochs (the callback's default, 20, never
+does in 10 epochs), and the script also prints, for every CREST run, each class's share of the pool that random
+subsets are drawn from, divided by its share of the training set, after every exclusion that shrank the pool (read
+from the callback's public ``pool`` mask at the end of each epoch). ``--sets`` and ``--methods`` restrict the runs.
+
     python benchmarks/many_classes.py [--data-dir data] [--seeds 3] [--epochs 10]
+    python benchmarks/many_classes.py --sets longtail --methods crest --drop-interval 3
 """
 
 from __future__ import annotations
@@ -68,15 +74,32 @@ class Model(L.LightningModule):
         }
 
 
+class PoolRecorder(L.Callback):
+    """Each class's count in CREST's pool at the end of every epoch in which the pool changed."""
+
+    def __init__(self, crest: CrestCallback) -> None:
+        self.crest = crest
+        self.counts: list[tuple[int, torch.Tensor]] = []  # (epoch, per-class counts)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule  # type: ignore[attr-defined]
+        labels = dm.train_dataset.targets
+        counts = torch.bincount(labels[self.crest.pool], minlength=10)
+        if not self.counts or not torch.equal(counts, self.counts[-1][1]):
+            self.counts.append((trainer.current_epoch, counts))
+
+
 def run(
     train: InMemoryVisionDataset, test: Any, method: str, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     model = Model(args.lr, args.epochs)
-    callback = CrestCallback(fraction=0.1, random_subset_size=args.subset, selection=method)
+    drop = {} if args.drop_interval is None else {"drop_interval": args.drop_interval}
+    callback = CrestCallback(fraction=0.1, random_subset_size=args.subset, selection=method, **drop)
+    recorder = PoolRecorder(callback)
     trainer = L.Trainer(
         max_epochs=args.epochs,
-        callbacks=[callback],
+        callbacks=[callback, recorder],
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
@@ -94,6 +117,11 @@ def run(
         "selections": int(callback.statistics["selections"]),
         "tail_weight": float(model.weight_by_class[tail].sum() / model.weight_by_class.sum()),
         "tail_data": float(frequency[tail].sum() / frequency.sum()),
+        # Each class's share of the pool over its share of the training set, after each change of the pool.
+        "pool_shares": [
+            (epoch, int(counts.sum()), (counts / counts.sum() / (frequency / frequency.sum())).tolist())
+            for epoch, counts in recorder.counts
+        ],
     }
 
 
@@ -106,18 +134,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--subset", type=int, default=100, help="random subset size r")
     parser.add_argument("--per-class", type=int, default=1000, help="training images per class")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument(
+        "--drop-interval", type=int, default=None, help="CREST's drop_interval; default: the callback's (20)"
+    )
+    parser.add_argument(
+        "--sets", nargs="+", choices=("balanced", "longtail"), default=["balanced", "longtail"]
+    )
+    parser.add_argument("--methods", nargs="+", choices=("crest", "random"), default=["crest", "random"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     full, test, _ = load_dataset("fashion-mnist", args.data_dir)
-    print(f"batch {args.batch}, r = {args.subset}, {args.epochs} epochs at 10%, seeds 0-{args.seeds - 1}\n")
+    drop = "" if args.drop_interval is None else f", drop_interval {args.drop_interval}"
+    print(
+        f"batch {args.batch}, r = {args.subset}, {args.epochs} epochs at 10%{drop}, seeds 0-{args.seeds - 1}\n"
+    )
     print("| set | method | seed | test acc (%) | selections | tail share of weight | tail share of data |")
     print("|---|---|---|---|---|---|---|")
-    summary = []
-    for variant in ("balanced", "longtail"):
+    summary, pools = [], []
+    for variant in args.sets:
         train = training_set(full, variant, args.per_class)
-        for method in ("crest", "random"):
+        for method in args.methods:
             runs = [run(train, test, method, seed, args) for seed in range(args.seeds)]
             for seed, r in enumerate(runs):
                 selections = r["selections"] if method == "crest" else "-"
@@ -126,11 +164,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"{r['tail_weight']:.4f} | {r['tail_data']:.4f} |",
                     flush=True,
                 )
+                if method == "crest":
+                    pools += [(variant, seed, *change) for change in r["pool_shares"][1:]]
             accuracies = [r["accuracy"] for r in runs]
             spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
             summary.append(f"| {variant} | {method} | {statistics.mean(accuracies):.2f} ± {spread:.2f} |")
     print("\n| set | method | test acc (%), mean ± sd |\n|---|---|---|")
     print("\n".join(summary))
+    if pools:
+        print(
+            "\nEach class's share of CREST's pool / its share of the training set, at the end of each epoch whose "
+            "exclusion shrank the pool (epochs from 0):\n"
+        )
+        print("| set | seed | epoch | pool size | " + " | ".join(f"class {c}" for c in range(10)) + " |")
+        print("|---|---|---|---|" + "---|" * 10)
+        for variant, seed, epoch, size, ratios in pools:
+            print(
+                f"| {variant} | {seed} | {epoch} | {size} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |"
+            )
 
 
 if __name__ == "__main__":
