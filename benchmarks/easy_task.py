@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import time
 import warnings
@@ -88,7 +89,10 @@ class CountingCallback(CrestCallback):
     def _check(self) -> bool:
         failed = super()._check()
         assert self._trainer is not None
-        self.checks.append((self._trainer.global_step, self._rho, self._quadratic.anchor_loss, failed))
+        anchor = self._quadratic.anchor_loss
+        self.checks.append(
+            (self._trainer.global_step, self._rho, math.nan if anchor is None else anchor, failed)
+        )
         return failed
 
 
@@ -184,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
 
         def mean(key: str, runs: list[dict[str, Any]] = runs) -> float:
-            return statistics.mean(r[key] for r in runs)
+            return float(statistics.mean(r[key] for r in runs))
 
         label = "random" if tau is None else f"crest, tau {tau}"
         selections = "-" if tau is None else f"{mean('selections'):.1f}"
