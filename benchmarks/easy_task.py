@@ -9,11 +9,11 @@ arguments the callback's defaults, the Hessian probes (a double backward through
 
 For every ``tau`` and seed it prints the selections, the checks and how many failed, the largest and the median
 ``rho`` over the checks and its median over each third of the steps, the anchor loss ``L0`` of the last check
-(the check sample's loss at its selection), CREST's share of the fit's wall time (``statistics["overhead"]``) and its parts (``timings``), the loss on the
-whole training set at the end and the accuracy on ``--size`` fresh sequences; then random mini-batches at the same
-budget. It never asserts on time or accuracy. The checks are counted, and ``rho`` and ``L0`` read at each one, by
-overriding the callback's private ``_check`` (as ``check_trace.py`` does); ``statistics`` holds only the last
-``rho``.
+(the check sample's loss at its selection), CREST's share of the fit's wall time (``statistics["overhead"]``)
+and its parts (``timings``), the loss on the whole training set at the end and the accuracy on ``--size`` fresh
+sequences; then random mini-batches at the same budget. It never asserts on time or accuracy. The checks are
+counted, and ``rho`` and ``L0`` read at each one, by overriding the callback's private ``_check`` (as
+``check_trace.py`` does); ``statistics`` holds only the last ``rho``.
 
     python benchmarks/easy_task.py [--taus 0.05 0.2 0.5 2] [--seeds 3] [--epochs 10]
 """
@@ -161,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.epochs} epochs at 10%, Adam lr {args.lr}, seeds 0-{args.seeds - 1}\n"
     )
     print(
-        "| tau | selections | checks (failed) | max rho | median rho | median rho by third of the steps | L0 at last check | seed | steps | "
-        "overhead | proxies / greedy / hessian / checks (s) | fit (s) | final train loss | held-out acc (%) |"
+        "| tau | selections | checks (failed) | max rho | median rho | median rho by third of the steps | "
+        "L0 at last check | seed | steps | overhead | proxies / greedy / hessian / checks (s) | fit (s) | "
+        "final train loss | held-out acc (%) |"
     )
     print("|" + "---|" * 14)
     summary = []

@@ -397,6 +397,78 @@ def test_many_classes_script_prints_every_run_and_the_means(fashion_dir: Path) -
     assert len(re.findall(r"^\| \w+ \| \w+ \| [0-9.]+ ± [0-9.]+ \|$", out, re.M)) == 4
 
 
+def test_many_classes_script_prints_the_pool_shares_after_each_exclusion(fashion_dir: Path) -> None:
+    args = [
+        "--data-dir",
+        str(fashion_dir),
+        "--seeds",
+        "1",
+        "--epochs",
+        "4",
+        "--per-class",
+        "200",
+        "--lr",
+        "0.05",
+    ]
+    out = run_benchmark_script(
+        "many_classes.py", *args, "--sets", "longtail", "--methods", "crest", "--drop-interval", "2"
+    )
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()]
+    pools = [row for row in rows if len(row) == 14 and row[0] == "longtail"]
+    assert pools, out
+    # 200 images of each of classes 0-4, 6 of each of classes 5-9.
+    data_share = torch.tensor([200.0] * 5 + [6.0] * 5) / 1030
+    for _, seed, epoch, size, *ratios in pools:
+        assert seed == "0"
+        # Exclusions come every second epoch (from 0), each one after training on the window it closes.
+        assert int(epoch) % 2 == 0
+        assert 515 <= int(size) < 1030
+        shares = torch.tensor([float(r) for r in ratios]) * data_share
+        # The pool's shares add up to 1; no class rises above the pool floor's 1 / min_pool_fraction.
+        assert float(shares.sum()) == pytest.approx(1.0, abs=0.01)
+        assert max(float(r) for r in ratios) <= 1030 / int(size) + 0.005
+    # Without the option nothing is excluded in 4 epochs (drop_interval=20) and no pool table is printed.
+    assert "share of CREST's pool" not in run_benchmark_script(
+        "many_classes.py", *args, "--sets", "longtail", "--methods", "random"
+    )
+
+
+def test_easy_task_script_prints_a_row_per_tau_and_seed_and_the_random_baseline() -> None:
+    out = run_benchmark_script(
+        "easy_task.py", "--seeds", "1", "--epochs", "2", "--taus", "0.5", "2", "--size", "400"
+    )
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.splitlines()]
+    runs = [row for row in rows if len(row) == 14 and row[7] == "0"]
+    assert [row[0] for row in runs] == ["0.5", "2.0", "random"]
+    for tau, selections, checks, *_, steps, overhead, _, _, loss, accuracy in runs:
+        # 400 sequences at 10% in batches of 40: one step per epoch.
+        assert steps == "2"
+        assert 0 <= float(overhead.rstrip("%")) <= 100
+        assert float(loss) > 0
+        assert 0 <= float(accuracy) <= 100
+        if tau != "random":
+            made, failed = re.fullmatch(r"(\d+) \((\d+)\)", checks).groups()  # type: ignore[union-attr]
+            assert int(selections) >= 1
+            assert int(failed) <= int(made)
+    summary = [row[0] for row in rows if len(row) == 6 and row[0] not in ("method", "---")]
+    assert summary == ["crest, tau 0.5", "crest, tau 2.0", "random"]
+
+
+def test_the_easy_tasks_label_says_whether_the_marker_occurs() -> None:
+    path = Path(__file__).parents[1] / "benchmarks" / "easy_task.py"
+    spec = importlib.util.spec_from_file_location("easy_task", path)
+    assert spec is not None
+    assert spec.loader is not None
+    easy_task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(easy_task)
+    data = easy_task.Sequences(500, 12, seed=3)
+    assert torch.equal(data.targets, (data.tokens == easy_task.MARKER).any(1).long())
+    assert 0.4 < float(data.targets.float().mean()) < 0.6
+    tokens, target = data[7]
+    assert torch.equal(tokens, data.tokens[7])
+    assert target == int(data.targets[7])
+
+
 def test_step_cost_script_prints_both_layouts(fashion_dir: Path) -> None:
     out = run_benchmark_script(
         "step_cost.py", "--data-dir", str(fashion_dir), "--rounds", "1", "--batch", "32", "--subset", "70"
