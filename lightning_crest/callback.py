@@ -464,7 +464,7 @@ class CrestCallback(Callback):
         if self._dm is not None:
             self._dm.use_plan(None)
             plan = self._dm.plan
-            plan.refill = plan.resolve = plan.on_epoch_start = plan.check_reader = None
+            plan.refill = plan.resolve = plan.on_iterator_start = plan.check_reader = None
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -512,26 +512,30 @@ class CrestCallback(Callback):
             "`DataLoader(dm.train_dataset, ...)`."
         )
 
-    def _start_iterator(self, epoch: int) -> None:
-        """An epoch's iterator starts reading from its first step (called by the sampler)."""
+    def _start_iterator(self, epoch: int, start: int) -> None:
+        """An iterator starts reading ``epoch`` from step ``start`` (called by the sampler)."""
         plan = self._dm.plan
         epoch = max(epoch, self._epoch_floor)
         if epoch == self._iterator_epoch:
-            # The epoch's iterator again (Lightning creates two when it reloads the loaders, or when it resumes into
-            # an epoch with no batch left, whose iterator's workers start reading the next): batches the first read
-            # ahead and training never reached are served again, first, and those of an earlier plan stay stale.
+            # The epoch's iterator again. Lightning creates two when it reloads the loaders, when it resumes into an
+            # epoch with no batch left (the first's workers start reading the next), and when it resumes inside an
+            # epoch with reloaded loaders and `configure_optimizers` reads `estimated_stepping_batches` (which
+            # builds a loader before the epoch is restored). Batches the first read ahead and training never
+            # reached are served again, first, and those of an earlier plan stay stale.
             if self._trained != self._iterator_trained:
                 # Lightning starts its second iterator before the epoch's first step: one after steps is a hook's.
                 self._refuse_reader()
             plan.unserve(plan.served - self._trained)
-        else:
+        elif start == 0:
             # A new epoch: batches read beyond the last one's trained steps (an epoch cut short by
             # `limit_train_batches`) are forgotten.
             self._trained = plan.served
             self._stale = 0
+        # (Else the epoch a restore goes on with, from its saved step and count of stale batches.)
         self._iterator_trained = self._trained
         self._iterator_epoch = epoch
-        self._begin_epoch(epoch)
+        if start == 0:
+            self._begin_epoch(epoch)
 
     def _begin_epoch(self, epoch: int) -> None:
         """Work due when an epoch starts; runs once per epoch, from whichever comes first.
@@ -539,7 +543,7 @@ class CrestCallback(Callback):
         Usually that is ``on_train_epoch_start``. Lightning skips that hook when it resumes from a checkpoint saved
         inside an epoch, and also when the checkpoint was saved on the epoch's last step (in
         ``on_train_batch_end``), where the resumed run starts the next epoch at once: then the sampler calls this
-        when the new epoch's first batch is read (:attr:`CoresetPlan.on_epoch_start`).
+        when the new epoch's first batch is read (:attr:`CoresetPlan.on_iterator_start`).
 
         The sampler's epoch can lag: resuming with loader workers from a checkpoint saved at an epoch's end,
         Lightning starts reading the next epoch before it sets the sampler's epoch (or its own). The restored state
@@ -572,6 +576,8 @@ class CrestCallback(Callback):
     ) -> None:
         check_accumulation(trainer)  # a GradientAccumulationScheduler may raise it at any epoch
         self._in_step = True
+        # The resumed epoch's iterator trains: later iterators start epochs of their own.
+        self._dm.plan.resume_step = 0
         if not self._weights_checked and is_weighted_batch(batch):
             # Whether, and how, the loss uses each weight shows in the probe's gradient. Given to the step as
             # `weights + probe` where the batch is a list (as collated), so the step may change them in place.
@@ -897,10 +903,13 @@ class CrestCallback(Callback):
         self._steps_per_epoch = steps_per_epoch
         dm.use_plan(self._steps_per_epoch)
         dm.plan.refill = self._select
-        dm.plan.on_epoch_start = self._start_iterator
+        dm.plan.on_iterator_start = self._start_iterator
         dm.plan.check_reader = self._check_reader
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
+        dm.plan.resume_step = (
+            0  # left set by a resumed fit that stopped before its first step (a restore sets it)
+        )
         self._trained = self._iterator_trained = 0
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False

@@ -30,6 +30,10 @@ from lightning_crest.sampler import (
     collated_pair,
 )
 
+# An evaluation stage's data: a dataset, a list or tuple of them (one loader each), or None; and its loaders.
+EvalDatasets = Dataset[Any] | Sequence[Dataset[Any]] | None
+EvalLoaders = DataLoader[Any] | list[DataLoader[Any]]
+
 
 class CrestDataModule(L.LightningDataModule):
     """Serves a training set as weighted mini-batch coresets chosen by :class:`~lightning_crest.CrestCallback`.
@@ -48,8 +52,10 @@ class CrestDataModule(L.LightningDataModule):
             from its ``targets`` attribute when present (or those of the datasets under a ``Subset``, such as
             ``random_split`` returns, or a ``ConcatDataset``, when its items agree with them), else in one pass over
             the data (announced by a warning above 10,000 items).
-        val_dataset: Optional validation set, served by ``val_dataloader``.
-        test_dataset: Optional test set, served by ``test_dataloader``.
+        val_dataset: Optional validation set, served by ``val_dataloader``; a list or tuple of datasets is served
+            as one loader each (Lightning passes ``dataloader_idx`` to the step), as
+            ``LightningDataModule.from_datasets`` does.
+        test_dataset: Optional test set (or list of them), served by ``test_dataloader``.
         batch_size: Examples per process and training step (one mini-batch coreset per step).
         num_workers: Data loader worker processes.
         eval_batch_size: Batch size of evaluation and of CREST's own forward passes; defaults to
@@ -60,8 +66,8 @@ class CrestDataModule(L.LightningDataModule):
             (``L.seed_everything``) when the loader is built, as Lightning's distributed sampler does; under DDP
             process 0's, taken when the fit starts (in :meth:`setup`: a subclass that overrides it calls
             ``super().setup(stage)``).
-        predict_dataset: Optional dataset for ``trainer.predict``, served by ``predict_dataloader`` as its items
-            come (no targets needed).
+        predict_dataset: Optional dataset (or list of them) for ``trainer.predict``, served by
+            ``predict_dataloader`` as its items come (no targets needed).
         collate_fn: Turns a list of ``(input, target)`` items into an ``(inputs, targets)`` batch, for inputs that
             :func:`~torch.utils.data.default_collate` cannot stack (text to pad, say). It must keep the items'
             order and return ``targets`` as a ``(B,)`` tensor of class indices. Used for every loader (the predict
@@ -93,14 +99,14 @@ class CrestDataModule(L.LightningDataModule):
     def __init__(
         self,
         train_dataset: Dataset[Any],
-        val_dataset: Dataset[Any] | None = None,
-        test_dataset: Dataset[Any] | None = None,
+        val_dataset: EvalDatasets = None,
+        test_dataset: EvalDatasets = None,
         batch_size: int = 128,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
         pin_memory: bool = False,
         seed: int | None = None,
-        predict_dataset: Dataset[Any] | None = None,
+        predict_dataset: EvalDatasets = None,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         prefetch_factor: int | None = None,
         persistent_workers: bool | None = None,
@@ -157,12 +163,12 @@ class CrestDataModule(L.LightningDataModule):
         self._labels: Tensor | None = None  # read again from the new set when asked for
 
     @property
-    def val_dataset(self) -> Dataset[Any] | None:
-        """The validation set, or None for no validation."""
+    def val_dataset(self) -> EvalDatasets:
+        """The validation set (or list of them), or None for no validation."""
         return self._val_dataset
 
     @val_dataset.setter
-    def val_dataset(self, dataset: Dataset[Any] | None) -> None:
+    def val_dataset(self, dataset: EvalDatasets) -> None:
         _check_eval_dataset("val_dataset", dataset)
         self._val_dataset = dataset
         # Lightning validates only when `val_dataloader` is overridden. Without a validation set the instance gets a
@@ -230,23 +236,28 @@ class CrestDataModule(L.LightningDataModule):
         return self._process_0_seed
 
     @override
-    def val_dataloader(self) -> DataLoader[Any]:
+    def val_dataloader(self) -> EvalLoaders:
         return self._stage_loader("val")
 
     @override
-    def test_dataloader(self) -> DataLoader[Any]:
+    def test_dataloader(self) -> EvalLoaders:
         return self._stage_loader("test")
 
     @override
-    def predict_dataloader(self) -> DataLoader[Any]:
+    def predict_dataloader(self) -> EvalLoaders:
         return self._stage_loader("predict")
 
-    def _stage_loader(self, stage: str) -> DataLoader[Any]:
+    def _stage_loader(self, stage: str) -> EvalLoaders:
         dataset = getattr(self, f"{stage}_dataset")
         if dataset is None:
             raise MisconfigurationException(
                 f"CrestDataModule was created without a `{stage}_dataset`; pass one to use `{stage}_dataloader`."
             )
+        if _is_list_of_datasets(dataset):
+            return [self._eval_loader(part) for part in dataset]
+        return self._eval_loader(dataset)
+
+    def _eval_loader(self, dataset: Dataset[Any]) -> DataLoader[Any]:
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -314,7 +325,7 @@ class _NoValidationLoader:
     def __init__(self, dm: CrestDataModule) -> None:
         self.dm = dm
 
-    def __call__(self) -> DataLoader[Any]:
+    def __call__(self) -> EvalLoaders:
         return self.dm._stage_loader("val")
 
 
@@ -364,11 +375,25 @@ _MASK64 = (1 << 64) - 1
 def _check_not_a_loader_or_path(name: str, dataset: object) -> None:
     if isinstance(dataset, DataLoader):
         raise TypeError(f"`{name}` must be a dataset, got a DataLoader; pass its `.dataset`.")
+    if isinstance(dataset, (list, tuple)) and any(isinstance(part, DataLoader) for part in dataset):
+        raise TypeError(
+            f"`{name}` must be a dataset or a list of datasets, got a {type(dataset).__name__} of DataLoaders; "
+            "pass their `.dataset`s."
+        )
     if isinstance(dataset, (str, bytes, os.PathLike)):
         raise TypeError(
             f"`{name}` must be a dataset, got the {type(dataset).__name__} {dataset!r} (a path?); build the dataset "
             "from it and pass that."
         )
+
+
+def _is_list_of_datasets(dataset: object) -> bool:
+    """A list or tuple of datasets (one loader each), not a list of items (one dataset)."""
+    return (
+        isinstance(dataset, (list, tuple))
+        and len(dataset) > 0
+        and all(isinstance(part, Dataset) for part in dataset)
+    )
 
 
 def _check_eval_dataset(name: str, dataset: object) -> None:

@@ -34,11 +34,13 @@ class CoresetPlan:
     :meth:`served_since` returns the last ones, so that a checkpoint can keep those read but not yet trained;
     :attr:`replay` holds such batches after a restore, and they are served again, first, before the plan goes on.
 
-    :attr:`resume_step` is the in-epoch step the next epoch iterator starts from: ``0``, except after restoring a
-    checkpoint saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps
-    that are left. The iterator reads it once and sets it back to ``0``. An iterator that starts an epoch at step
-    ``0`` first calls :attr:`on_epoch_start`, so epoch-start work also happens when Lightning resumes into a new
-    epoch without calling its own epoch-start hooks (the callback makes that call idempotent). A sampler that starts
+    :attr:`resume_step` is the in-epoch step that iterators start from: ``0``, except after restoring a checkpoint
+    saved inside an epoch, where Lightning restarts the epoch's data loader but asks only for the steps that are
+    left. It holds until the resumed epoch trains its first step (the callback then sets it back to ``0``), so that
+    every iterator Lightning starts for that epoch starts there. Every iterator first calls
+    :attr:`on_iterator_start` with its epoch and first step, so epoch-start work also happens when Lightning resumes
+    into a new epoch without calling its own epoch-start hooks (the callback makes that call idempotent), and
+    batches that a dropped iterator's workers read ahead are served again by the next. A sampler that starts
     reading the plan first passes itself to :attr:`check_reader`, which refuses any but the trainer's: another reader
     would use up batches that training then skips.
     """
@@ -52,7 +54,7 @@ class CoresetPlan:
         self.resume_step = 0
         self.refill: Callable[[int], None] | None = None
         self.resolve: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
-        self.on_epoch_start: Callable[[int], None] | None = None
+        self.on_iterator_start: Callable[[int, int], None] | None = None
         self.check_reader: Callable[[CoresetSampler], None] | None = None
 
     def __len__(self) -> int:
@@ -169,11 +171,11 @@ class CoresetSampler(DistributedSampler[Key]):
             self.plan.check_reader(self)
         share = batch_share(self.rank, self.num_replicas)
         # After a mid-epoch resume Lightning counts the steps already trained and asks only for the rest.
-        start, self.plan.resume_step = self.plan.resume_step % self.steps_per_epoch, 0
-        if start == 0 and self.plan.on_epoch_start is not None:
+        start = self.plan.resume_step % self.steps_per_epoch
+        if self.plan.on_iterator_start is not None:
             # Lightning sets the sampler's epoch before it creates the epoch's iterator; with loader workers the
             # iterator starts before the trainer's own epoch counter moves on.
-            self.plan.on_epoch_start(self.epoch)
+            self.plan.on_iterator_start(self.epoch, start)
         for step in range(start, self.steps_per_epoch):
             indices, weights = self.plan.next(self.steps_per_epoch - step)
             if len(indices) != self.num_replicas * self.batch_size:

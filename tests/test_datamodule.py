@@ -802,6 +802,10 @@ def test_collate_fn_must_be_callable() -> None:
         ),
         ({"test_dataset": b"test"}, r"`test_dataset` must be a dataset, got the bytes b'test' \(a path\?\)"),
         (
+            {"val_dataset": [blobs(n=8), DataLoader(blobs(n=8))]},
+            r"`val_dataset` must be a dataset or a list of datasets, got a list of DataLoaders; pass their",
+        ),
+        (
             {"predict_dataset": pathlib.Path("data")},
             r"`predict_dataset` must be a dataset, got the PosixPath PosixPath\('data'\) \(a path\?\)",
         ),
@@ -814,6 +818,45 @@ def test_evaluation_sets_must_be_datasets(kwargs: dict[str, Any], match: str) ->
         blobs(n=40), val_dataset=[(torch.zeros(16), 0)]
     )  # any sized sequence of items will do
     assert len(dm.val_dataloader().dataset) == 1  # type: ignore[arg-type]
+
+
+class PerLoader(TinyClassifier):
+    """Logs the loss of each evaluation loader under its own name; predicts each loader's batches' sizes."""
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, targets = batch
+        self.log("val_size", float(len(targets)), reduce_fx="sum", add_dataloader_idx=True)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, targets = batch
+        self.log("test_size", float(len(targets)), reduce_fx="sum", add_dataloader_idx=True)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> int:
+        return len(batch[1])
+
+
+def test_a_list_of_evaluation_sets_is_served_as_one_loader_each() -> None:
+    # As LightningDataModule.from_datasets does: Lightning passes each loader's index to the step.
+    dm = CrestDataModule(
+        blobs(n=64),
+        val_dataset=[blobs(n=24, seed=1), blobs(n=40, seed=2)],
+        test_dataset=(blobs(n=8, seed=3), blobs(n=16, seed=4), blobs(n=32, seed=5)),
+        predict_dataset=[blobs(n=20, seed=6)],
+        batch_size=32,
+        eval_batch_size=16,
+    )
+    trainer = make_trainer([CrestCallback(random_subset_size=0.5)], max_epochs=1)
+    model = PerLoader()
+    trainer.fit(model, datamodule=dm)
+    assert [len(loader.dataset) for loader in trainer.val_dataloaders] == [24, 40]  # type: ignore[union-attr, arg-type]
+    validated = trainer.validate(model, datamodule=dm, verbose=False)
+    assert validated == [{"val_size/dataloader_idx_0": 24.0}, {"val_size/dataloader_idx_1": 40.0}]
+    tested = trainer.test(model, datamodule=dm, verbose=False)
+    assert [sum(result.values()) for result in tested] == [8.0, 16.0, 32.0]
+    assert trainer.predict(model, datamodule=dm) == [16, 4]  # one loader: its predictions as they come
+    # A list of items is one dataset, as before.
+    items = CrestDataModule(blobs(n=40), val_dataset=[(torch.zeros(16), 0), (torch.ones(16), 1)])
+    assert len(items.val_dataloader().dataset) == 2  # type: ignore[union-attr, arg-type]
 
 
 def test_a_path_given_as_the_training_set_is_refused() -> None:

@@ -166,6 +166,51 @@ def test_resume_mid_epoch_and_at_epoch_ends_is_bit_exact(
         assert counts == (full._quadratic.step, full._quadratic.curvature_steps), ckpt
 
 
+class StepScheduled(TinyClassifier):
+    """A cosine schedule over the fit's steps, sized as the README says: ``estimated_stepping_batches``."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_resume_mid_epoch_with_reloaded_loaders_and_a_schedule_sized_in_steps(tmp_path: Path) -> None:
+    # `estimated_stepping_batches` builds the training loader before Lightning restores the epoch, and with
+    # `reload_dataloaders_every_n_epochs` it builds another after: two iterators of the resumed epoch. The first's
+    # workers read the batches a restore has still to serve; the second serves them again, from the saved step.
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    options: dict[str, Any] = {"num_workers": 2, "reload_dataloaders_every_n_epochs": 1}
+    full = crest()
+    trainer, reference = run(full, model=StepScheduled(), extra=[steps], enable_checkpointing=True, **options)
+    assert trainer.global_step == EPOCHS * STEPS
+    for start in (12, 16, 24):  # inside the second and third epochs
+        resumed = crest()
+        trainer, model = run(
+            resumed, model=StepScheduled(), ckpt_path=str(tmp_path / f"step={start}.ckpt"), **options
+        )
+        assert trainer.global_step == EPOCHS * STEPS, start
+        # It skipped the batches the first iterator read, and trained a whole epoch after the saved step.
+        assert resumed.trained == [t for t in full.trained if t[0] > start], start
+        assert same_parameters(model, reference), start
+
+
+def test_a_resumed_fit_that_trains_no_step_leaves_the_next_fits_epochs_whole(tmp_path: Path) -> None:
+    steps = ModelCheckpoint(tmp_path, filename="{step}", every_n_train_steps=4, save_top_k=-1)
+    run(crest(), extra=[steps], enable_checkpointing=True, max_epochs=1)
+    callback = crest()
+    dm = CrestDataModule(blobs(n=N), batch_size=BATCH)
+    trainer = make_trainer([callback], max_steps=4)
+    trainer.fit(TinyClassifier(), datamodule=dm, ckpt_path=str(tmp_path / "step=4.ckpt"))
+    assert trainer.global_step == 4
+    assert callback.trained == []
+    # The saved step was the stopped fit's: a fit without `ckpt_path` starts its epochs at their first step.
+    trainer = make_trainer([callback], max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == STEPS
+
+
 class Augmented(LabelledTensors):
     """Every read of an item adds fresh noise from torch's global generator, like a random augmentation."""
 

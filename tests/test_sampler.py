@@ -180,14 +180,16 @@ def test_a_restart_forgets_the_batches_served_before() -> None:
         plan.served_since(2)
 
 
-def test_a_resumed_epoch_starts_at_its_step_without_epoch_start_and_the_next_epoch_is_whole() -> None:
+def test_a_resumed_epoch_starts_at_its_step_until_reset_and_the_next_epoch_is_whole() -> None:
     plan = _plan(8, 2)
-    started: list[int] = []
-    plan.on_epoch_start = started.append
+    started: list[tuple[int, int]] = []
+    plan.on_iterator_start = lambda epoch, start: started.append((epoch, start))
     sampler = CoresetSampler(list(range(16)), 2, plan=plan, steps_per_epoch=4)
     plan.resume_step = 3
     assert len(list(sampler)) == 2
-    assert started == []
+    # Every iterator of the resumed epoch starts at its step, until the callback sets it back (its first step).
+    assert len(list(sampler)) == 2
+    plan.resume_step = 0
     sampler.set_epoch(1)
     assert len(list(sampler)) == 8
-    assert started == [1]
+    assert started == [(0, 3), (0, 3), (1, 0)]
