@@ -907,9 +907,8 @@ class CrestCallback(Callback):
         dm.plan.check_reader = self._check_reader
         dm.plan.resolve = self._resolve  # a restored plan may hold subsets whose coresets are not picked yet
         dm.plan.restart()
-        dm.plan.resume_step = (
-            0  # left set by a resumed fit that stopped before its first step (a restore sets it)
-        )
+        # Left set by a resumed fit that stopped before its first step (a restore sets it again).
+        dm.plan.resume_step = 0
         self._trained = self._iterator_trained = 0
         self._started_epoch = self._iterator_epoch = -1
         self._epoch_ended = False
