@@ -155,6 +155,14 @@ def check_loader(trainer: L.Trainer, dm: CrestDataModule) -> None:
             f"{type(sampler).__name__}): the run would train on other batches, without the budget. Keep "
             "CrestDataModule's `train_dataloader` (pass a `collate_fn` to it for custom batching)."
         )
+    if getattr(loader, "batch_size", None) != sampler.batch_size:
+        # A loader rebuilt around the sampler (for a `worker_init_fn`, say) with a batch size of its own.
+        raise ValueError(
+            f"The training loader of {type(dm).__name__} batches {getattr(loader, 'batch_size', None)!r} examples "
+            f"per step, but CREST's coresets give each process {sampler.batch_size} (`batch_size`): every step "
+            "would train part of a coreset, or several. Build the loader around the sampler with "
+            "`batch_size=datamodule.batch_size`."
+        )
 
 
 def check_accumulation_schedule(trainer: L.Trainer) -> None:
@@ -302,8 +310,9 @@ def warn_on_probabilities(logits: Tensor) -> None:
         )
 
 
-def check_losses(losses: object, targets: Tensor) -> None:
-    """Refuse what ``per_example_loss`` returned unless it is one loss per target, of the targets' shape."""
+def check_losses(losses: object, targets: Tensor, logits: Tensor) -> None:
+    """Refuse what ``per_example_loss`` returned unless it is one loss per target, of the targets' shape, finite
+    where the logits are and not negative."""
     if not isinstance(losses, Tensor) or losses.shape != targets.shape:
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
@@ -311,3 +320,17 @@ def check_losses(losses: object, targets: Tensor) -> None:
             f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
             "(reduction='none')."
         )
+    with torch.no_grad():
+        # Non-finite logits are the model's (training diverged), reported where they are used.
+        if not bool(torch.isfinite(losses).all()) and bool(torch.isfinite(logits).all()):
+            raise ValueError(
+                "`per_example_loss` returned non-finite losses for finite logits: the loss function, not "
+                "training, is at fault. Return a finite loss per example."
+            )
+        lowest = float(losses.min()) if losses.numel() else 0.0
+        if lowest < -1e-6:
+            raise ValueError(
+                f"`per_example_loss` returned a negative loss ({lowest:.4g}): CREST's check is relative to the "
+                "loss, and an example counts as learned when its losses stay at or under `drop_threshold`. "
+                "Return a non-negative loss per example (cross-entropy, say)."
+            )

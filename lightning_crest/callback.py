@@ -65,6 +65,10 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
 _MAX_MUL = 1000
+# Classes beyond twice the training set's size are refused above this many (labels that are ids, not indices).
+_MAX_SPARSE_CLASSES = 1 << 16
+# Largest `embedding_proxy`: the sketch's values per example, beside the logits' gradient.
+_MAX_SKETCH = 1 << 16
 # The keys of a saved state that only a fit reads, when it takes the state (see _apply_restored_plan).
 _TAKEN_BY_A_FIT = (
     "epoch_started",
@@ -245,88 +249,8 @@ class CrestCallback(Callback):
         selection: Literal["crest", "random"] = "crest",
         seed: int | None = None,
     ) -> None:
-        check_range("fraction", fraction, 0.0, 1.0, low_open=True)
-        if isinstance(random_subset_size, bool) or not isinstance(random_subset_size, (int, float)):
-            raise ValueError(
-                "`random_subset_size` must be a float fraction or an int count, got "
-                f"{random_subset_size!r}{conversion_hint(random_subset_size)}."
-            )
-        if isinstance(random_subset_size, float):
-            if random_subset_size > 1.0 and random_subset_size.is_integer():
-                raise ValueError(
-                    f"`random_subset_size` as a float is a fraction of the training set in (0, 1], got "
-                    f"{random_subset_size!r}; pass {int(random_subset_size)} (an int) for a count."
-                )
-            check_range("random_subset_size", random_subset_size, 0.0, 1.0, low_open=True)
-        elif random_subset_size < 1:
-            raise ValueError(f"`random_subset_size` as a count must be at least 1, got {random_subset_size}.")
-        if selection == "crest":  # random mini-batches make no checks
-            check_finite(
-                "tau",
-                tau,
-                "the check could never fail, so the whole run would train on the first selection's coresets; a "
-                "large finite `tau` re-selects rarely",
-            )
-        check_range("tau", tau, 0.0, math.inf)
-        if check_size is not None:
-            check_positive_int("check_size", check_size)
-        if check_sample not in ("independent", "subset"):
-            raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {check_sample!r}.")
-        check_range("interval_mul", interval_mul, 0.0, math.inf, low_open=True)
-        if interval_mul > _MAX_MUL:
-            raise ValueError(
-                f"`interval_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
-                f"subsets, T1 at least `interval_mul`), got {interval_mul!r}; to re-select rarely, raise `tau` "
-                "instead."
-            )
-        check_positive_int("coreset_mul", coreset_mul)
-        if coreset_mul > _MAX_MUL:
-            raise ValueError(
-                f"`coreset_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
-                f"subsets), got {coreset_mul!r}."
-            )
-        if drop_learned:
-            check_finite(
-                "drop_threshold",
-                drop_threshold,
-                "every example scored would count as learned; to exclude none, pass drop_learned=False",
-            )
-        check_range("drop_threshold", drop_threshold, 0.0, math.inf)
-        check_positive_int("drop_interval", drop_interval)
-        check_range("min_pool_fraction", min_pool_fraction, 0.0, 1.0)
-        check_range("min_class_fraction", min_class_fraction, 0.0, 1.0)
-        if hessian_params not in ("all", "last_layer"):
-            raise ValueError(f"`hessian_params` must be 'all' or 'last_layer', got {hessian_params!r}.")
-        if hessian_probes is not None:
-            check_positive_int("hessian_probes", hessian_probes)
-        check_positive_int("hessian_every", hessian_every)
-        check_positive_int("hessian_subsample", hessian_subsample)
-        if proxy_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"`proxy_dtype` must be torch.bfloat16, torch.float16 or None (the trainer's precision), got "
-                f"{proxy_dtype!r}."
-            )
-        if isinstance(embedding_proxy, bool) or not isinstance(embedding_proxy, int) or embedding_proxy < 0:
-            raise ValueError(
-                f"`embedding_proxy` must be a non-negative int (0: the logits' gradient only), got {embedding_proxy!r}."
-            )
-        if knn is not None:
-            check_positive_int("knn", knn)
-        if backend not in ("auto", "torch", "faiss"):
-            raise ValueError(f"`backend` must be 'auto', 'torch' or 'faiss', got {backend!r}.")
-        if similarity not in ("distance", "exp"):
-            raise ValueError(f"`similarity` must be 'distance' or 'exp', got {similarity!r}.")
-        if selection not in ("crest", "random"):
-            raise ValueError(f"`selection` must be 'crest' or 'random', got {selection!r}.")
-        check_flag("drop_learned", drop_learned)
-        check_flag("second_order", second_order)
-        if seed is not None:
-            check_seed(seed)
-        # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
-        self.fraction = float(fraction)
-        self.random_subset_size = (
-            float(random_subset_size) if isinstance(random_subset_size, float) else int(random_subset_size)
-        )
+        self.fraction = fraction
+        self.random_subset_size = random_subset_size
         self.tau = tau
         self.check_size = check_size
         self.check_sample = check_sample
@@ -342,14 +266,112 @@ class CrestCallback(Callback):
         self.hessian_every = hessian_every
         self.hessian_subsample = hessian_subsample
         self.proxy_dtype = proxy_dtype
-        self.embedding_proxy = int(embedding_proxy)
+        self.embedding_proxy = embedding_proxy
         self.second_order = second_order
         self.knn = knn
         self.backend = backend
         self.similarity = similarity
         self.selection = selection
-        self.seed = None if seed is None else int(seed)
+        self.seed = seed
+        self._check_settings()
         self._reset_state()
+
+    def _check_settings(self) -> None:
+        """Refuse settings that cannot work, naming the argument; made plain Python numbers. Run when the callback is
+        built and again as each fit starts, so that a setting changed on the instance since is checked too."""
+        check_range("fraction", self.fraction, 0.0, 1.0, low_open=True)
+        if isinstance(self.random_subset_size, bool) or not isinstance(self.random_subset_size, (int, float)):
+            raise ValueError(
+                "`random_subset_size` must be a float fraction or an int count, got "
+                f"{self.random_subset_size!r}{conversion_hint(self.random_subset_size)}."
+            )
+        if isinstance(self.random_subset_size, float):
+            if self.random_subset_size > 1.0 and self.random_subset_size.is_integer():
+                raise ValueError(
+                    f"`random_subset_size` as a float is a fraction of the training set in (0, 1], got "
+                    f"{self.random_subset_size!r}; pass {int(self.random_subset_size)} (an int) for a count."
+                )
+            check_range("random_subset_size", self.random_subset_size, 0.0, 1.0, low_open=True)
+        elif self.random_subset_size < 1:
+            raise ValueError(
+                f"`random_subset_size` as a count must be at least 1, got {self.random_subset_size}."
+            )
+        if self.selection == "crest":  # random mini-batches make no checks
+            check_finite(
+                "tau",
+                self.tau,
+                "the check could never fail, so the whole run would train on the first selection's coresets; a "
+                "large finite `tau` re-selects rarely",
+            )
+        check_range("tau", self.tau, 0.0, math.inf)
+        if self.check_size is not None:
+            check_positive_int("check_size", self.check_size)
+        if self.check_sample not in ("independent", "subset"):
+            raise ValueError(f"`check_sample` must be 'independent' or 'subset', got {self.check_sample!r}.")
+        check_range("interval_mul", self.interval_mul, 0.0, math.inf, low_open=True)
+        if self.interval_mul > _MAX_MUL:
+            raise ValueError(
+                f"`interval_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
+                f"subsets, T1 at least `interval_mul`), got {self.interval_mul!r}; to re-select rarely, raise `tau` "
+                "instead."
+            )
+        check_positive_int("coreset_mul", self.coreset_mul)
+        if self.coreset_mul > _MAX_MUL:
+            raise ValueError(
+                f"`coreset_mul` must be at most {_MAX_MUL} (each selection plans `coreset_mul` * T1 random "
+                f"subsets), got {self.coreset_mul!r}."
+            )
+        if self.drop_learned:
+            check_finite(
+                "drop_threshold",
+                self.drop_threshold,
+                "every example scored would count as learned; to exclude none, pass drop_learned=False",
+            )
+        check_range("drop_threshold", self.drop_threshold, 0.0, math.inf)
+        check_positive_int("drop_interval", self.drop_interval)
+        check_range("min_pool_fraction", self.min_pool_fraction, 0.0, 1.0)
+        check_range("min_class_fraction", self.min_class_fraction, 0.0, 1.0)
+        if self.hessian_params not in ("all", "last_layer"):
+            raise ValueError(f"`hessian_params` must be 'all' or 'last_layer', got {self.hessian_params!r}.")
+        if self.hessian_probes is not None:
+            check_positive_int("hessian_probes", self.hessian_probes)
+        check_positive_int("hessian_every", self.hessian_every)
+        check_positive_int("hessian_subsample", self.hessian_subsample)
+        if self.proxy_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"`proxy_dtype` must be torch.bfloat16, torch.float16 or None (the trainer's precision), got "
+                f"{self.proxy_dtype!r}."
+            )
+        if (
+            isinstance(self.embedding_proxy, bool)
+            or not isinstance(self.embedding_proxy, int)
+            or not 0 <= self.embedding_proxy <= _MAX_SKETCH
+        ):
+            raise ValueError(
+                f"`embedding_proxy` must be an int in [0, {_MAX_SKETCH}] (0: the logits' gradient only; each example "
+                f"of a random subset gets about that many values more), got {self.embedding_proxy!r}."
+            )
+        if self.knn is not None:
+            check_positive_int("knn", self.knn)
+        if self.backend not in ("auto", "torch", "faiss"):
+            raise ValueError(f"`backend` must be 'auto', 'torch' or 'faiss', got {self.backend!r}.")
+        if self.similarity not in ("distance", "exp"):
+            raise ValueError(f"`similarity` must be 'distance' or 'exp', got {self.similarity!r}.")
+        if self.selection not in ("crest", "random"):
+            raise ValueError(f"`selection` must be 'crest' or 'random', got {self.selection!r}.")
+        check_flag("drop_learned", self.drop_learned)
+        check_flag("second_order", self.second_order)
+        if self.seed is not None:
+            check_seed(self.seed)
+        # Plain Python numbers: a NumPy float would make the checkpoint unloadable with `weights_only=True`.
+        self.fraction = float(self.fraction)
+        self.random_subset_size = (
+            float(self.random_subset_size)
+            if isinstance(self.random_subset_size, float)
+            else int(self.random_subset_size)
+        )
+        self.embedding_proxy = int(self.embedding_proxy)
+        self.seed = None if self.seed is None else int(self.seed)
 
     # --- extension points ----------------------------------------------------------------------------------
 
@@ -362,7 +384,8 @@ class CrestCallback(Callback):
 
         The gradient proxies stay ``softmax(logits) - onehot(targets)``, the gradient of cross-entropy with respect
         to the logits, whatever this returns. Its values are compared with ``drop_threshold`` to exclude learned
-        examples: a loss that cannot fall that low (label smoothing) needs a higher threshold.
+        examples: a loss that cannot fall that low (label smoothing) needs a higher threshold. It must be finite
+        (where the logits are) and not negative: CREST's check is relative to it.
         """
         return F.cross_entropy(logits.float(), targets, reduction="none")
 
@@ -850,7 +873,9 @@ class CrestCallback(Callback):
         self._loaded_state = None
 
     def _setup_fit(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_settings()
         dm = crest_data_module(trainer)
+        dm._check_settings()
         labels = dm.labels
         if (
             self._loaded_state is None
@@ -873,7 +898,14 @@ class CrestCallback(Callback):
         check_data_module(dm, n, trainer.world_size)
         global_batch = dm.batch_size * trainer.world_size
         num_classes = int(labels.max()) + 1
-        present = int((torch.bincount(labels) > 0).sum())
+        present = int(torch.unique(labels).numel())
+        if num_classes > max(2 * n, _MAX_SPARSE_CLASSES):
+            # CREST keeps per-class counts of every random subset: ids would make them huge (and the logits too).
+            raise ValueError(
+                f"The training labels go up to {num_classes - 1}, so CREST would count {num_classes} classes for "
+                f"{n} examples ({present} labels present): labels must be class indices from 0 to C - 1, one per "
+                "logit. Map them to indices (`torch.unique(targets, return_inverse=True)[1]`, say)."
+            )
         if present < 2:
             raise ValueError(
                 f"The training set holds one class (label {int(labels[0])}, all {n} examples): there is nothing to "
@@ -1425,7 +1457,7 @@ class CrestCallback(Callback):
 
     def _losses(self, logits: Tensor, targets: Tensor) -> Tensor:
         losses = self.per_example_loss(logits, targets)
-        check_losses(losses, targets)
+        check_losses(losses, targets, logits)
         if self._dropping and not self._floor_probed:
             self._floor_probed = True
             self._warn_on_a_loss_floor(logits, targets)
@@ -1577,6 +1609,14 @@ class CrestCallback(Callback):
                     self._check_last_layer(watched, [output for _, output in calls], logits)
                 share = len(part) / len(rows)  # of the mean over all the examples
                 part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
+                if not part_loss.requires_grad:
+                    raise ValueError(
+                        f"The logits that CREST computes with `{type(module).__name__}.forward` (through "
+                        "`CrestCallback.compute_logits`) carry no gradient, so the quadratic model cannot be built: "
+                        "a `forward` under `torch.no_grad()` or `torch.inference_mode()`, say, or one that detaches "
+                        "its output. Leave gradients on in `forward` (and disable them where you predict), or "
+                        "override CrestCallback.compute_logits."
+                    )
                 try:
                     grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
                 except (RuntimeError, NotImplementedError) as error:

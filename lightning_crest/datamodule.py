@@ -112,44 +112,54 @@ class CrestDataModule(L.LightningDataModule):
         persistent_workers: bool | None = None,
     ) -> None:
         super().__init__()
-        eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-        check_positive_int("batch_size", batch_size)
-        check_positive_int("eval_batch_size", eval_batch_size)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.collate_fn = collate_fn
+        self.prefetch_factor = prefetch_factor
+        self.persistent_workers = persistent_workers
+        self.test_dataset = test_dataset
+        self.predict_dataset = predict_dataset
+        self._check_settings()
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.plan = CoresetPlan()
+        self.steps_per_epoch: int | None = None
+        # Lightning's global seed on process 0 as the last fit under DDP started (see setup).
+        self._process_0_seed: int | None = None
+
+    def _check_settings(self) -> None:
+        """Refuse settings that cannot work, naming the argument. Run when the data module is built and again when a
+        fit or a training loader needs them, so that a setting changed on the instance since is checked too (the
+        training and validation sets are checked as they are set)."""
+        check_positive_int("batch_size", self.batch_size)
+        check_positive_int("eval_batch_size", self.eval_batch_size)
+        num_workers = self.num_workers
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"`num_workers` must be a non-negative int, got {num_workers!r}.")
-        if seed is not None:
-            check_seed(seed)
-        check_flag("pin_memory", pin_memory)
-        if prefetch_factor is not None:
-            check_positive_int("prefetch_factor", prefetch_factor)
-        if persistent_workers is not None:
-            check_flag("persistent_workers", persistent_workers)
-        for name, value in (("prefetch_factor", prefetch_factor), ("persistent_workers", persistent_workers)):
+        if self.seed is not None:
+            check_seed(self.seed)
+            self.seed = int(self.seed)  # torch's sampler seeds with a Python int only
+        check_flag("pin_memory", self.pin_memory)
+        if self.prefetch_factor is not None:
+            check_positive_int("prefetch_factor", self.prefetch_factor)
+        if self.persistent_workers is not None:
+            check_flag("persistent_workers", self.persistent_workers)
+        for name, value in (
+            ("prefetch_factor", self.prefetch_factor),
+            ("persistent_workers", self.persistent_workers),
+        ):
             if num_workers == 0 and value not in (None, False):
                 raise ValueError(
                     f"`{name}`={value!r} applies to loader workers, but `num_workers` is 0; pass num_workers > 0, "
                     f"or leave `{name}` at None."
                 )
-        if collate_fn is not None and not callable(collate_fn):
-            raise TypeError(f"`collate_fn` must be callable or None, got {collate_fn!r}.")
-        for name, dataset in (("test_dataset", test_dataset), ("predict_dataset", predict_dataset)):
-            _check_eval_dataset(name, dataset)
-        self.train_dataset = train_dataset
-        self.val_dataset = val_dataset
-        self.test_dataset = test_dataset
-        self.predict_dataset = predict_dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.eval_batch_size = eval_batch_size
-        self.pin_memory = pin_memory
-        self.seed = None if seed is None else int(seed)  # torch's sampler seeds with a Python int only
-        self.collate_fn = collate_fn
-        self.prefetch_factor = prefetch_factor
-        self.persistent_workers = persistent_workers
-        self.plan = CoresetPlan()
-        self.steps_per_epoch: int | None = None
-        # Lightning's global seed on process 0 as the last fit under DDP started (see setup).
-        self._process_0_seed: int | None = None
+        if self.collate_fn is not None and not callable(self.collate_fn):
+            raise TypeError(f"`collate_fn` must be callable or None, got {self.collate_fn!r}.")
+        for name in ("test_dataset", "predict_dataset"):
+            _check_eval_dataset(name, getattr(self, name))
 
     @property
     def train_dataset(self) -> Dataset[Any]:
@@ -192,6 +202,7 @@ class CrestDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader[Any]:
+        self._check_settings()
         trainer = self.trainer
         num_replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         planned = self.steps_per_epoch is not None
@@ -248,6 +259,7 @@ class CrestDataModule(L.LightningDataModule):
         return self._stage_loader("predict")
 
     def _stage_loader(self, stage: str) -> EvalLoaders:
+        self._check_settings()
         dataset = getattr(self, f"{stage}_dataset")
         if dataset is None:
             raise MisconfigurationException(

@@ -755,15 +755,132 @@ def test_embedding_proxy_without_a_last_linear_giving_the_logits_is_refused_befo
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
-@pytest.mark.parametrize("value", [-1, 2.0, True])
-def test_embedding_proxy_must_be_a_non_negative_int(value: Any) -> None:
+@pytest.mark.parametrize("value", [-1, 2.0, True, 65537, 10**12])
+def test_embedding_proxy_must_be_an_int_up_to_65536(value: Any) -> None:
     with pytest.raises(
         ValueError,
         match=re.escape(
-            f"`embedding_proxy` must be a non-negative int (0: the logits' gradient only), got {value!r}"
+            "`embedding_proxy` must be an int in [0, 65536] (0: the logits' gradient only; each example of a random "
+            f"subset gets about that many values more), got {value!r}."
         ),
     ):
         CrestCallback(embedding_proxy=value)
+    assert CrestCallback(embedding_proxy=65536).embedding_proxy == 65536
+
+
+def test_a_forward_without_gradients_is_refused_at_the_first_selection(data: Any) -> None:
+    class InferenceForward(TinyClassifier):
+        @torch.no_grad()
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.net(inputs)  # type: ignore[no-any-return]
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            inputs, targets, weights = batch
+            return weighted_cross_entropy(self.net(inputs), targets, weights)
+
+    trainer = make_trainer([CrestCallback(random_subset_size=0.2)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"computes with `InferenceForward\.forward` .* carry no gradient"):
+        trainer.fit(InferenceForward(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_labels_that_are_ids_rather_than_indices_are_refused_before_any_selection() -> None:
+    # Counting 10**9 classes would allocate gigabytes per random subset; a few sparse ones are only classes.
+    n = 400
+    ids = LabelledTensors(torch.randn(n, 16), torch.tensor([10**9, 7] * (n // 2)))
+    trainer = make_trainer([CrestCallback(random_subset_size=0.2)], max_epochs=1)
+    with pytest.raises(
+        ValueError,
+        match=r"training labels go up to 1000000000, so CREST would count 1000000001 classes for 400 examples "
+        r"\(2 labels present\): labels must be class indices from 0 to C - 1",
+    ):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(ids, batch_size=32))
+    # Labels {3, 7} are 8 classes, 6 of them absent: trained with 8 logits.
+    sparse = LabelledTensors(torch.randn(n, 16), torch.tensor([3, 7] * (n // 2)))
+    trainer = make_trainer([CrestCallback(random_subset_size=0.2)], max_epochs=1)
+    trainer.fit(TinyClassifier(num_classes=8), datamodule=CrestDataModule(sparse, batch_size=32))
+    assert trainer.global_step == math.ceil(0.1 * n / 32)
+
+
+class NegativeLoss(CrestCallback):
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return super().per_example_loss(logits, targets) - 1.0
+
+
+class NaNLoss(CrestCallback):
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return (
+            super().per_example_loss(logits, targets).log().sub(1.0).sqrt()
+        )  # NaN where the loss is under e
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        (NegativeLoss, r"`per_example_loss` returned a negative loss \(-0\.\d+\): CREST's check is relative"),
+        (NaNLoss, r"`per_example_loss` returned non-finite losses for finite logits: the loss function"),
+    ],
+)
+def test_a_per_example_loss_that_is_negative_or_not_finite_is_refused(
+    data: Any, kind: type[CrestCallback], match: str
+) -> None:
+    trainer = make_trainer([kind(random_subset_size=0.2)], max_epochs=1)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+class Settings(L.Callback):
+    """Changes the CREST settings, or the data module's, on the instances before the fit reaches CREST's setup."""
+
+    def __init__(self, target: str, name: str, value: Any) -> None:
+        self.target, self.name, self.value = target, name, value
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        crest = next(c for c in trainer.callbacks if isinstance(c, CrestCallback))  # type: ignore[attr-defined]
+        setattr(crest if self.target == "callback" else trainer.datamodule, self.name, self.value)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "value", "match"),
+    [
+        (
+            "callback",
+            "fraction",
+            1.5,
+            r"`fraction` must lie in \(0\.0, 1\.0\], got 1\.5; for 1\.5% pass 0\.015",
+        ),
+        ("callback", "tau", -1.0, r"`tau` must lie in \[0\.0, inf\], got -1\.0"),
+        ("callback", "embedding_proxy", 10**12, r"`embedding_proxy` must be an int in \[0, 65536\]"),
+        ("callback", "hessian_params", "head", r"`hessian_params` must be 'all' or 'last_layer', got 'head'"),
+        ("data module", "batch_size", 0, r"`batch_size` must be a positive int, got 0"),
+        ("data module", "batch_size", None, r"`batch_size` must be a positive int, got None"),
+        ("data module", "prefetch_factor", 4, r"`prefetch_factor`=4 applies to loader workers"),
+    ],
+)
+def test_settings_changed_on_the_instances_are_checked_when_a_fit_starts(
+    data: Any, target: str, name: str, value: Any, match: str
+) -> None:
+    # Changed after construction (by hand, or by a tuner run without CREST), before any step trains.
+    callback = CrestCallback(random_subset_size=0.2)
+    trainer = make_trainer([Settings(target, name, value), callback], max_epochs=1)
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_numpy_settings_set_on_the_instances_become_python_numbers_when_a_fit_starts(data: Any) -> None:
+    callback = CrestCallback(random_subset_size=0.2)
+    callback.fraction = np.float64(0.2)  # type: ignore[assignment]
+    callback.seed = np.int64(3)  # type: ignore[assignment]
+    dm = CrestDataModule(data, batch_size=32)
+    dm.seed = np.int64(5)  # type: ignore[assignment]
+    trainer = make_trainer([callback], max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=dm)
+    assert trainer.global_step == math.ceil(0.2 * len(data) / 32)
+    assert type(callback.fraction) is float
+    assert type(callback.seed) is int
+    assert type(dm.seed) is int
 
 
 @pytest.mark.parametrize(("limit", "steps"), [(3, 3), (4, 4), (10, 4), (0.5, 2), (1.0, 4), (0, 0), (0.0, 0)])
@@ -1958,6 +2075,44 @@ def test_a_data_module_whose_train_dataloader_bypasses_the_plan_is_refused(data:
     ):
         trainer.fit(TinyClassifier(), datamodule=OwnLoader(data, batch_size=32))
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("loader_batch", [64, 20])
+def test_a_loader_rebuilt_around_the_sampler_with_another_batch_size_is_refused(
+    data: Any, loader_batch: int
+) -> None:
+    # Rebuilt to pass an option the data module does not take; another batch size would merge or split coresets.
+    class Rebuilt(CrestDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(
+                loader.dataset, batch_size=loader_batch, sampler=loader.sampler, collate_fn=loader.collate_fn
+            )
+
+    trainer = make_trainer([CrestCallback()], max_epochs=1)
+    with pytest.raises(
+        ValueError,
+        match=rf"training loader of Rebuilt batches {loader_batch} examples per step, but CREST's coresets give "
+        r"each process 32 \(`batch_size`\)",
+    ):
+        trainer.fit(TinyClassifier(), datamodule=Rebuilt(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
+def test_a_loader_rebuilt_around_the_sampler_with_the_same_batch_size_trains(data: Any) -> None:
+    class Rebuilt(CrestDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader[Any]:
+            loader = super().train_dataloader()
+            return torch.utils.data.DataLoader(
+                loader.dataset,
+                batch_size=self.batch_size,
+                sampler=loader.sampler,
+                collate_fn=loader.collate_fn,
+            )
+
+    trainer = make_trainer([CrestCallback()], max_epochs=1)
+    trainer.fit(TinyClassifier(), datamodule=Rebuilt(data, batch_size=32))
+    assert trainer.global_step == math.ceil(0.1 * len(data) / 32)
 
 
 def test_a_train_dataloader_reloaded_without_the_plan_is_refused(data: Any) -> None:
