@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("matplotlib")
 
+from conftest import benchmark_script
+
 from lightning_crest import CrestCallback
 from lightning_crest.benchmark import __main__ as bench
 from lightning_crest.benchmark.data import InMemoryVisionDataset
@@ -493,14 +495,7 @@ def test_channels_last_classifier_computes_the_same_logits(name: str, channels: 
 
 def _check_trace(monkeypatch: pytest.MonkeyPatch) -> Any:
     """``benchmarks/check_trace.py`` as a module, with the benchmark's callback class restored after the test."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "check_trace.py"
-    spec = importlib.util.spec_from_file_location("check_trace", path)
-    assert spec is not None
-    assert spec.loader is not None
-    trace = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trace)
+    trace = benchmark_script("check_trace")
     monkeypatch.setattr(bench, "CrestCallback", bench.CrestCallback)  # the script swaps in its own
     return trace
 

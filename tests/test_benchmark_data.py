@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 pytest.importorskip("torchvision")
 
+from conftest import benchmark_script
+
 from lightning_crest import CrestDataModule
 from lightning_crest.benchmark.data import (
     DATASET_NAMES,
@@ -453,12 +455,7 @@ def test_easy_task_script_prints_a_row_per_tau_and_seed_and_the_random_baseline(
 
 
 def test_the_easy_tasks_label_says_whether_the_marker_occurs() -> None:
-    path = Path(__file__).parents[1] / "benchmarks" / "easy_task.py"
-    spec = importlib.util.spec_from_file_location("easy_task", path)
-    assert spec is not None
-    assert spec.loader is not None
-    easy_task = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(easy_task)
+    easy_task = benchmark_script("easy_task")
     data = easy_task.Sequences(500, 12, seed=3)
     assert torch.equal(data.targets, (data.tokens == easy_task.MARKER).any(1).long())
     assert 0.4 < float(data.targets.float().mean()) < 0.6
