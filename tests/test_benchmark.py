@@ -207,7 +207,8 @@ def test_benchmark_defaults_are_the_callbacks() -> None:
         (["--coreset-mul", "0"], "--coreset-mul must be a positive int, got 0"),
         (
             ["--embedding-proxy", "-1"],
-            "--embedding-proxy must be a non-negative int (0: the logits' gradient only), got -1",
+            "--embedding-proxy must be an int in [0, 65536] (0: the logits' gradient only; each example of a random "
+            "subset gets about that many values more), got -1.",
         ),
         (["--tau", "-1"], "--tau must lie in [0.0, inf], got -1.0"),
         (["--tau", "inf"], "--tau must be finite, got inf"),
