@@ -320,14 +320,19 @@ def check_losses(losses: object, targets: Tensor, logits: Tensor) -> None:
             f"{len(targets)}, got {shape}. Return the loss unreduced and flattened per example "
             "(reduction='none')."
         )
+    if losses.numel() == 0:
+        return
     with torch.no_grad():
+        # One read from the device for the three values.
+        finite_losses, finite_logits, lowest = torch.stack(
+            [torch.isfinite(losses).all(), torch.isfinite(logits).all(), losses.detach().min()]
+        ).tolist()
         # Non-finite logits are the model's (training diverged), reported where they are used.
-        if not bool(torch.isfinite(losses).all()) and bool(torch.isfinite(logits).all()):
+        if finite_logits and not finite_losses:
             raise ValueError(
                 "`per_example_loss` returned non-finite losses for finite logits: the loss function, not "
                 "training, is at fault. Return a finite loss per example."
             )
-        lowest = float(losses.min()) if losses.numel() else 0.0
         if lowest < -1e-6:
             raise ValueError(
                 f"`per_example_loss` returned a negative loss ({lowest:.4g}): CREST's check is relative to the "

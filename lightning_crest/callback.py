@@ -65,8 +65,8 @@ from lightning_crest.selection import facility_location, gradient_proxy, last_la
 _PHASES = ("proxies", "greedy", "hessian", "checks", "exclusion")
 # Largest `interval_mul` and `coreset_mul`: each selection plans P = b T1 random subsets of r indices, T1 >= h.
 _MAX_MUL = 1000
-# Classes beyond twice the training set's size are refused above this many (labels that are ids, not indices).
-_MAX_SPARSE_CLASSES = 1 << 16
+# Most classes: labels beyond are ids, not class indices (CREST counts every class in every random subset).
+_MAX_CLASSES = 1 << 24
 # Largest `embedding_proxy`: the sketch's values per example, beside the logits' gradient.
 _MAX_SKETCH = 1 << 16
 # The keys of a saved state that only a fit reads, when it takes the state (see _apply_restored_plan).
@@ -899,12 +899,13 @@ class CrestCallback(Callback):
         global_batch = dm.batch_size * trainer.world_size
         num_classes = int(labels.max()) + 1
         present = int(torch.unique(labels).numel())
-        if num_classes > max(2 * n, _MAX_SPARSE_CLASSES):
-            # CREST keeps per-class counts of every random subset: ids would make them huge (and the logits too).
+        if num_classes > _MAX_CLASSES:
+            # CREST keeps per-class counts of every random subset: labels that are ids would make them huge.
             raise ValueError(
-                f"The training labels go up to {num_classes - 1}, so CREST would count {num_classes} classes for "
-                f"{n} examples ({present} labels present): labels must be class indices from 0 to C - 1, one per "
-                "logit. Map them to indices (`torch.unique(targets, return_inverse=True)[1]`, say)."
+                f"The training labels go up to {num_classes - 1}, so CREST would count {num_classes} classes "
+                f"({present} present) in every random subset: labels must be class indices from 0 to C - 1, one per "
+                f"logit, with C at most {_MAX_CLASSES}. If they are ids, map them to indices "
+                "(`torch.unique(targets, return_inverse=True)[1]`, say)."
             )
         if present < 2:
             raise ValueError(
@@ -1608,14 +1609,20 @@ class CrestCallback(Callback):
                     self._last_layer_checked = True
                     self._check_last_layer(watched, [output for _, output in calls], logits)
                 share = len(part) / len(rows)  # of the mean over all the examples
-                part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
-                if not part_loss.requires_grad:
+                if not logits.requires_grad:
                     raise ValueError(
                         f"The logits that CREST computes with `{type(module).__name__}.forward` (through "
                         "`CrestCallback.compute_logits`) carry no gradient, so the quadratic model cannot be built: "
                         "a `forward` under `torch.no_grad()` or `torch.inference_mode()`, say, or one that detaches "
                         "its output. Leave gradients on in `forward` (and disable them where you predict), or "
                         "override CrestCallback.compute_logits."
+                    )
+                part_loss = (weights[part].to(module.device) * self._losses(logits, targets)).mean() * share
+                if not part_loss.requires_grad:
+                    raise ValueError(
+                        "`per_example_loss` returned losses that carry no gradient (it detaches the logits, or "
+                        "computes under `torch.no_grad()`), so the quadratic model cannot be built. Return a loss "
+                        "computed from the logits with gradients on."
                     )
                 try:
                     grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)

@@ -784,20 +784,42 @@ def test_a_forward_without_gradients_is_refused_at_the_first_selection(data: Any
     assert trainer.global_step == 0
 
 
+class DetachedLoss(CrestCallback):
+    def per_example_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return super().per_example_loss(logits.detach(), targets)
+
+
+def test_a_per_example_loss_without_gradients_is_refused_at_the_first_selection(data: Any) -> None:
+    trainer = make_trainer([DetachedLoss(random_subset_size=0.2)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"`per_example_loss` returned losses that carry no gradient"):
+        trainer.fit(TinyClassifier(), datamodule=CrestDataModule(data, batch_size=32))
+    assert trainer.global_step == 0
+
+
 def test_labels_that_are_ids_rather_than_indices_are_refused_before_any_selection() -> None:
-    # Counting 10**9 classes would allocate gigabytes per random subset; a few sparse ones are only classes.
+    # Counting 10**9 classes would allocate gigabytes per random subset.
     n = 400
     ids = LabelledTensors(torch.randn(n, 16), torch.tensor([10**9, 7] * (n // 2)))
     trainer = make_trainer([CrestCallback(random_subset_size=0.2)], max_epochs=1)
     with pytest.raises(
         ValueError,
-        match=r"training labels go up to 1000000000, so CREST would count 1000000001 classes for 400 examples "
-        r"\(2 labels present\): labels must be class indices from 0 to C - 1",
+        match=r"training labels go up to 1000000000, so CREST would count 1000000001 classes \(2 present\) in "
+        r"every random subset: labels must be class indices from 0 to C - 1, one per logit, with C at most 16777216",
     ):
         trainer.fit(TinyClassifier(), datamodule=CrestDataModule(ids, batch_size=32))
+
+
+def test_many_classes_with_few_examples_each_train() -> None:
+    # A vocabulary of 70,000 classes over 300 examples (most classes absent), one logit each: real class indices.
+    n = 300
+    labels = torch.randint(0, 70_000, (n,), generator=torch.Generator().manual_seed(0))
+    vocabulary = LabelledTensors(torch.randn(n, 16), labels)
+    trainer = make_trainer([CrestCallback(random_subset_size=96)], max_epochs=1)
+    trainer.fit(TinyClassifier(num_classes=70_000), datamodule=CrestDataModule(vocabulary, batch_size=32))
+    assert trainer.global_step == math.ceil(0.1 * n / 32)
     # Labels {3, 7} are 8 classes, 6 of them absent: trained with 8 logits.
     sparse = LabelledTensors(torch.randn(n, 16), torch.tensor([3, 7] * (n // 2)))
-    trainer = make_trainer([CrestCallback(random_subset_size=0.2)], max_epochs=1)
+    trainer = make_trainer([CrestCallback(random_subset_size=96)], max_epochs=1)
     trainer.fit(TinyClassifier(num_classes=8), datamodule=CrestDataModule(sparse, batch_size=32))
     assert trainer.global_step == math.ceil(0.1 * n / 32)
 
