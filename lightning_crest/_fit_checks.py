@@ -325,7 +325,7 @@ def check_losses(losses: object, targets: Tensor, logits: Tensor) -> None:
     with torch.no_grad():
         # One read from the device for the three values.
         finite_losses, finite_logits, lowest = torch.stack(
-            [torch.isfinite(losses).all(), torch.isfinite(logits).all(), losses.detach().min()]
+            [torch.isfinite(losses).all(), torch.isfinite(logits).all(), losses.min()]
         ).tolist()
         # Non-finite logits are the model's (training diverged), reported where they are used.
         if finite_logits and not finite_losses:

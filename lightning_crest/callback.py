@@ -1628,7 +1628,7 @@ class CrestCallback(Callback):
                     grads = torch.autograd.grad(part_loss, params, create_graph=graph, allow_unused=True)
                 except (RuntimeError, NotImplementedError) as error:
                     # Some compiled graphs refuse already to keep their own graph for a second pass.
-                    if not graph or not part_loss.requires_grad or _out_of_memory(error):
+                    if not graph or _out_of_memory(error):
                         raise
                     raise self._no_double_backward(module, error) from error
                 if all(g is None for g in grads):
